@@ -1,0 +1,85 @@
+"""Backbone networks, used functionally: learners call them with a parameter dict.
+
+BatchNorm layers keep no running statistics (``track_running_stats=False``), as in the
+torch.func MAML example: every forward pass normalises with the batch's own statistics, so
+calling a backbone never mutates module state and the same weights behave the same in training,
+evaluation and serving.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+BACKBONES = ("mlp", "conv4")
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; the sinusoid paper setting is 1-40-40-1."""
+
+    def __init__(self, in_features: int, out_features: int | None, hidden: Sequence[int] = (40, 40)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, out_features) if out_features else nn.Identity()
+        self.feature_size = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # No convolution bias: the BatchNorm after it subtracts the batch mean, so a bias could never
+    # change the output and would be a parameter with an identically zero gradient.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of the few-shot literature (64 filters, 3x3, BN, ReLU,
+    2x2 max-pool), with an optional linear head for gradient-based learners."""
+
+    def __init__(self, input_shape: Sequence[int], out_features: int | None, filters: int = 64):
+        super().__init__()
+        channels, height, width = input_shape
+        self.body = nn.Sequential(
+            conv_block(channels, filters), conv_block(filters, filters),
+            conv_block(filters, filters), conv_block(filters, filters), nn.Flatten())
+        for _ in range(4):
+            height, width = height // 2, width // 2
+        self.feature_size = filters * max(height, 1) * max(width, 1)
+        self.head = nn.Linear(self.feature_size, out_features) if out_features else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def build_backbone(name: str, input_shape: Sequence[int], out_features: int | None, *,
+                   hidden: Sequence[int] = (40, 40), filters: int = 64) -> nn.Module:
+    """The backbone ``name`` for inputs of ``input_shape``; ``out_features=None`` drops the head."""
+    if name == "mlp":
+        if len(input_shape) != 1:
+            raise ValueError(f"backbone 'mlp' needs flat inputs, got shape {tuple(input_shape)}; "
+                             "use 'conv4' for images")
+        return MLP(input_shape[0], out_features, hidden)
+    if name == "conv4":
+        if len(input_shape) != 3:
+            raise ValueError(f"backbone 'conv4' needs [C, H, W] inputs, got shape {tuple(input_shape)}")
+        return Conv4(input_shape, out_features, filters)
+    raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+
+
+def call(backbone: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Run ``backbone`` with ``params`` in place of its own weights (a pure function)."""
+    return functional_call(backbone, params, (x,))

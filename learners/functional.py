@@ -1,0 +1,59 @@
+"""The inner loop shared by every gradient-based learner: pure functions over parameter dicts.
+
+``gradient_steps`` is used for meta-training, validation and ``orch predict`` alike, so there is
+exactly one implementation of "adapt by gradient descent" in orch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Params, Tensor, Tensor], Tensor]
+
+
+def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
+                   lr: float | Mapping[str, Tensor] | Callable[[int], float | Mapping[str, Tensor]],
+                   steps: int, first_order: bool = False,
+                   adapt_keys: frozenset[str] | None = None) -> Params:
+    """``steps`` of gradient descent on ``loss_fn(params, x, y)``, starting from ``params``.
+
+    ``lr`` is a scalar, a per-parameter dict (Meta-SGD) or a function of the step index (MAML++).
+    With ``first_order`` the inner gradients are treated as constants, so the outer gradient is
+    the query gradient at the adapted weights (FOMAML); otherwise the graph through every step is
+    kept and the outer gradient is the exact second-order one (``torch.func.grad`` composes with
+    the caller's autograd). ``adapt_keys`` restricts adaptation to some entries (ANIL's head).
+    """
+    for step in range(steps):
+        fast = {k: v for k, v in params.items() if adapt_keys is None or k in adapt_keys}
+        frozen = {k: v for k, v in params.items() if k not in fast}
+        grads = grad(lambda f: loss_fn({**frozen, **f}, x, y))(fast)
+        step_lr = lr(step) if callable(lr) else lr
+        params = dict(params)
+        for name, g in grads.items():
+            if first_order:
+                g = g.detach()
+            rate = step_lr[name] if isinstance(step_lr, Mapping) else step_lr
+            params[name] = params[name] - rate * g
+    return params
+
+
+def add_scaled(target: dict[str, Tensor], source: Mapping[str, Tensor], scale: float = 1.0) -> None:
+    """``target += scale * source`` entry by entry, creating entries that are missing."""
+    for name, value in source.items():
+        if name in target:
+            target[name].add_(value, alpha=scale)
+        else:
+            target[name] = value.detach().clone() * scale if scale != 1.0 else value.detach().clone()
+
+
+def detached(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def zeros_like(params: Mapping[str, Tensor]) -> Params:
+    return {k: torch.zeros_like(v) for k, v in params.items()}

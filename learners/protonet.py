@@ -1,0 +1,41 @@
+"""Prototypical Networks (Snell, Swersky and Zemel, 2017).
+
+The meta-parameters are an embedding network's weights (a backbone without a head). ``adapt``
+embeds the support set and averages each class's embeddings into a prototype; ``predict`` scores a
+query by its negative squared Euclidean distance to every prototype, so a softmax over the logits is
+the paper's distribution over classes. There is no inner loop: adaptation is one forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from learners.backbones import call
+from learners.base import Adapted, Learner, Params
+
+
+class ProtoNet(Learner):
+    """Prototypical Networks with squared Euclidean distance."""
+
+    name = "protonet"
+    needs_head = False
+    uses_inner_steps = False
+
+    def embed(self, params: Params, x: Tensor) -> Tensor:
+        return call(self.backbone, params, x).flatten(start_dim=1)
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+              steps: int | None = None) -> Adapted:
+        ways = self.objective.ways or int(support_y.max()) + 1
+        embeddings = self.embed(params, support_x)
+        # One-hot by comparison rather than F.one_hot, so adapt also runs under torch.func.vmap.
+        members = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
+        members = members.to(embeddings.dtype)
+        prototypes = members.transpose(0, 1) @ embeddings / members.sum(dim=0).unsqueeze(-1)
+        return {"prototypes": prototypes}
+
+    def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
+        queries = self.embed(params, query_x)
+        differences = queries.unsqueeze(1) - adapted["prototypes"].unsqueeze(0)
+        return -(differences * differences).sum(dim=-1)

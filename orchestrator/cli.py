@@ -1,0 +1,208 @@
+"""The ``orch`` command line.
+
+    orch launch examples/quickstart.yaml      # tune, farm, track and register
+    orch runs quickstart                      # the sweep's trials, state, params and metric
+    orch models                               # registered models, versions, metric, aliases
+    orch promote orch-maml 2                  # move the champion alias by hand
+    orch ui                                   # MLflow's UI on 127.0.0.1
+
+Errors a user can act on are printed as one line (``orch: <what is wrong>``) with a non-zero exit;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.config import DEFAULT_RUN_DIR, ConfigError, load_sweep
+
+console = Console(stderr=True)
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
+
+
+class OrchGroup(click.Group):
+    """Turns known failures into one line and exit 2, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 -- the one place errors become messages
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(_one_line(error)) from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message if isinstance(error, ConfigError) else f"{type(error).__name__}: {message}"
+
+
+@click.group(cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """orch: meta-learning sweeps on Ray, tuned by Optuna, tracked and registered in MLflow."""
+    ctx.obj = {"debug": debug}
+
+
+def tracking_option(function):
+    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
+                        show_default=True, help="MLflow tracking URI (or MLFLOW_TRACKING_URI).")(function)
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI; default: the sweep's tracking.uri, else "
+                   "sqlite:///<run_dir>/mlflow.db.")
+@click.option("--address", default=None,
+              help="Ray cluster: auto, HOST:6379 or ray://HOST:10001; default: the sweep's "
+                   "ray.address, else Ray in this process.")
+@click.option("--resume", is_flag=True, help="Continue a sweep of the same name; finished trials are kept.")
+@click.option("--quiet", is_flag=True, help="No progress display; the summary table only.")
+def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, resume: bool,
+           quiet: bool) -> None:
+    """Run the sweep in SWEEP_FILE: one Optuna study per algorithm, trials on Ray, everything
+    tracked in MLflow, the best model per algorithm registered."""
+    from orchestrator.sweep import launch as run_sweep
+
+    sweep = load_sweep(sweep_file)
+    with _progress_display(quiet) as progress:
+        summaries = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume,
+                              progress=progress)
+    table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
+    for column in ("algorithm", "best trial", sweep.search.metric, "complete/pruned/failed",
+                   "registered", "champion"):
+        table.add_column(column)
+    for s in summaries:
+        reg = s.registration
+        table.add_row(s.algorithm, "-" if s.best_trial is None else str(s.best_trial),
+                      "-" if s.best_value is None else f"{s.best_value:.4f}",
+                      f"{s.counts['complete']}/{s.counts['pruned']}/{s.counts['failed']}",
+                      f"{reg.name} v{reg.version}" if reg else "-",
+                      ("yes" if reg.champion else "no") if reg else "-")
+    Console().print(table)
+    uri = sweep.tracking_uri(tracking_uri)
+    if not quiet:
+        console.print(f"inspect: mlflow ui --backend-store-uri {uri}   (or: orch ui)")
+
+
+class _progress_display:
+    """A rich progress bar per algorithm: trials done, running, pruned, failed, best so far."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: dict[str, int] = {}
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                                 console=console, disable=quiet)
+
+    def __enter__(self):
+        self.progress.start()
+        return None if self.quiet else self.update
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def update(self, algorithm: str, counts: dict[str, int], running: int, best: float | None,
+               total: int) -> None:
+        done = sum(counts.values())
+        detail = (f"running {running}  pruned {counts['pruned']}  failed {counts['failed']}  "
+                  f"best {'-' if best is None else f'{best:.4f}'}")
+        if algorithm not in self.bars:
+            self.bars[algorithm] = self.progress.add_task(algorithm, total=total, detail=detail)
+        self.progress.update(self.bars[algorithm], completed=done, detail=detail)
+
+
+@cli.command()
+@click.argument("sweep_name")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
+def runs(sweep_name: str, storage: str) -> None:
+    """List the trials of SWEEP_NAME: state (complete, pruned, failed), params and metric."""
+    from orchestrator.study import trial_rows
+
+    rows = trial_rows(storage, sweep_name)
+    if not rows:
+        raise click.ClickException(f"no sweep named {sweep_name!r} in {storage}")
+    table = Table(title=f"sweep {sweep_name}")
+    for column in ("algorithm", "trial", "state", "value", "params", "reason"):
+        table.add_column(column)
+    for row in rows:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(row["params"].items()))
+        table.add_row(row["algorithm"], str(row["number"]), row["state"],
+                      "-" if row["value"] is None else f"{row['value']:.4f}", params, row["reason"])
+    Console(width=200).print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@cli.command()
+@tracking_option
+@click.option("--prefix", default="", help="Only models whose name starts with this.")
+def models(tracking_uri: str, prefix: str) -> None:
+    """List registered models: versions, metric and aliases."""
+    from orchestrator import tracking
+
+    rows = tracking.registered_models(tracking.client(tracking_uri), prefix)
+    table = Table(title=f"registered models in {tracking_uri}")
+    for column in ("model", "version", "metric", "value", "sweep", "aliases"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], str(row["version"]), row["metric"], row["value"], row["sweep"],
+                      row["aliases"])
+    Console(width=200).print(table)
+
+
+@cli.command()
+@click.argument("model_name")
+@click.argument("version")
+@tracking_option
+def promote(model_name: str, version: str, tracking_uri: str) -> None:
+    """Move the champion alias of MODEL_NAME to VERSION."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator import tracking
+
+    try:
+        tracking.promote(tracking.client(tracking_uri), model_name, version)
+    except MlflowException:
+        raise click.ClickException(f"no version {version} of registered model {model_name!r} in "
+                                   f"{tracking_uri} (see: orch models)") from None
+    click.echo(f"{model_name}@champion -> version {version}")
+
+
+@cli.command()
+@tracking_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 exposes the UI to the network.")
+@click.option("--port", default=5000, show_default=True)
+def ui(tracking_uri: str, host: str, port: int) -> None:
+    """Open MLflow's UI on the tracking store (bound to 127.0.0.1 unless told otherwise)."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+               "--host", host, "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
+    raise SystemExit(subprocess.call(command))
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    cli(prog_name="orch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Everything orch asks of Ray: connecting, placement groups, trial tasks and shard actors.
+
+A trial reserves one placement group: bundle 0 for its driver (the remote trial task), one bundle
+per shard worker. The driver farms each meta-batch over ``ShardActor``s placed in the other
+bundles; weights travel once per iteration through the object store, tasks are sampled by each
+actor from integers. Actors are restartable and their calls retried, so a worker killed mid-
+iteration is replaced and its shard recomputed with the same inputs -- the iteration's result
+does not change.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learners.base import Params
+from orchestrator.config import ConfigError, Workers
+from orchestrator.training import ShardWorker, pick_device
+
+# A worker process that dies is restarted this many times per trial, and each shard call retried.
+ACTOR_RESTARTS = 3
+
+
+def connect(address: str | None) -> None:
+    """Start Ray in this process (``address`` None) or join a cluster by address."""
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                   configure_logging=True, logging_level="ERROR")
+    if address is None:
+        ray.init(**options)
+    else:
+        ray.init(address=address, **options)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def cluster_resources() -> dict[str, float]:
+    return dict(ray.cluster_resources())
+
+
+def trial_bundles(workers: Workers) -> list[dict[str, float]]:
+    """Bundle 0 for the trial's driver, then one per shard worker."""
+    worker_bundle = {"CPU": workers.cpus}
+    if workers.gpus:
+        worker_bundle["GPU"] = workers.gpus
+    worker_bundle = {k: v for k, v in worker_bundle.items() if v > 0} or {"CPU": 0.001}
+    return [{"CPU": workers.driver_cpus or 0.001}] + [dict(worker_bundle) for _ in range(workers.count)]
+
+
+def check_fits(workers: Workers) -> None:
+    """Refuse a trial that could never be placed, instead of waiting forever for it."""
+    available = cluster_resources()
+    needed: dict[str, float] = {}
+    for bundle in trial_bundles(workers):
+        for key, value in bundle.items():
+            needed[key] = needed.get(key, 0.0) + value
+    for key, value in needed.items():
+        if value > available.get(key, 0.0) + 1e-9:
+            raise ConfigError(
+                f"workers: one trial needs {value:g} {key} (driver_cpus + count x {key.lower()}s) but "
+                f"the Ray cluster has {available.get(key, 0.0):g}; lower workers.count/cpus/gpus")
+
+
+def reserve(workers: Workers, strategy: str) -> PlacementGroup:
+    """Ask for a trial's placement group; ``ready()`` resolves once every bundle is placed."""
+    return placement_group(trial_bundles(workers), strategy=strategy)
+
+
+def release(group: PlacementGroup) -> None:
+    remove_placement_group(group)
+
+
+def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index,
+                                            placement_group_capture_child_tasks=False)
+
+
+def submit_trial(function: Callable[..., Any], group: PlacementGroup, workers: Workers,
+                 *args: Any) -> ray.ObjectRef:
+    """Run ``function(*args)`` as the trial's driver in bundle 0 of its placement group."""
+    remote = ray.remote(max_retries=0)(function)
+    return remote.options(num_cpus=workers.driver_cpus or 0.001, num_gpus=0,
+                          scheduling_strategy=in_bundle(group, 0)).remote(*args)
+
+
+def current_placement_group() -> PlacementGroup | None:
+    return ray.util.get_current_placement_group()
+
+
+def current_node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+class _ShardActor:
+    """A ``ShardWorker`` in its own process, on the device and thread count Ray gave it."""
+
+    def __init__(self, sweep: dict[str, Any], algorithm: str, knobs: Mapping[str, Any],
+                 cpus: float, device_preference: str):
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))  # workers sharing a node must not fight for cores
+        device = pick_device(device_preference, ray.get_gpu_ids())
+        self.worker = ShardWorker(sweep, algorithm, knobs, device=str(device))
+
+    def gradient(self, params, split, seed, indices):
+        return self.worker.gradient(params, split, seed, indices)
+
+    def evaluate(self, params, split, seed, indices, shots=None, steps=None):
+        return self.worker.evaluate(params, split, seed, indices, shots=shots, steps=steps)
+
+    def where(self) -> tuple[str, int]:
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def device(self) -> str:
+        return str(self.worker.device)
+
+
+ShardActor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(_ShardActor)
+
+
+class RayFarm:
+    """A meta-batch split over ``workers.count`` Ray actors, one per placement-group bundle."""
+
+    def __init__(self, sweep: dict[str, Any], algorithm: str, knobs: Mapping[str, Any],
+                 workers: Workers, *, device: str = "auto", group: PlacementGroup | None = None,
+                 first_bundle: int = 1):
+        self.actors = []
+        for i in range(workers.count):
+            options: dict[str, Any] = dict(num_cpus=workers.cpus, num_gpus=workers.gpus)
+            if group is not None:
+                options["scheduling_strategy"] = in_bundle(group, first_bundle + i)
+            self.actors.append(ShardActor.options(**options).remote(
+                sweep, algorithm, dict(knobs), workers.cpus, device))
+
+    def _shards(self, indices: Sequence[int]) -> list[list[int]]:
+        indices = list(indices)
+        count = min(len(self.actors), len(indices))
+        size, extra = divmod(len(indices), count)
+        shards, start = [], 0
+        for i in range(count):
+            end = start + size + (1 if i < extra else 0)
+            shards.append(indices[start:end])
+            start = end
+        return shards
+
+    def gradient(self, params: Params, split: str, seed: int,
+                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]:
+        weights = ray.put(params)  # once per iteration, shared by every actor on a node
+        results = ray.get([actor.gradient.remote(weights, split, seed, shard)
+                           for actor, shard in zip(self.actors, self._shards(indices))])
+        total: Params = {}
+        stats: dict[str, float] = {}
+        count = 0
+        for gradient, shard_stats, n in results:
+            for name, g in gradient.items():
+                total[name] = total[name] + g if name in total else g
+            for key, value in shard_stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+            count += n
+        return total, stats, count
+
+    def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]:
+        weights = ray.put(params)
+        results = ray.get([actor.evaluate.remote(weights, split, seed, shard, shots, steps)
+                           for actor, shard in zip(self.actors, self._shards(indices))])
+        stats: dict[str, float] = {}
+        count = 0
+        for shard_stats, n in results:
+            for key, value in shard_stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+            count += n
+        return stats, count
+
+    def node_ids(self) -> list[str]:
+        return [node for node, _ in ray.get([actor.where.remote() for actor in self.actors])]
+
+    def processes(self) -> list[tuple[str, int]]:
+        return ray.get([actor.where.remote() for actor in self.actors])
+
+    def devices(self) -> list[str]:
+        return ray.get([actor.device.remote() for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

@@ -1,0 +1,361 @@
+"""The sweep file: one typed model, validated from YAML with a safe loader.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails at load time with the
+file, the key path and what is allowed -- never after hours of compute. ``load_sweep`` is the only
+way a sweep file is read.
+
+    name: quickstart                  # experiment name in MLflow, prefix of the Optuna studies
+    data: {family: sinusoid, shots: 10, queries: 10}
+    model: {backbone: mlp, hidden: [40, 40]}
+    training: {meta_batch: 25, iterations: 300, eval_every: 50}
+    workers: {count: 2, cpus: 0.5, gpus: 0}
+    search: {trials: 4, parallel: 1, metric: val_loss, direction: minimize}
+    algorithms:
+      maml: {inner_lr: {low: 0.001, high: 0.1, log: true}, inner_steps: 1, outer_lr: 0.001}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
+
+from learners.backbones import BACKBONES
+from learners.registry import LEARNERS, learner_class
+
+DEFAULT_RUN_DIR = "orch-runs"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """A sweep file (or a value derived from one) that orch cannot run; the message is one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tracking(Section):
+    # MLflow tracking URI; default sqlite:///<run_dir>/mlflow.db. MLFLOW_TRACKING_URI and
+    # --tracking-uri override it.
+    uri: str | None = None
+    # Registered models are named <prefix><algorithm>, e.g. orch-maml.
+    registry_prefix: str = "orch-"
+
+
+class RaySection(Section):
+    # None: start Ray in-process (ray.init()); "auto", "HOST:6379" or "ray://HOST:10001": a cluster.
+    address: str | None = None
+    # How a trial's placement group is laid over nodes: PACK fills nodes, SPREAD spreads workers.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class SinusoidData(Section):
+    family: Literal["sinusoid"] = "sinusoid"
+    shots: int = Field(10, ge=1, description="K support points per task")
+    queries: int = Field(10, ge=1, description="query points per task")
+    eval_shots: int | None = Field(None, ge=1, description="K at validation; default: shots")
+
+
+class ImageData(Section):
+    family: Literal["images"] = "images"
+    # Folder written by `orch data import ...` (holds manifest.json and Parquet files).
+    path: str
+    ways: int = Field(5, ge=2)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+    # Side of the square images fed to the backbone; must equal the size the import stored.
+    image_size: int | None = Field(None, ge=4)
+    # Which split meta-trains, which one validates (prunes, picks the best trial).
+    train_split: str = "train"
+    val_split: str = "val"
+    # Rotations by multiples of 90 degrees as new classes (the Omniglot convention).
+    augment_rotations: bool = False
+
+
+def _data_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("family", "images" if "path" in value else "sinusoid"))
+    return getattr(value, "family", "sinusoid")
+
+
+DataSection = Annotated[Union[Annotated[SinusoidData, Tag("sinusoid")],
+                              Annotated[ImageData, Tag("images")]], Discriminator(_data_tag)]
+
+
+class ModelSection(Section):
+    backbone: str = "mlp"
+    # Hidden widths of the MLP backbone (the MAML paper: 40, 40).
+    hidden: list[int] = Field(default_factory=lambda: [40, 40])
+    # Filters per conv block of the Conv-4 backbone.
+    filters: int = Field(64, ge=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; allowed: {', '.join(BACKBONES)}")
+        return value
+
+
+class Training(Section):
+    meta_batch: int = Field(25, ge=1, description="tasks per outer-loop update")
+    iterations: int = Field(300, ge=1, description="outer-loop updates per trial")
+    eval_every: int = Field(50, ge=1, description="iterations between validations (and pruning checks)")
+    eval_tasks: int = Field(100, ge=1, description="validation tasks per evaluation")
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Workers(Section):
+    # Ray actors that share each meta-batch; 0 computes it in the trial's own process.
+    count: int = Field(2, ge=0, le=1024)
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    # CPUs reserved for each trial's own driver process (its placement group's first bundle).
+    driver_cpus: float = Field(1.0, ge=0)
+
+
+class Search(Section):
+    trials: int = Field(8, ge=1, description="Optuna trials per algorithm")
+    parallel: int = Field(1, ge=1, description="trials running at once")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    # "val_loss" for any family, "val_accuracy" for classification.
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+    # A trial that raises is retried this many times before it is recorded as failed.
+    retries: int = Field(0, ge=0, le=10)
+
+
+class Range(Section):
+    """A searchable numeric range: ``{low, high, log?, int?, step?}``."""
+
+    low: float
+    high: float
+    log: bool = False
+    int: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class Choices(Section):
+    """A categorical knob: ``{choices: [a, b, c]}``."""
+
+    choices: list[Any] = Field(min_length=1)
+
+
+Knob = Union[Range, Choices, bool, int, float, str]
+
+# Knobs every algorithm has besides its own hyperparameters.
+OUTER_KNOBS = {"outer_lr": 0.001, "meta_batch": None}
+
+
+class AlgorithmSpace(BaseModel):
+    """One algorithm's search space: each knob fixed or a range. Validated against the learner's
+    hyperparameters in ``Sweep._check_algorithms`` because the allowed keys depend on the name."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def knobs(self) -> dict[str, Range | Choices | bool | int | float | str]:
+        """Each knob as a ``Range``, ``Choices`` or a fixed scalar (validated at load time)."""
+        return {knob: parse_knob(value) for knob, value in (self.model_extra or {}).items()}
+
+
+def parse_knob(value: Any) -> Range | Choices | bool | int | float | str:
+    if isinstance(value, (Range, Choices)):
+        return value
+    if isinstance(value, dict):
+        return Choices.model_validate(value) if "choices" in value else Range.model_validate(value)
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"must be a number, a string, {{low, high, log, int}} or {{choices: [...]}}, "
+                     f"got {type(value).__name__}")
+
+
+class Sweep(Section):
+    name: str
+    run_dir: str = DEFAULT_RUN_DIR
+    # Optuna storage URL; default sqlite:///<run_dir>/optuna.db.
+    storage: str | None = None
+    tracking: Tracking = Tracking()
+    ray: RaySection = RaySection()
+    data: DataSection = SinusoidData()
+    model: ModelSection = ModelSection()
+    training: Training = Training()
+    workers: Workers = Workers()
+    search: Search = Search()
+    algorithms: dict[str, AlgorithmSpace] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError("must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _none_means_defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check_algorithms(self) -> "Sweep":
+        for algorithm, space in self.algorithms.items():
+            if algorithm not in LEARNERS:
+                raise _KeyError(("algorithms", algorithm),
+                                f"unknown algorithm; allowed: {', '.join(sorted(LEARNERS))}")
+            hparams = learner_class(algorithm).Hyperparameters
+            allowed = {**hparams.model_fields, **OUTER_KNOBS}
+            for knob, raw in (space.model_extra or {}).items():
+                where = ("algorithms", algorithm, knob)
+                if knob not in allowed:
+                    raise _KeyError(where, f"unknown knob; allowed: {', '.join(sorted(allowed))}")
+                try:
+                    value = parse_knob(raw)
+                except ValidationError as error:
+                    raise _KeyError(where, _first_problem(error).removeprefix("(top level): ")) from None
+                except ValueError as error:
+                    raise _KeyError(where, str(error)) from None
+                _check_knob(where, knob, value)
+                if knob in hparams.model_fields:
+                    _check_against_field(where, hparams, knob, value)
+        if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
+            raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
+                            "sinusoid is regression: use val_loss")
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def tracking_uri(self, override: str | None = None) -> str:
+        return (override or os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+                or f"sqlite:///{self.run_path() / 'mlflow.db'}")
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.run_path() / 'optuna.db'}"
+
+    def task_fingerprint(self) -> str:
+        """Hash of the task distribution; champions are only compared on equal fingerprints."""
+        spec = json.dumps(self.data.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+class _KeyError(ValueError):
+    def __init__(self, where: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.where = where
+        self.message = message
+
+
+def _check_knob(where: tuple[str, ...], knob: str, value: Any) -> None:
+    numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+    if isinstance(value, Range):
+        numbers = [value.low, value.high]
+    if isinstance(value, Choices):
+        numbers = [v for v in value.choices if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if knob.endswith("lr") and any(n <= 0 for n in numbers):
+        raise _KeyError(where, "learning rates must be > 0")
+    if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+        raise _KeyError(where, "must be finite")
+
+
+def _check_against_field(where: tuple[str, ...], hparams: type[BaseModel], knob: str,
+                         value: Any) -> None:
+    """Validate a fixed value, both ends of a range, or every choice against the learner's field."""
+    if isinstance(value, Range):
+        candidates = [int(value.low), int(value.high)] if value.int else [value.low, value.high]
+    elif isinstance(value, Choices):
+        candidates = list(value.choices)
+    else:
+        candidates = [value]
+    for candidate in candidates:
+        try:
+            hparams.model_validate({knob: candidate})
+        except ValidationError as error:
+            problem = error.errors()[0]
+            raise _KeyError(where, f"{problem['msg']} (got {candidate!r})") from None
+
+
+def load_sweep(path: str | os.PathLike[str]) -> Sweep:
+    """Read and validate a sweep file; raise ``ConfigError`` with one line saying what is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read sweep file ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where} not valid YAML: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the sweep file is empty; it needs at least 'name' and 'algorithms'")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the sweep file must be a mapping of sections, got a {type(raw).__name__}")
+    return sweep_from_dict(raw, source=str(path))
+
+
+def sweep_from_dict(raw: dict[str, Any], *, source: str = "<sweep>") -> Sweep:
+    try:
+        return Sweep.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_first_problem(error)}") from None
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    context = problem.get("ctx", {}).get("error")
+    if isinstance(context, _KeyError):
+        return f"{'.'.join(context.where)}: {context.message}"
+    location = [str(part) for part in problem["loc"]]
+    # Union members (sinusoid/images, Range/Choices/scalars) add their tag to the path; drop it.
+    location = [part for part in location if part not in {"sinusoid", "images", "Range", "Choices",
+                                                           "bool", "int", "float", "str"}]
+    key = ".".join(location) or "(top level)"
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "extra_forbidden":
+        allowed = _allowed_keys(problem["loc"][:-1])
+        message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    elif problem["type"] == "missing":
+        message = "required key is missing"
+    elif problem["type"] == "union_tag_invalid":
+        message = f"unknown family {problem['ctx']['tag']!r}; allowed: sinusoid, images"
+        key += ".family"
+    elif "input" in problem and problem["type"] not in {"value_error"}:
+        message = f"{message} (got {problem['input']!r})"
+    return f"{key}: {message}"
+
+
+def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
+    model: Any = Sweep
+    for part in location:
+        if part in ("sinusoid", "images"):
+            model = SinusoidData if part == "sinusoid" else ImageData
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(getattr(model, "model_fields", {}))

@@ -1,0 +1,271 @@
+"""Everything orch asks of MLflow: experiments and runs, metrics, models and the registry.
+
+Layout of a sweep in MLflow: one experiment named after the sweep; one parent run per algorithm;
+one nested run per trial with every resolved parameter, metric curves over meta-iterations, the
+Ray node ids of its workers (tag ``orch.worker_nodes``) and its final model as a pyfunc model.
+After each algorithm's study the best trial's model becomes a new version of
+``<prefix><algorithm>``; the ``champion`` alias moves to it only if it beats the current champion
+on the same task fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+CHAMPION = "champion"
+TAG_SWEEP = "orch.sweep"
+TAG_ALGORITHM = "orch.algorithm"
+TAG_TRIAL = "orch.trial"
+TAG_KIND = "orch.kind"  # "algorithm" for parent runs, "trial" for nested runs
+TAG_NODES = "orch.worker_nodes"
+TAG_MODEL_URI = "orch.model_uri"
+TAG_FAIL_REASON = "orch.fail_reason"
+TAG_STATE = "orch.state"
+
+
+def client(uri: str) -> MlflowClient:
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def artifact_location(uri: str, run_dir: Path) -> str | None:
+    """Artifacts live under the run folder when tracking is a local SQLite file; a tracking
+    server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (run_dir.resolve() / "artifacts").as_uri()
+    return None
+
+
+def find_experiment(mlflow_client: MlflowClient, sweep_name: str) -> str | None:
+    experiment = mlflow_client.get_experiment_by_name(sweep_name)
+    return experiment.experiment_id if experiment is not None else None
+
+
+def create_experiment(mlflow_client: MlflowClient, sweep_name: str, run_dir: Path,
+                      tracking_uri: str, tags: Mapping[str, str]) -> str:
+    return mlflow_client.create_experiment(sweep_name, artifact_location=artifact_location(
+        tracking_uri, run_dir), tags=dict(tags))
+
+
+def parent_run(mlflow_client: MlflowClient, experiment_id: str, sweep_name: str,
+               algorithm: str) -> str:
+    """The algorithm's parent run, created on first use and found again on resume."""
+    existing = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'algorithm' and "
+                                       f"tags.`{TAG_ALGORITHM}` = '{algorithm}'", max_results=1)
+    if existing:
+        return existing[0].info.run_id
+    run = mlflow_client.create_run(experiment_id, run_name=algorithm, tags={
+        TAG_SWEEP: sweep_name, TAG_ALGORITHM: algorithm, TAG_KIND: "algorithm"})
+    return run.info.run_id
+
+
+def finish_parent(mlflow_client: MlflowClient, run_id: str, best: Mapping[str, Any] | None) -> None:
+    if best:
+        mlflow_client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), 0, 0)
+                                                 for k, v in best.get("metrics", {}).items()],
+                                tags=[RunTag("orch.best_trial", str(best.get("number")))])
+    mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+class TrialRun:
+    """The nested MLflow run of one trial, used from the process that trains it."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = client(uri)
+        self.run_id = run_id
+
+    @classmethod
+    def create(cls, uri: str, experiment_id: str, parent_run_id: str, *, sweep_name: str,
+               algorithm: str, number: int) -> "TrialRun":
+        """A new nested run; the sweep driver creates it so that a trial whose process dies
+        still has exactly one run, which the driver can mark failed."""
+        run = client(uri).create_run(experiment_id, run_name=f"{algorithm}-{number}", tags={
+            MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_SWEEP: sweep_name, TAG_ALGORITHM: algorithm,
+            TAG_TRIAL: str(number), TAG_KIND: "trial"})
+        return cls(uri, run.info.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, _short(v)) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step)
+                                                    for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, _short(v)) for k, v in tags.items()])
+
+    def log_model(self, model_folder: Path) -> str:
+        """Log the saved meta-model folder as this run's pyfunc model; returns its model URI."""
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=PyfuncMetaModel(),
+                artifacts={"meta_model": str(model_folder)},
+                pip_requirements=pip_requirements(),
+                signature=pyfunc_signature(), input_example=None)
+        self.set_tags({TAG_MODEL_URI: info.model_uri})
+        return info.model_uri
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, state: str, reason: str = "") -> None:
+        """``state``: complete, pruned or failed (MLflow FINISHED, KILLED or FAILED)."""
+        tags = {TAG_STATE: state}
+        if reason:
+            tags[TAG_FAIL_REASON] = reason
+        self.set_tags(tags)
+        status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
+        self.client.set_terminated(self.run_id, status)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:5000]
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    metric: float
+    champion: bool
+
+
+def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: str,
+             sweep_name: str, trial: int, metric_name: str, metric: float, direction: str,
+             fingerprint: str) -> Registration:
+    """A new version of ``name``; the champion alias moves to it only if it is better on the
+    same task fingerprint (or there is no champion yet)."""
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        mlflow_client.create_registered_model(name, tags={"orch.metric": metric_name,
+                                                          "orch.direction": direction})
+    version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={
+        "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
+        "orch.metric_value": repr(float(metric)), "orch.direction": direction,
+        "orch.task_fingerprint": fingerprint})
+    champion = _beats_champion(mlflow_client, name, metric, direction, fingerprint)
+    if champion:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
+    return Registration(name, version.version, metric, champion)
+
+
+def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direction: str,
+                    fingerprint: str) -> bool:
+    try:
+        current = mlflow_client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return True
+    if current.tags.get("orch.task_fingerprint") != fingerprint:
+        return False  # a different task distribution: metrics are not comparable
+    best = float(current.tags.get("orch.metric_value", "nan"))
+    if best != best:  # NaN: a champion without a metric is replaced
+        return True
+    return metric < best if direction == "minimize" else metric > best
+
+
+def promote(mlflow_client: MlflowClient, name: str, version: str) -> None:
+    """Move the champion alias by hand; the version must exist."""
+    mlflow_client.get_model_version(name, version)  # raises for a missing model or version
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def registered_models(mlflow_client: MlflowClient, prefix: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for model in mlflow_client.search_registered_models(max_results=1000):
+        if not model.name.startswith(prefix):
+            continue
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in mlflow_client.search_model_versions(f"name = '{model.name}'"):
+            rows.append({"name": model.name, "version": version.version,
+                         "metric": version.tags.get("orch.metric", ""),
+                         "value": version.tags.get("orch.metric_value", ""),
+                         "sweep": version.tags.get("orch.sweep", ""),
+                         "aliases": ",".join(sorted(aliases.get(str(version.version), [])))})
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def trial_runs(mlflow_client: MlflowClient, experiment_id: str) -> list[Any]:
+    return mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'",
+                                     max_results=10000)
+
+
+# -- the served model --------------------------------------------------------------------------
+
+def pip_requirements() -> list[str]:
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            "pillow", "pandas"]
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "role"), ColSpec("string", "input"),
+                     ColSpec("string", "label", required=False)])
+    outputs = Schema([ColSpec("string", "prediction"), ColSpec("string", "scores")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
+    """A meta-model as an MLflow pyfunc: one request holds a task.
+
+    Input rows: ``role`` is ``support`` or ``query``; ``input`` is a JSON array of numbers
+    (regression inputs) or a base64-encoded image file (PNG/JPEG, any size: the training data's
+    preprocessing is applied); ``label`` is the support row's class name or JSON target.
+    Output, one row per query: ``prediction`` (class name, or JSON array of values) and
+    ``scores`` (JSON object class -> probability, or the values again).
+    """
+
+    def load_context(self, context) -> None:
+        from orchestrator.meta_model import MetaModel
+
+        self.model = MetaModel.load(context.artifacts["meta_model"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        steps = int(params["steps"]) if params and params.get("steps") is not None else None
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        from orchestrator.meta_model import decode_inputs
+
+        support = frame[frame["role"] == "support"]
+        query = frame[frame["role"] == "query"]
+        support_x = decode_inputs(self.model, list(support["input"]))
+        query_x = decode_inputs(self.model, list(query["input"]))
+        if self.model.classification:
+            result = self.model.predict(support_x, list(support["label"]), query_x, steps=steps)
+            scores = result.scores.tolist()
+            return pd.DataFrame({"prediction": result.labels, "scores": [
+                json.dumps(dict(zip(result.classes, row))) for row in scores]})
+        targets = [json.loads(label) for label in support["label"]]
+        result = self.model.predict(support_x, targets, query_x, steps=steps)
+        values = [json.dumps(row) for row in result.outputs.tolist()]
+        return pd.DataFrame({"prediction": values, "scores": values})

@@ -1,0 +1,258 @@
+"""The meta-training loop: plain PyTorch, no Ray, MLflow or Optuna.
+
+A trial is: build the task family and learner from the sweep, then for each iteration ask a
+``Farm`` for the meta-batch's summed task gradients, divide by the task count, and step the outer
+optimiser; every ``eval_every`` iterations ask the farm for validation statistics and hand them to
+a callback (which logs, reports to the pruner, and may stop the trial). Where the farm computes --
+in this process or on Ray actors -- is invisible here, which is what makes the 2-worker meta-
+gradient equal the in-process one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from learners.backbones import build_backbone
+from learners.base import Learner, Objective, Params
+from learners.registry import learner_class
+from orchestrator.config import OUTER_KNOBS, ImageData, ModelSection, SinusoidData, Sweep
+from pipelines.base import TaskFamily
+from pipelines.sinusoid import Sinusoid
+
+
+
+class TrialDiverged(RuntimeError):
+    """The meta-training loss became NaN or infinite; the trial cannot continue."""
+
+
+def build_family(data: SinusoidData | ImageData) -> TaskFamily:
+    if isinstance(data, SinusoidData):
+        return Sinusoid(shots=data.shots, queries=data.queries)
+    from pipelines.episodes import EpisodeFamily  # imported lazily: pyarrow is only needed here
+
+    return EpisodeFamily.from_config(data)
+
+
+def split_names(data: SinusoidData | ImageData) -> tuple[str, str]:
+    """(meta-train split, validation split)."""
+    if isinstance(data, ImageData):
+        return data.train_split, data.val_split
+    return "train", "val"
+
+
+def learner_hparams(algorithm: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+    hparams = learner_class(algorithm).Hyperparameters.model_fields
+    return {k: v for k, v in knobs.items() if k in hparams}
+
+
+def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any], *,
+                  kind: str, input_shape: Sequence[int], output_size: int,
+                  ways: int | None = None) -> Learner:
+    """The learner ``algorithm`` with resolved ``knobs`` for tasks of this shape. Takes shapes,
+    not a task family, so a saved model can be rebuilt where its training data is absent."""
+    cls = learner_class(algorithm)
+    hparams = cls.Hyperparameters.model_validate(learner_hparams(algorithm, knobs))
+    head = output_size if getattr(cls, "needs_head", True) else None
+    backbone = build_backbone(model.backbone, input_shape, head, hidden=model.hidden,
+                              filters=model.filters)
+    return cls(backbone, Objective.for_task_kind(kind, ways=ways), hparams)
+
+
+def task_shape(family: TaskFamily) -> dict[str, Any]:
+    """What ``build_learner`` needs to know about a family's tasks."""
+    return {"kind": family.kind, "input_shape": list(family.input_shape()),
+            "output_size": family.output_size(), "ways": family.ways}
+
+
+def pick_device(preference: str = "auto", gpu_ids: Sequence[int] = ()) -> torch.device:
+    """CPU, or the GPU a scheduler assigned (``CUDA_VISIBLE_DEVICES`` is set by Ray, so the
+    assigned GPU is always index 0 of what this process sees)."""
+    if preference == "cpu" or not torch.cuda.is_available():
+        if preference == "cuda":
+            raise RuntimeError("training.device is 'cuda' but no CUDA device is visible to this process")
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
+
+
+class ShardWorker:
+    """Computes summed task gradients and validation statistics for a shard of task indices.
+
+    Built from plain data (the sweep as a dict, the algorithm, the resolved knobs) so that a Ray
+    actor can construct an identical one anywhere; it samples its own tasks from (split, seed,
+    index) so only integers and the current weights travel.
+    """
+
+    def __init__(self, sweep: dict[str, Any], algorithm: str, knobs: Mapping[str, Any], *,
+                 device: str = "cpu"):
+        self.sweep = Sweep.model_validate(sweep)
+        self.family = build_family(self.sweep.data)
+        self.learner = build_learner(self.sweep.model, algorithm, knobs, **task_shape(self.family))
+        self.device = torch.device(device)
+        self.learner.backbone.to(self.device)
+
+    def gradient(self, params: Params, split: str, seed: int,
+                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]:
+        """Sum over the shard of each task's outer-update contribution, and summed statistics."""
+        params = {k: v.to(self.device) for k, v in params.items()}
+        total: Params = {}
+        stats: dict[str, float] = {}
+        for index in indices:
+            task = self.family.task(split, seed, index).to(self.device)
+            gradient, task_stats = self.learner.task_gradient(params, task)
+            for name, g in gradient.items():
+                total[name] = total[name] + g if name in total else g.detach().clone()
+            _accumulate(stats, task_stats)
+        return {k: v.cpu() for k, v in total.items()}, stats, len(indices)
+
+    def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]:
+        """Summed query statistics after adaptation, over the shard's validation tasks."""
+        params = {k: v.to(self.device) for k, v in params.items()}
+        stats: dict[str, float] = {}
+        for index in indices:
+            task = self.family.task(split, seed, index, shots=shots).to(self.device)
+            _accumulate(stats, self.learner.evaluate(params, task, steps=steps))
+        return stats, len(indices)
+
+
+def _accumulate(into: dict[str, float], stats: Mapping[str, float]) -> None:
+    for key, value in stats.items():
+        into[key] = into.get(key, 0.0) + value
+
+
+class Farm(Protocol):
+    """Where a meta-batch is computed: ``LocalFarm`` here, ``cluster.RayFarm`` on Ray actors."""
+
+    def gradient(self, params: Params, split: str, seed: int,
+                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]: ...
+
+    def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]: ...
+
+    def node_ids(self) -> list[str]: ...
+
+
+class LocalFarm:
+    """The in-process farm (``workers.count: 0``): the same ``ShardWorker``, no Ray."""
+
+    def __init__(self, worker: ShardWorker, node_id: str = "local"):
+        self.worker = worker
+        self._node_id = node_id
+
+    def gradient(self, params, split, seed, indices):
+        return self.worker.gradient(params, split, seed, indices)
+
+    def evaluate(self, params, split, seed, indices, *, shots=None, steps=None):
+        return self.worker.evaluate(params, split, seed, indices, shots=shots, steps=steps)
+
+    def node_ids(self) -> list[str]:
+        return [self._node_id]
+
+
+@dataclass
+class Evaluation:
+    iteration: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrialOutcome:
+    params: Params
+    evaluations: list[Evaluation] = field(default_factory=list)
+    stopped_early: bool = False
+    tasks_per_second: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.evaluations[-1].metrics if self.evaluations else {}
+
+
+# Called after each validation with (iteration, metrics); returning True stops the trial (pruning).
+EvalCallback = Callable[[int, dict[str, float]], bool]
+
+
+class MetaTrainer:
+    """Runs the outer loop of one trial over a farm."""
+
+    def __init__(self, sweep: Sweep, algorithm: str, knobs: Mapping[str, Any], farm: Farm, *,
+                 seed: int | None = None):
+        self.sweep = sweep
+        self.algorithm = algorithm
+        self.knobs = dict(knobs)
+        self.farm = farm
+        self.seed = sweep.training.seed if seed is None else seed
+        self.train_split, self.val_split = split_names(sweep.data)
+        self.learner = build_learner(sweep.model, algorithm, knobs,
+                                     **task_shape(build_family(sweep.data)))
+        self.meta_batch = int(self.knobs.get("meta_batch") or sweep.training.meta_batch)
+
+    def initial_params(self) -> Params:
+        return self.learner.init_params(self.seed)
+
+    def meta_gradient(self, params: Params, iteration: int) -> tuple[Params, dict[str, float]]:
+        """The mean outer-update direction of iteration ``iteration``'s meta-batch."""
+        start = iteration * self.meta_batch
+        total, stats, count = self.farm.gradient(params, self.train_split, self.seed,
+                                                 range(start, start + self.meta_batch))
+        return ({k: v / count for k, v in total.items()},
+                {f"train_{k}": v / count for k, v in stats.items()})
+
+    def validate(self, params: Params, *, shots: int | None = None,
+                 steps: int | None = None, tasks: int | None = None) -> dict[str, float]:
+        count = tasks or self.sweep.training.eval_tasks
+        if shots is None and isinstance(self.sweep.data, SinusoidData):
+            shots = self.sweep.data.eval_shots
+        stats, n = self.farm.evaluate(params, self.val_split, self.seed, range(count),
+                                      shots=shots, steps=steps)
+        return {f"val_{k}": v / n for k, v in stats.items()}
+
+    def train(self, on_eval: EvalCallback | None = None, *,
+              on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+              params: Params | None = None, start_iteration: int = 0) -> TrialOutcome:
+        training = self.sweep.training
+        params = {k: v.clone().requires_grad_(True) for k, v in
+                  (params or self.initial_params()).items()}
+        optimizer = self._outer_optimizer(list(params.values()))
+        outcome = TrialOutcome(params=params)
+        started, tasks = time.perf_counter(), 0
+        for iteration in range(start_iteration, training.iterations):
+            gradient, stats = self.meta_gradient(_detached(params), iteration)
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise TrialDiverged(f"meta-training loss became {stats.get('train_loss')} at "
+                                    f"iteration {iteration}")
+            optimizer.zero_grad(set_to_none=True)
+            for name, p in params.items():
+                p.grad = gradient[name].to(p.device)
+            optimizer.step()
+            tasks += self.meta_batch
+            if on_iteration is not None:
+                on_iteration(iteration, stats)
+            last = iteration + 1 == training.iterations
+            if (iteration + 1) % training.eval_every == 0 or last:
+                metrics = {**stats, **self.validate(_detached(params))}
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise TrialDiverged(f"validation loss became {metrics.get('val_loss')} at "
+                                        f"iteration {iteration}")
+                outcome.evaluations.append(Evaluation(iteration + 1, metrics))
+                if on_eval is not None and on_eval(iteration + 1, metrics) and not last:
+                    outcome.stopped_early = True
+                    break
+        outcome.tasks_per_second = tasks / max(time.perf_counter() - started, 1e-9)
+        outcome.params = _detached(params)
+        return outcome
+
+    def _outer_optimizer(self, tensors: list[Tensor]) -> torch.optim.Optimizer:
+        lr = float(self.knobs.get("outer_lr", OUTER_KNOBS["outer_lr"]))
+        if self.sweep.training.outer_optimizer == "sgd":
+            return torch.optim.SGD(tensors, lr=lr)
+        return torch.optim.Adam(tensors, lr=lr)
+
+
+def _detached(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in params.items()}

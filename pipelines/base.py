@@ -1,0 +1,107 @@
+"""What a task family is: a seeded source of few-shot tasks, addressed by (split, seed, index).
+
+Addressing tasks by index rather than handing tensors around is what lets a Ray worker sample its
+own shard of a meta-batch: the driver sends a handful of integers, never images.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One few-shot task: a support set to adapt on and a query set to score the adaptation.
+
+    Regression: ``*_x`` is ``[n, in_features]``, ``*_y`` is ``[n, out_features]`` (float).
+    Classification: ``*_x`` is ``[n, C, H, W]``, ``*_y`` is ``[n]`` with labels ``0..ways-1``.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def to(self, device: torch.device | str) -> "Task":
+        return Task(*(t.to(device, non_blocking=True) for t in
+                      (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Tasks stacked along a leading dimension: ``support_x`` is ``[tasks, N*K, ...]``."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @staticmethod
+    def stack(tasks: Sequence[Task]) -> "TaskBatch":
+        return TaskBatch(
+            torch.stack([t.support_x for t in tasks]),
+            torch.stack([t.support_y for t in tasks]),
+            torch.stack([t.query_x for t in tasks]),
+            torch.stack([t.query_y for t in tasks]),
+        )
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __getitem__(self, i: int) -> Task:
+        return Task(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
+
+
+def task_seed(seed: int, split: str, index: int) -> int:
+    """A 63-bit seed for task ``index`` of ``split`` under ``seed``, stable across processes.
+
+    Python's ``hash`` is salted per process, so it cannot be used: two Ray workers must derive the
+    same task from the same three values.
+    """
+    digest = hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class TaskFamily(abc.ABC):
+    """A distribution over tasks; ``task(split, seed, index)`` is a pure function of its arguments."""
+
+    # "regression" or "classification": decides the learner's loss and the reported metrics.
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def task(self, split: str, seed: int, index: int, *, shots: int | None = None) -> Task:
+        """Task ``index`` of ``split`` for ``seed``; ``shots`` overrides the configured K."""
+
+    def batch(self, split: str, seed: int, indices: Sequence[int], *,
+              shots: int | None = None) -> TaskBatch:
+        return TaskBatch.stack([self.task(split, seed, i, shots=shots) for i in indices])
+
+    @property
+    @abc.abstractmethod
+    def ways(self) -> int | None:
+        """Classes per task for classification, None for regression."""
+
+    @abc.abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input example, used to build the backbone."""
+
+    @abc.abstractmethod
+    def output_size(self) -> int:
+        """Width of the backbone's output layer."""
+
+    @abc.abstractmethod
+    def fingerprint_spec(self) -> dict[str, Any]:
+        """Everything that defines the task distribution, hashed into the registry's task
+        fingerprint: two models are only compared if their specs are equal."""
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How raw inputs were turned into tensors; saved with every model trained on it."""
+        return {}
