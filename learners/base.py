@@ -51,7 +51,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from pipelines.base import Task
+from torch.func import grad, vmap
+
+from pipelines.base import Task, TaskBatch
 
 Params = dict[str, Tensor]
 Adapted = dict[str, Tensor]
@@ -131,39 +133,78 @@ class Learner(abc.ABC):
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         """Outputs for query inputs after adaptation (values, or logits over the task's classes)."""
 
-    def task_gradient(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        """This task's contribution to the outer update, and its training statistics.
+    def task_gradient(self, params: Params, task: Task) -> tuple[Params, Tensor, Tensor]:
+        """This task's contribution to the outer update, its query loss and query outputs.
 
-        Default: the gradient of the query loss after ``adapt`` (MAML-style, second order if the
-        learner's ``adapt`` keeps the graph).
+        A pure function (``torch.func`` only, no ``.item()``), so ``batch_gradient`` can ``vmap``
+        it over tasks. Default: the gradient of the query loss through ``adapt`` -- second order
+        when the learner's ``adapt`` keeps the inner graph.
         """
-        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-        adapted = self.adapt(leaves, task.support_x, task.support_y)
-        outputs = self.predict(leaves, adapted, task.query_x)
-        loss = self.objective.loss(outputs, task.query_y)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        gradient = {
-            name: (g if g is not None else torch.zeros_like(leaves[name]))
-            for name, g in zip(leaves, grads)
-        }
-        return gradient, self.statistics(outputs.detach(), task.query_y, loss.detach())
 
-    # -- shared helpers ----------------------------------------------------------------------
+        def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            outputs = self.predict(p, self.adapt(p, task.support_x, task.support_y), task.query_x)
+            loss = self.objective.loss(outputs, task.query_y)
+            return loss, (loss.detach(), outputs.detach())
+
+        gradient, (loss, outputs) = grad(query_loss, has_aux=True)(params)
+        return gradient, loss, outputs
+
+    # -- batches of tasks ------------------------------------------------------------------
+
+    def batch_gradient(self, params: Params, batch: TaskBatch, *,
+                       vectorize: bool = False) -> tuple[Params, dict[str, float]]:
+        """Sum over the batch of each task's contribution, and summed statistics.
+
+        ``vectorize`` maps ``task_gradient`` over tasks with ``torch.func.vmap``; the result equals
+        the per-task loop (a contract test checks it). Whether it is faster depends on the backbone
+        and device -- measured in benchmarks/vectorize.py -- so the caller decides.
+        """
+        params = {k: v.detach() for k, v in params.items()}
+        if vectorize:
+            gradients, losses, outputs = vmap(
+                lambda sx, sy, qx, qy: self.task_gradient(params, Task(sx, sy, qx, qy)))(
+                batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+            total = {k: g.sum(dim=0) for k, g in gradients.items()}
+            return total, self.summed_statistics(outputs, batch.query_y, losses)
+        total: Params = {}
+        losses, outputs = [], []
+        for i in range(len(batch)):
+            gradient, loss, output = self.task_gradient(params, batch[i])
+            for name, g in gradient.items():
+                total[name] = total[name] + g if name in total else g
+            losses.append(loss)
+            outputs.append(output)
+        return total, self.summed_statistics(torch.stack(outputs), batch.query_y, torch.stack(losses))
+
+    def batch_evaluate(self, params: Params, batch: TaskBatch, *, steps: int | None = None,
+                       vectorize: bool = False) -> dict[str, float]:
+        """Summed query statistics after adapting to each task of the batch."""
+        params = {k: v.detach() for k, v in params.items()}
+
+        def outputs_for(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+            return self.predict(params, self.adapt(params, sx, sy, steps=steps), qx)
+
+        with torch.no_grad():  # torch.func's inner gradients ignore an outer no_grad
+            if vectorize:
+                outputs = vmap(outputs_for)(batch.support_x, batch.support_y, batch.query_x)
+            else:
+                outputs = torch.stack([outputs_for(batch.support_x[i], batch.support_y[i],
+                                                   batch.query_x[i]) for i in range(len(batch))])
+            losses = torch.stack([self.objective.loss(outputs[i], batch.query_y[i])
+                                  for i in range(len(batch))])
+        return self.summed_statistics(outputs, batch.query_y, losses)
+
+    def summed_statistics(self, outputs: Tensor, targets: Tensor, losses: Tensor) -> dict[str, float]:
+        """Per-task statistics summed over the leading (task) dimension."""
+        stats = {"loss": float(losses.sum())}
+        if self.objective.classification:
+            correct = (outputs.argmax(dim=-1) == targets).float().mean(dim=-1)
+            stats["accuracy"] = float(correct.sum())
+        return stats
 
     def evaluate(self, params: Params, task: Task, *, steps: int | None = None) -> dict[str, float]:
-        """Query loss (and accuracy for classification) after adapting on the support set."""
-        with torch.enable_grad():  # gradient-based adaptation needs autograd even at test time
-            adapted = self.adapt(params, task.support_x, task.support_y, steps=steps)
-        with torch.no_grad():
-            outputs = self.predict(params, {k: v.detach() for k, v in adapted.items()}, task.query_x)
-            loss = self.objective.loss(outputs, task.query_y)
-        return self.statistics(outputs, task.query_y, loss)
-
-    def statistics(self, outputs: Tensor, targets: Tensor, loss: Tensor) -> dict[str, float]:
-        stats = {"loss": float(loss)}
-        if self.objective.classification:
-            stats["accuracy"] = float((outputs.argmax(dim=-1) == targets).float().mean())
-        return stats
+        """Query loss (and accuracy for classification) after adapting on one task."""
+        return self.batch_evaluate(params, TaskBatch.stack([task]), steps=steps)
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description of this learner, stored with every saved model."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from learners.base import Hyperparameters, Params
 from learners.functional import gradient_steps
@@ -29,14 +30,14 @@ class Reptile(MAML):
     Hyperparameters = ReptileHyperparameters
     first_order = True
 
-    def task_gradient(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+    def task_gradient(self, params: Params, task: Task) -> tuple[Params, Tensor, Tensor]:
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
         start = {k: v.detach() for k, v in params.items()}
-        with torch.no_grad():  # statistics of the un-adapted model on the query set, for curves
-            outputs = self.predict(start, start, task.query_x)
-            loss = self.objective.loss(outputs, task.query_y)
+        # Statistics of the un-adapted model on the query set, for the training curves.
+        outputs = self.predict(start, start, task.query_x).detach()
+        loss = self.objective.loss(outputs, task.query_y)
         adapted = gradient_steps(self.support_loss, start, x, y, lr=self.hparams.inner_lr,
                                  steps=self.hparams.inner_steps, first_order=True)
         delta = {k: (start[k] - adapted[k]).detach() for k in start}
-        return delta, self.statistics(outputs, task.query_y, loss)
+        return delta, loss, outputs

@@ -114,6 +114,10 @@ class Training(Section):
     outer_optimizer: Literal["adam", "sgd"] = "adam"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Map each shard's tasks with torch.func.vmap instead of a loop. "auto": on for the MLP
+    # backbone and on GPUs, off for conv4 on CPU, where it was measured slower
+    # (benchmarks/vectorize.py).
+    vectorize: Literal["auto", "on", "off"] = "auto"
 
 
 class Workers(Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +22,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+# PythonModel's predict takes a DataFrame of rows with roles; a typed signature is given explicitly.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 CHAMPION = "champion"
 TAG_SWEEP = "orch.sweep"
@@ -170,7 +174,7 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
     champion = _beats_champion(mlflow_client, name, metric, direction, fingerprint)
     if champion:
         mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-    return Registration(name, version.version, metric, champion)
+    return Registration(name, str(version.version), metric, champion)
 
 
 def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direction: str,

@@ -95,35 +95,33 @@ class ShardWorker:
         self.learner = build_learner(self.sweep.model, algorithm, knobs, **task_shape(self.family))
         self.device = torch.device(device)
         self.learner.backbone.to(self.device)
+        self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
+                                          self.device)
 
     def gradient(self, params: Params, split: str, seed: int,
                  indices: Sequence[int]) -> tuple[Params, dict[str, float], int]:
         """Sum over the shard of each task's outer-update contribution, and summed statistics."""
-        params = {k: v.to(self.device) for k, v in params.items()}
-        total: Params = {}
-        stats: dict[str, float] = {}
-        for index in indices:
-            task = self.family.task(split, seed, index).to(self.device)
-            gradient, task_stats = self.learner.task_gradient(params, task)
-            for name, g in gradient.items():
-                total[name] = total[name] + g if name in total else g.detach().clone()
-            _accumulate(stats, task_stats)
+        batch = self.family.batch(split, seed, indices).to(self.device)
+        total, stats = self.learner.batch_gradient(self._on_device(params), batch,
+                                                   vectorize=self.vectorize)
         return {k: v.cpu() for k, v in total.items()}, stats, len(indices)
 
     def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
                  shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]:
         """Summed query statistics after adaptation, over the shard's validation tasks."""
-        params = {k: v.to(self.device) for k, v in params.items()}
-        stats: dict[str, float] = {}
-        for index in indices:
-            task = self.family.task(split, seed, index, shots=shots).to(self.device)
-            _accumulate(stats, self.learner.evaluate(params, task, steps=steps))
+        batch = self.family.batch(split, seed, indices, shots=shots).to(self.device)
+        stats = self.learner.batch_evaluate(self._on_device(params), batch, steps=steps,
+                                            vectorize=self.vectorize)
         return stats, len(indices)
 
+    def _on_device(self, params: Params) -> Params:
+        return {k: v.to(self.device) for k, v in params.items()}
 
-def _accumulate(into: dict[str, float], stats: Mapping[str, float]) -> None:
-    for key, value in stats.items():
-        into[key] = into.get(key, 0.0) + value
+
+def should_vectorize(setting: str, backbone: str, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    return backbone == "mlp" or device.type == "cuda"
 
 
 class Farm(Protocol):
@@ -214,7 +212,10 @@ class MetaTrainer:
 
     def train(self, on_eval: EvalCallback | None = None, *,
               on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-              params: Params | None = None, start_iteration: int = 0) -> TrialOutcome:
+              params: Params | None = None, start_iteration: int = 0,
+              time_budget_s: float | None = None) -> TrialOutcome:
+        """Meta-train to ``training.iterations``, or until ``time_budget_s`` seconds have passed
+        (then the iteration in progress is the last one and is validated)."""
         training = self.sweep.training
         params = {k: v.clone().requires_grad_(True) for k, v in
                   (params or self.initial_params()).items()}
@@ -233,7 +234,8 @@ class MetaTrainer:
             tasks += self.meta_batch
             if on_iteration is not None:
                 on_iteration(iteration, stats)
-            last = iteration + 1 == training.iterations
+            out_of_time = time_budget_s is not None and time.perf_counter() - started >= time_budget_s
+            last = iteration + 1 == training.iterations or out_of_time
             if (iteration + 1) % training.eval_every == 0 or last:
                 metrics = {**stats, **self.validate(_detached(params))}
                 if not all(math.isfinite(v) for v in metrics.values()):
@@ -243,6 +245,8 @@ class MetaTrainer:
                 if on_eval is not None and on_eval(iteration + 1, metrics) and not last:
                     outcome.stopped_early = True
                     break
+            if out_of_time:
+                break
         outcome.tasks_per_second = tasks / max(time.perf_counter() - started, 1e-9)
         outcome.params = _detached(params)
         return outcome

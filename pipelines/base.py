@@ -56,6 +56,10 @@ class TaskBatch:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) for t in
+                           (self.support_x, self.support_y, self.query_x, self.query_y)))
+
     def __getitem__(self, i: int) -> Task:
         return Task(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
 

@@ -1,0 +1,150 @@
+"""The contract every learner in ``learners.registry.LEARNERS`` keeps, checked on each of them.
+
+Learners with an output head are checked on sinusoid regression with the paper's MLP; metric
+learners (``needs_head = False``) on a small synthetic classification family whose classes differ
+in four of sixteen input dimensions, so an embedding has something to learn (ignore the rest).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from learners.backbones import build_backbone
+from learners.base import Learner, Objective
+from learners.registry import LEARNERS
+from pipelines.base import Task, TaskFamily, task_seed
+from pipelines.sinusoid import Sinusoid
+
+DIMENSIONS, SIGNAL = 16, 4
+
+
+class Clusters(TaskFamily):
+    """N-way tasks of Gaussian classes: centres differ in the first 4 dims, the rest is noise."""
+
+    kind = "classification"
+
+    def __init__(self, *, ways: int = 5, shots: int = 2, queries: int = 5):
+        self._ways, self.shots, self.queries = ways, shots, queries
+
+    def task(self, split: str, seed: int, index: int, *, shots: int | None = None) -> Task:
+        generator = torch.Generator().manual_seed(task_seed(seed, split, index))
+        k = self.shots if shots is None else shots
+        centres = torch.zeros(self._ways, DIMENSIONS)
+        centres[:, :SIGNAL] = torch.randn(self._ways, SIGNAL, generator=generator)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = torch.arange(self._ways).repeat_interleave(n)
+            noise = torch.randn(len(labels), DIMENSIONS, generator=generator)
+            noise[:, :SIGNAL] *= 0.2
+            noise[:, SIGNAL:] *= 1.5
+            return centres[labels] + noise, labels
+
+        return Task(*draw(k), *draw(self.queries))
+
+    @property
+    def ways(self) -> int:
+        return self._ways
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (DIMENSIONS,)
+
+    def output_size(self) -> int:
+        return self._ways
+
+    def fingerprint_spec(self) -> dict[str, Any]:
+        return {"family": "clusters", "ways": self._ways}
+
+
+def make(name: str) -> tuple[Learner, TaskFamily]:
+    cls = LEARNERS[name]
+    if cls.needs_head:
+        family: TaskFamily = Sinusoid(shots=10, queries=10)
+        objective = Objective.for_task_kind("regression")
+    else:
+        family = Clusters()
+        objective = Objective.for_task_kind("classification", ways=family.ways)
+    head = family.output_size() if cls.needs_head else None
+    backbone = build_backbone("mlp", family.input_shape(), head, hidden=(40, 40))
+    # A larger inner step than the paper's 0.01, so one step adapts visibly within a short test.
+    hparams = {k: v for k, v in {"inner_lr": 0.05}.items() if k in cls.Hyperparameters.model_fields}
+    return cls(backbone, objective, cls.Hyperparameters(**hparams)), family
+
+
+@pytest.fixture(params=sorted(LEARNERS))
+def learner_and_family(request) -> tuple[Learner, TaskFamily]:
+    return make(request.param)
+
+
+def test_predict_shapes(learner_and_family):
+    learner, family = learner_and_family
+    params = learner.init_params(0)
+    task = family.task("train", 0, 0)
+    outputs = learner.predict(params, learner.adapt(params, task.support_x, task.support_y),
+                              task.query_x)
+    if learner.objective.classification:
+        assert outputs.shape == (len(task.query_x), family.ways)
+    else:
+        assert outputs.shape == task.query_y.shape
+    assert torch.isfinite(outputs).all()
+
+
+def test_init_params_is_seeded(learner_and_family):
+    learner, _ = learner_and_family
+    a, b, c = learner.init_params(7), learner.init_params(7), learner.init_params(8)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_every_parameter_gets_a_meta_gradient(learner_and_family):
+    learner, family = learner_and_family
+    params = learner.init_params(0)
+    task = family.task("train", 0, 0)
+    gradient, loss, outputs = learner.task_gradient(params, task)
+    assert gradient.keys() == params.keys()
+    for name, g in gradient.items():
+        assert g.shape == params[name].shape
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"zero meta-gradient for {name}"
+    assert loss.shape == () and torch.isfinite(loss)
+    assert outputs.shape[0] == len(task.query_x)
+
+
+def test_batched_equals_looped(learner_and_family):
+    learner, family = learner_and_family
+    params = learner.init_params(0)
+    batch = family.batch("train", 0, range(3))
+    looped, looped_stats = learner.batch_gradient(params, batch, vectorize=False)
+    mapped, mapped_stats = learner.batch_gradient(params, batch, vectorize=True)
+    for name in params:
+        torch.testing.assert_close(mapped[name], looped[name], rtol=1e-4, atol=1e-6)
+    assert mapped_stats == pytest.approx(looped_stats, rel=1e-4)
+    evaluated = learner.batch_evaluate(params, batch, vectorize=True)
+    assert evaluated == pytest.approx(learner.batch_evaluate(params, batch), rel=1e-4)
+    single = [learner.evaluate(params, batch[i]) for i in range(len(batch))]
+    assert evaluated["loss"] == pytest.approx(sum(s["loss"] for s in single), rel=1e-4)
+
+
+def mean_stats(learner: Learner, params, family: TaskFamily, tasks: int = 40) -> dict[str, float]:
+    stats = learner.batch_evaluate(params, family.batch("val", 1, range(tasks)))
+    return {key: value / tasks for key, value in stats.items()}
+
+
+def test_learns_on_a_tiny_task(learner_and_family):
+    learner, family = learner_and_family
+    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
+    before = mean_stats(learner, params, family)
+    optimizer = torch.optim.Adam(params.values(), lr=0.01)
+    meta_batch = 4
+    for iteration in range(200):
+        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
+        gradient, _ = learner.batch_gradient(params, batch, vectorize=True)
+        for name, p in params.items():
+            p.grad = gradient[name] / meta_batch
+        optimizer.step()
+    after = mean_stats(learner, params, family)
+    assert after["loss"] < 0.7 * before["loss"]
+    if learner.objective.classification:
+        assert after["accuracy"] > before["accuracy"] + 0.1

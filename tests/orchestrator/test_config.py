@@ -1,0 +1,77 @@
+"""The sweep file: every kind of bad input is one line naming the file, key path and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, Range, load_sweep, sweep_from_dict
+
+BASE = {"name": "demo", "algorithms": {"maml": {"inner_lr": {"low": 0.001, "high": 0.1, "log": True}}}}
+
+
+def test_defaults_and_knobs():
+    sweep = sweep_from_dict(BASE)
+    assert sweep.data.family == "sinusoid"
+    assert sweep.training.meta_batch == 25
+    assert sweep.tracking_uri().startswith("sqlite:///orch-runs/mlflow.db") or sweep.tracking_uri()
+    knobs = sweep.algorithms["maml"].knobs()
+    assert knobs == {"inner_lr": Range(low=0.001, high=0.1, log=True)}
+
+
+def test_quickstart_example_is_valid():
+    sweep = load_sweep(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml")
+    assert set(sweep.algorithms) == {"maml", "fomaml", "reptile"}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"bogus": 1}, "bogus: unknown key; allowed: algorithms, data"),
+    ({"training": {"iterations": "many"}}, "training.iterations: Input should be a valid integer"),
+    ({"training": {"iterationz": 3}}, "training.iterationz: unknown key; allowed: "),
+    ({"algorithms": {"mamll": {}}}, "algorithms.mamll: unknown algorithm; allowed: fomaml, maml"),
+    ({"algorithms": {"maml": {"inner_lr": {"low": 0.2, "high": 0.1}}}},
+     "algorithms.maml.inner_lr: low (0.2) must not exceed high (0.1)"),
+    ({"algorithms": {"maml": {"inner_lr": {"low": 0, "high": 0.1, "log": True}}}},
+     "algorithms.maml.inner_lr: a log range needs low > 0"),
+    ({"algorithms": {"maml": {"outer_lr": -0.1}}}, "algorithms.maml.outer_lr: learning rates must be > 0"),
+    ({"algorithms": {"maml": {"inner_lrr": 0.1}}}, "algorithms.maml.inner_lrr: unknown knob; allowed: inner_lr"),
+    ({"algorithms": {"maml": {"inner_steps": "x"}}}, "algorithms.maml.inner_steps: Input should be a valid integer"),
+    ({"algorithms": {"maml": {"inner_steps": {"low": 0, "high": 3, "int": True}}}},
+     "algorithms.maml.inner_steps: Input should be greater than or equal to 1"),
+    ({"model": {"backbone": "resnet"}}, "model.backbone: unknown backbone 'resnet'; allowed: mlp, conv4"),
+    ({"search": {"trials": 0}}, "search.trials: Input should be greater than or equal to 1"),
+    ({"data": {"family": "foo"}}, "data.family: unknown family 'foo'; allowed: sinusoid, images"),
+    ({"data": {"family": "sinusoid", "path": "x"}}, "data.path: unknown key; allowed: eval_shots, family"),
+    ({"name": None}, "name: Input should be a valid string"),
+    ({"name": "bad name!"}, "name: must be 1-100 letters"),
+    ({"algorithms": {}}, "algorithms: Dictionary should have at least 1 item"),
+    ({"search": {"metric": "val_accuracy"}}, "search.metric: val_accuracy needs a classification"),
+])
+def test_bad_values_name_the_key(change, expected):
+    with pytest.raises(ConfigError) as error:
+        sweep_from_dict({**BASE, **change}, source="sweep.yaml")
+    message = str(error.value)
+    assert message.startswith("sweep.yaml: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: [unclosed", "not valid YAML"),
+    ("", "the sweep file is empty"),
+    ("- a\n- b\n", "must be a mapping of sections, got a list"),
+    ("algorithms: {maml: {}}\n", "name: required key is missing"),
+])
+def test_bad_files(tmp_path, text, expected):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_sweep(path)
+    assert str(error.value).startswith(str(path))
+    assert expected in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read sweep file"):
+        load_sweep(tmp_path / "nope.yaml")

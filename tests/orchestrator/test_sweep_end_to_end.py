@@ -1,0 +1,106 @@
+"""A tiny sweep through real Ray, Optuna and MLflow: runs, registry, champion alias, CLI views."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.cli import cli
+from orchestrator.config import ConfigError, sweep_from_dict
+from orchestrator.sweep import launch
+
+
+def tiny_sweep(run_dir, name: str, *, iterations: int, outer_lr: float, trials: int = 2) -> dict:
+    return {
+        "name": name, "run_dir": str(run_dir),
+        "data": {"family": "sinusoid", "shots": 5, "queries": 5},
+        "training": {"meta_batch": 8, "iterations": iterations, "eval_every": 10, "eval_tasks": 40},
+        "workers": {"count": 1, "cpus": 0.5, "driver_cpus": 0.5},
+        "search": {"trials": trials, "parallel": 2, "pruner": "none"},
+        "algorithms": {
+            "maml": {"inner_lr": {"low": 0.005, "high": 0.02, "log": True}, "outer_lr": outer_lr},
+            "reptile": {"inner_lr": 0.01, "inner_steps": 2, "outer_lr": outer_lr},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def first_sweep(ray_local, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sweep") / "orch-runs"
+    raw = tiny_sweep(run_dir, "e2e", iterations=30, outer_lr=0.005)
+    summaries = launch(sweep_from_dict(raw))
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    return raw, summaries, uri, run_dir
+
+
+def test_runs_are_nested_under_one_parent_per_algorithm(first_sweep):
+    raw, summaries, uri, _ = first_sweep
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = {r.data.tags[tracking.TAG_ALGORITHM]: r for r in runs
+               if r.data.tags.get(tracking.TAG_KIND) == "algorithm"}
+    trials = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert set(parents) == {"maml", "reptile"}
+    assert len(trials) == 4
+    for run in trials:
+        algorithm = run.data.tags[tracking.TAG_ALGORITHM]
+        assert run.data.tags["mlflow.parentRunId"] == parents[algorithm].info.run_id
+        assert run.info.status == "FINISHED"
+        assert {"inner_lr", "outer_lr", "meta_batch", "seed"} <= set(run.data.params)
+        assert run.data.tags[tracking.TAG_NODES]  # the Ray node ids of its workers
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == [10, 20, 30]
+        assert run.data.tags[tracking.TAG_MODEL_URI].startswith("models:/")
+    assert all(s.registration is not None and s.registration.champion for s in summaries)
+
+
+def test_best_models_are_registered_with_tags_and_champion(first_sweep):
+    _, summaries, uri, _ = first_sweep
+    client = MlflowClient(uri)
+    for summary in summaries:
+        name = f"orch-{summary.algorithm}"
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == "1"
+        assert champion.tags["orch.sweep"] == "e2e"
+        assert champion.tags["orch.metric"] == "val_loss"
+        assert float(champion.tags["orch.metric_value"]) == pytest.approx(summary.best_value)
+        assert champion.tags["orch.task_fingerprint"]
+
+
+def test_worse_sweep_does_not_move_champion_and_promote_does(first_sweep):
+    raw, summaries, uri, run_dir = first_sweep
+    worse = tiny_sweep(run_dir, "e2e-worse", iterations=10, outer_lr=1e-7, trials=1)
+    worse["algorithms"].pop("reptile")
+    (summary,) = launch(sweep_from_dict(worse))
+    best_before = next(s for s in summaries if s.algorithm == "maml").best_value
+    assert summary.best_value > best_before
+    assert summary.registration.version == "2" and not summary.registration.champion
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("orch-maml", "champion").version) == "1"
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["models", "--tracking-uri", uri])
+    assert listed.exit_code == 0 and "orch-maml" in listed.output and "champion" in listed.output
+    moved = runner.invoke(cli, ["promote", "orch-maml", "2", "--tracking-uri", uri])
+    assert moved.exit_code == 0, moved.output
+    assert str(client.get_model_version_by_alias("orch-maml", "champion").version) == "2"
+    missing = runner.invoke(cli, ["promote", "orch-maml", "9", "--tracking-uri", uri])
+    assert missing.exit_code != 0 and "no version 9 of registered model 'orch-maml'" in missing.output
+
+
+def test_orch_runs_lists_trials(first_sweep):
+    _, _, _, run_dir = first_sweep
+    result = CliRunner().invoke(cli, ["runs", "e2e", "--storage", f"sqlite:///{run_dir}/optuna.db"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("complete") == 4 and "inner_lr=" in result.output
+
+
+def test_same_name_without_resume_is_refused(first_sweep):
+    raw, _, _, _ = first_sweep
+    with pytest.raises(ConfigError, match="a sweep named 'e2e' already exists"):
+        launch(sweep_from_dict(copy.deepcopy(raw)))
