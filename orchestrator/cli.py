@@ -47,7 +47,8 @@ class OrchGroup(click.Group):
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     message = text[0] if text else type(error).__name__
-    return message if isinstance(error, ConfigError) else f"{type(error).__name__}: {message}"
+    plain = (ConfigError, ConnectionError, FileNotFoundError, PermissionError)
+    return message if isinstance(error, plain) else f"{type(error).__name__}: {message}"
 
 
 @click.group(cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"]})

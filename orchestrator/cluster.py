@@ -11,6 +11,7 @@ does not change.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Callable, Mapping, Sequence
 
 import ray
@@ -21,20 +22,39 @@ from learners.base import Params
 from orchestrator.config import ConfigError, Workers
 from orchestrator.training import ShardWorker, pick_device
 
+CONNECT_TIMEOUT_S = 5.0
 # A worker process that dies is restarted this many times per trial, and each shard call retried.
 ACTOR_RESTARTS = 3
 
 
 def connect(address: str | None) -> None:
-    """Start Ray in this process (``address`` None) or join a cluster by address."""
+    """Start Ray in this process (``address`` None) or join a cluster by address.
+
+    An address that does not answer fails within ``CONNECT_TIMEOUT_S`` (Ray itself keeps retrying
+    for minutes)."""
     if ray.is_initialized():
         return
+    if address not in (None, "auto", "local"):
+        check_reachable(address)
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                    configure_logging=True, logging_level="ERROR")
     if address is None:
         ray.init(**options)
     else:
         ray.init(address=address, **options)
+
+
+def check_reachable(address: str) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    default_port = 10001 if address.startswith("ray://") else 6379
+    host, port_number = (host, int(port)) if port.isdigit() else (address.removeprefix("ray://"), default_port)
+    try:
+        with socket.create_connection((host, port_number), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({error.strerror or error}); "
+                          "check ray.address / --address, or leave it unset for Ray in this "
+                          "process") from None
 
 
 def alive_nodes() -> list[dict[str, Any]]:

@@ -37,7 +37,8 @@ _seed = click.option("--seed", default=0, show_default=True, help="Seed of the s
 
 def _ratio(name: str, default: float, what: str) -> Callable[[Any], Any]:
     return click.option(f"--{name}", type=click.FloatRange(0, 1, max_open=True), default=default,
-                        show_default=True, help=f"Fraction of {what} held out for this split.")
+                        show_default=True,
+                        help=f"Fraction of the {what} drawn for the {name.split('-')[0]} split.")
 
 
 def _names(value: str | None) -> list[str]:

@@ -9,6 +9,7 @@ unchanged, and each trial's placement group can hold its shard workers' bundles.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,11 +18,13 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from orchestrator import cluster, study as studies, tracking
+from orchestrator import cluster, plots, study as studies, tracking
 from orchestrator.config import ConfigError, ImageData, Sweep
 from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# User attribute of a trial whose driver died; it is rerun on resume and not counted.
+INTERRUPTED = "orch_interrupted"
 
 
 @dataclass
@@ -51,6 +54,7 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     sweep = resolve_paths(sweep)
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
+    tracking.check_reachable(uri)
     cluster.connect(address or sweep.ray.address)
     check_cluster(sweep, uri, storage_url)
     mlflow_client = tracking.client(uri)
@@ -65,12 +69,19 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
 def check_cluster(sweep: Sweep, uri: str, storage_url: str) -> None:
     """Refuse what cannot work on this cluster before anything is written."""
     cluster.check_fits(sweep.workers)
-    if len(cluster.alive_nodes()) > 1:
-        for what, url, use in (("tracking URI", uri, "an MLflow tracking server (http://HEAD:5000)"),
-                               ("Optuna storage", storage_url, "a database URL (postgresql://...)")):
-            if url.startswith("sqlite:") or url.startswith("file:"):
-                raise ConfigError(f"the Ray cluster has {len(cluster.alive_nodes())} nodes but the {what} "
-                                  f"{url} is a local file other nodes cannot reach; use {use}")
+    check_shared_stores(cluster.alive_nodes(), uri, storage_url)
+
+
+def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str) -> None:
+    """A local SQLite file is only reachable if every node runs on this machine."""
+    hosts = sorted({node.get("NodeManagerAddress", "") for node in nodes})
+    if len(hosts) < 2:
+        return
+    for what, url, use in (("tracking URI", uri, "an MLflow tracking server (http://HEAD:5000)"),
+                           ("Optuna storage", storage_url, "a database URL (postgresql://...)")):
+        if url.startswith(("sqlite:", "file:")) or "://" not in url:
+            raise ConfigError(f"the Ray cluster spans {len(hosts)} hosts ({', '.join(hosts)}) but the "
+                              f"{what} {url} is a local file the other hosts cannot reach; use {use}")
 
 
 def _experiment(mlflow_client, sweep: Sweep, uri: str, storage_url: str, resume: bool) -> str:
@@ -93,74 +104,130 @@ def _experiment(mlflow_client, sweep: Sweep, uri: str, storage_url: str, resume:
 class _Running:
     trial: optuna.trial.Trial
     request: TrialRequest
-    group: Any
+    group: Any = None
     attempt: int = 0
 
 
 def run_study(sweep: Sweep, algorithm: str, mlflow_client, experiment_id: str, uri: str,
               storage_url: str, *, resume: bool, progress: Progress | None) -> AlgorithmSummary:
-    study = studies.create_study(sweep, algorithm, load_if_exists=resume)
-    parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
-    summary = AlgorithmSummary(algorithm, sweep.search.metric)
-    for trial in study.get_trials(deepcopy=False, states=FINISHED):
-        summary.counts[studies.STATES[trial.state]] += 1
-    launched = sum(summary.counts.values())
-    running: dict[ray.ObjectRef, _Running] = {}
-    space = sweep.algorithms[algorithm].knobs()
-    sweep_dict = sweep.model_dump(mode="json")
+    runner = StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri, storage_url,
+                         resume=resume, progress=progress)
+    return runner.run()
 
-    def report() -> None:
-        if progress is not None:
-            best = _best(study)
-            progress(algorithm, summary.counts, len(running), best.value if best else None,
-                     sweep.search.trials)
 
-    def start(entry: _Running) -> None:
-        entry.group = cluster.reserve(sweep.workers, sweep.ray.placement_strategy)
-        running[cluster.submit_trial(run_trial, entry.group, sweep.workers, entry.request)] = entry
+class StudyRunner:
+    """One algorithm's study: keep ``search.parallel`` trials on Ray until ``search.trials`` have
+    finished, then log the study's plots and register the best model."""
 
-    report()
-    while launched < sweep.search.trials or running:
-        while launched < sweep.search.trials and len(running) < sweep.search.parallel:
-            trial = study.ask()
-            knobs = studies.suggest(trial, space)
-            run = tracking.TrialRun.create(uri, experiment_id, parent, sweep_name=sweep.name,
-                                           algorithm=algorithm, number=trial.number)
-            run.log_params({**knobs, "algorithm": algorithm, "meta_batch": knobs.get(
-                "meta_batch", sweep.training.meta_batch), "iterations": sweep.training.iterations,
-                "seed": sweep.training.seed, "workers": sweep.workers.count,
-                "task_fingerprint": sweep.task_fingerprint()})
-            run.log_dict(sweep_dict, "sweep.json")
-            trial.set_user_attr("mlflow_run_id", run.run_id)
-            start(_Running(trial, TrialRequest(
-                sweep=sweep_dict, algorithm=algorithm, number=trial.number, trial_id=trial._trial_id,
-                study_name=study.study_name, knobs=knobs, run_id=run.run_id, tracking_uri=uri,
-                storage_url=storage_url), group=None))
-            launched += 1
-            report()
-        done, _ = ray.wait(list(running), num_returns=1)
-        entry = running.pop(done[0])
+    def __init__(self, sweep: Sweep, algorithm: str, mlflow_client, experiment_id: str, uri: str,
+                 storage_url: str, *, resume: bool, progress: Progress | None):
+        self.sweep, self.algorithm = sweep, algorithm
+        self.client, self.experiment_id, self.uri, self.storage_url = (
+            mlflow_client, experiment_id, uri, storage_url)
+        self.progress = progress
+        self.study = studies.create_study(sweep, algorithm, load_if_exists=resume)
+        self.parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
+        self.summary = AlgorithmSummary(algorithm, sweep.search.metric)
+        self.space = sweep.algorithms[algorithm].knobs()
+        self.sweep_dict = sweep.model_dump(mode="json")
+        self.running: dict[ray.ObjectRef, _Running] = {}
+        self.recover_interrupted()
+        for trial in self.study.get_trials(deepcopy=False, states=FINISHED):
+            if not trial.user_attrs.get(INTERRUPTED):
+                self.summary.counts[studies.STATES[trial.state]] += 1
+        self.launched = sum(self.summary.counts.values())
+
+    def run(self) -> AlgorithmSummary:
+        self.report()
+        while self.launched < self.sweep.search.trials or self.running:
+            while self.launched < self.sweep.search.trials and len(self.running) < self.sweep.search.parallel:
+                self.launch_next()
+            self.collect_one()
+        return self.finish()
+
+    def recover_interrupted(self) -> None:
+        """Trials left running by a driver that died: their runs are deleted, they are marked
+        failed (and ignored in counts), and their parameters are queued to run again."""
+        storage = self.study._storage
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                self.client.delete_run(run_id)
+            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted; rerun on resume")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"orch_rerun_of": trial.number},
+                                     skip_if_exists=False)
+
+    def launch_next(self) -> None:
+        # A sampler seeded by the trial's slot: a resumed sweep asks exactly what an
+        # uninterrupted one would have asked, given the same finished trials.
+        self.study.sampler = studies.make_sampler(self.sweep.search,
+                                                  self.sweep.training.seed + self.launched)
+        trial = self.study.ask()
+        knobs = studies.suggest(trial, self.space)
+        sweep = self.sweep
+        run = tracking.TrialRun.create(self.uri, self.experiment_id, self.parent,
+                                       sweep_name=sweep.name, algorithm=self.algorithm,
+                                       number=trial.number)
+        run.log_params({**knobs, "algorithm": self.algorithm,
+                        "meta_batch": knobs.get("meta_batch", sweep.training.meta_batch),
+                        "iterations": sweep.training.iterations, "seed": sweep.training.seed,
+                        "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint()})
+        run.log_dict(self.sweep_dict, "sweep.json")
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        self.start(_Running(trial, TrialRequest(
+            sweep=self.sweep_dict, algorithm=self.algorithm, number=trial.number,
+            trial_id=trial._trial_id, study_name=self.study.study_name, knobs=knobs,
+            run_id=run.run_id, tracking_uri=self.uri, storage_url=self.storage_url)))
+        self.launched += 1
+        self.report()
+
+    def start(self, entry: _Running) -> None:
+        entry.group = cluster.reserve(self.sweep.workers, self.sweep.ray.placement_strategy)
+        ref = cluster.submit_trial(run_trial, entry.group, self.sweep.workers, entry.request)
+        self.running[ref] = entry
+
+    def collect_one(self) -> None:
+        done, _ = ray.wait(list(self.running), num_returns=1)
+        entry = self.running.pop(done[0])
         cluster.release(entry.group)
         try:
             result: TrialResult = ray.get(done[0])
         except Exception as error:  # the trial's process raised or died
             reason = describe_failure(error)
-            if entry.attempt < sweep.search.retries:
+            if entry.attempt < self.sweep.search.retries:
                 entry.attempt += 1
-                start(entry)
-                continue
-            tracking.TrialRun(uri, entry.request.run_id).finish("failed", reason)
+                self.start(entry)
+                return
+            tracking.TrialRun(self.uri, entry.request.run_id).finish("failed", reason)
             result = TrialResult("failed", None, {}, reason)
-        _tell(study, entry.trial, result)
-        summary.counts[result.state] += 1
-        report()
-    best = _best(study)
-    if best is not None:
-        summary.best_value, summary.best_trial = best.value, best.number
-        summary.registration = _register(sweep, algorithm, mlflow_client, best)
-    tracking.finish_parent(mlflow_client, parent, {"number": summary.best_trial, "metrics": {
-        sweep.search.metric: summary.best_value}} if best else None)
-    return summary
+        _tell(self.study, entry.trial, result)
+        self.summary.counts[result.state] += 1
+        self.report()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            best = _best(self.study)
+            self.progress(self.algorithm, self.summary.counts, len(self.running),
+                          best.value if best else None, self.sweep.search.trials)
+
+    def finish(self) -> AlgorithmSummary:
+        summary, sweep = self.summary, self.sweep
+        _log_study_plots(self.client, self.parent, self.study)
+        best = _best(self.study)
+        if best is not None:
+            summary.best_value, summary.best_trial = best.value, best.number
+            summary.registration = _register(sweep, self.algorithm, self.client, best)
+        tracking.finish_parent(self.client, self.parent, {"number": summary.best_trial, "metrics": {
+            sweep.search.metric: summary.best_value}} if best else None)
+        return summary
+
+
+def _log_study_plots(mlflow_client, parent_run_id: str, study: optuna.Study) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        for path in plots.study_plots(study, Path(folder)):
+            mlflow_client.log_artifact(parent_run_id, str(path), "plots")
 
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,9 +22,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-# PythonModel's predict takes a DataFrame of rows with roles; a typed signature is given explicitly.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-
 CHAMPION = "champion"
 TAG_SWEEP = "orch.sweep"
 TAG_ALGORITHM = "orch.algorithm"
@@ -35,6 +31,25 @@ TAG_NODES = "orch.worker_nodes"
 TAG_MODEL_URI = "orch.model_uri"
 TAG_FAIL_REASON = "orch.fail_reason"
 TAG_STATE = "orch.state"
+
+
+REACH_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within seconds, naming the URI, if a tracking server does not answer (MLflow's own
+    client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).close()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"cannot reach the MLflow tracking server at {uri} ({reason}); "
+                              "check tracking.uri / --tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
 def client(uri: str) -> MlflowClient:
@@ -167,14 +182,31 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
     except MlflowException:
         mlflow_client.create_registered_model(name, tags={"orch.metric": metric_name,
                                                           "orch.direction": direction})
-    version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={
-        "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
-        "orch.metric_value": repr(float(metric)), "orch.direction": direction,
-        "orch.task_fingerprint": fingerprint})
-    champion = _beats_champion(mlflow_client, name, metric, direction, fingerprint)
+    version = _version_of_run(mlflow_client, name, run_id)  # registered before a crash?
+    if version is None:
+        version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={
+            "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
+            "orch.metric_value": repr(float(metric)), "orch.direction": direction,
+            "orch.task_fingerprint": fingerprint}).version
+    champion = _is_champion(mlflow_client, name, version) or _beats_champion(
+        mlflow_client, name, metric, direction, fingerprint)
     if champion:
-        mlflow_client.set_registered_model_alias(name, CHAMPION, version.version)
-    return Registration(name, str(version.version), metric, champion)
+        mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    return Registration(name, str(version), metric, champion)
+
+
+def _version_of_run(mlflow_client: MlflowClient, name: str, run_id: str) -> str | None:
+    for version in mlflow_client.search_model_versions(f"name = '{name}'"):
+        if version.run_id == run_id:
+            return str(version.version)
+    return None
+
+
+def _is_champion(mlflow_client: MlflowClient, name: str, version: str) -> bool:
+    try:
+        return str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == str(version)
+    except MlflowException:
+        return False
 
 
 def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direction: str,
@@ -247,6 +279,10 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
     Output, one row per query: ``prediction`` (class name, or JSON array of values) and
     ``scores`` (JSON object class -> probability, or the values again).
     """
+
+    # Skip MLflow's type-hint validation: the input is a DataFrame of rows with roles, described
+    # by the explicit signature of ``pyfunc_signature`` instead.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from orchestrator.meta_model import MetaModel

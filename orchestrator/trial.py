@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster
+from orchestrator import cluster, plots
 from orchestrator.config import Sweep
 from orchestrator.meta_model import MetaModel
 from orchestrator.study import TrialReporter
@@ -66,13 +66,18 @@ def run_trial(request: TrialRequest) -> TrialResult:
         run.set_tags({TAG_NODES: ",".join(sorted(set(nodes)))})
         trainer = MetaTrainer(sweep, request.algorithm, request.knobs, farm)
 
+        train_curve: list[tuple[int, float]] = []
+        val_curve: list[tuple[int, float]] = []
+
         def on_eval(iteration: int, metrics: dict[str, float]) -> bool:
             run.log_metrics(metrics, step=iteration)
+            val_curve.append((iteration, metrics[sweep.search.metric]))
             return reporter.report(metrics[sweep.search.metric], iteration)
 
         def on_iteration(iteration: int, stats: dict[str, float]) -> None:
+            train_curve.append((iteration + 1, stats["train_loss"]))
             if iteration % 10 == 0:
-                run.log_metrics(stats, step=iteration)
+                run.log_metrics(stats, step=iteration + 1)
 
         try:
             outcome = trainer.train(on_eval, on_iteration=on_iteration)
@@ -82,6 +87,11 @@ def run_trial(request: TrialRequest) -> TrialResult:
         metrics = outcome.final
         value = metrics[sweep.search.metric]
         run.log_metrics({"tasks_per_second": outcome.tasks_per_second}, step=0)
+        with tempfile.TemporaryDirectory() as folder:
+            run.log_artifact(plots.learning_curves(
+                train_curve, val_curve, sweep.search.metric,
+                f"{request.algorithm} trial {request.number}", Path(folder) / "learning_curves.png"),
+                "plots")
         if outcome.stopped_early:
             run.finish("pruned")
             return TrialResult("pruned", value, metrics, "", nodes, outcome.tasks_per_second)

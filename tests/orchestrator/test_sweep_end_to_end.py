@@ -104,3 +104,16 @@ def test_same_name_without_resume_is_refused(first_sweep):
     raw, _, _, _ = first_sweep
     with pytest.raises(ConfigError, match="a sweep named 'e2e' already exists"):
         launch(sweep_from_dict(copy.deepcopy(raw)))
+
+
+def test_local_sqlite_is_refused_on_a_multi_host_cluster():
+    from orchestrator.sweep import check_shared_stores
+
+    one_host = [{"NodeManagerAddress": "127.0.0.1"}, {"NodeManagerAddress": "127.0.0.1"}]
+    two_hosts = [{"NodeManagerAddress": "10.0.0.1"}, {"NodeManagerAddress": "10.0.0.2"}]
+    check_shared_stores(one_host, "sqlite:///runs/mlflow.db", "sqlite:///runs/optuna.db")
+    check_shared_stores(two_hosts, "http://head:5000", "postgresql://head/optuna")
+    with pytest.raises(ConfigError, match="tracking URI sqlite:///runs/mlflow.db is a local file"):
+        check_shared_stores(two_hosts, "sqlite:///runs/mlflow.db", "postgresql://head/optuna")
+    with pytest.raises(ConfigError, match="Optuna storage sqlite:///o.db is a local file.*postgresql"):
+        check_shared_stores(two_hosts, "http://head:5000", "sqlite:///o.db")
