@@ -12,6 +12,7 @@ Errors a user can act on are printed as one line (``orch: <what is wrong>``) wit
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.config import DEFAULT_RUN_DIR, ConfigError, load_sweep
+from orchestrator.data_cli import data
 
 console = Console(stderr=True)
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
@@ -57,6 +59,15 @@ def _one_line(error: BaseException) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """orch: meta-learning sweeps on Ray, tuned by Optuna, tracked and registered in MLflow."""
     ctx.obj = {"debug": debug}
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about table creation
+
+
+def existing_store(uri: str) -> str:
+    """Refuse to read a local SQLite store that does not exist (MLflow would create it)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise click.ClickException(f"no MLflow tracking store at {uri}; run `orch launch` first or "
+                                   "pass --tracking-uri")
+    return uri
 
 
 def tracking_option(function):
@@ -83,7 +94,7 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, resu
     sweep = load_sweep(sweep_file)
     with _progress_display(quiet) as progress:
         summaries = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume,
-                              progress=progress)
+                              progress=progress, source=str(sweep_file))
     table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
     for column in ("algorithm", "best trial", sweep.search.metric, "complete/pruned/failed",
                    "registered", "champion"):
@@ -112,7 +123,6 @@ class _progress_display:
                                  console=console, disable=quiet)
 
     def __enter__(self):
-        self.progress.start()
         return None if self.quiet else self.update
 
     def __exit__(self, *exc: Any) -> None:
@@ -123,6 +133,8 @@ class _progress_display:
         done = sum(counts.values())
         detail = (f"running {running}  pruned {counts['pruned']}  failed {counts['failed']}  "
                   f"best {'-' if best is None else f'{best:.4f}'}")
+        if not self.bars:
+            self.progress.start()  # only once trials start: early errors stay one clean line
         if algorithm not in self.bars:
             self.bars[algorithm] = self.progress.add_task(algorithm, total=total, detail=detail)
         self.progress.update(self.bars[algorithm], completed=done, detail=detail)
@@ -159,7 +171,7 @@ def models(tracking_uri: str, prefix: str) -> None:
     """List registered models: versions, metric and aliases."""
     from orchestrator import tracking
 
-    rows = tracking.registered_models(tracking.client(tracking_uri), prefix)
+    rows = tracking.registered_models(tracking.client(existing_store(tracking_uri)), prefix)
     table = Table(title=f"registered models in {tracking_uri}")
     for column in ("model", "version", "metric", "value", "sweep", "aliases"):
         table.add_column(column)
@@ -180,7 +192,7 @@ def promote(model_name: str, version: str, tracking_uri: str) -> None:
     from orchestrator import tracking
 
     try:
-        tracking.promote(tracking.client(tracking_uri), model_name, version)
+        tracking.promote(tracking.client(existing_store(tracking_uri)), model_name, version)
     except MlflowException:
         raise click.ClickException(f"no version {version} of registered model {model_name!r} in "
                                    f"{tracking_uri} (see: orch models)") from None
@@ -198,6 +210,9 @@ def ui(tracking_uri: str, host: str, port: int) -> None:
                "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise SystemExit(subprocess.call(command))
+
+
+cli.add_command(data)
 
 
 def main() -> None:

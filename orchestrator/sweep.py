@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from orchestrator import cluster, plots, study as studies, tracking
 from orchestrator.config import ConfigError, ImageData, Sweep
 from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
+from orchestrator.training import build_family, split_names
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # User attribute of a trial whose driver died; it is rerun on resume and not counted.
@@ -50,8 +51,11 @@ def resolve_paths(sweep: Sweep) -> Sweep:
 
 
 def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
-           resume: bool = False, progress: Progress | None = None) -> list[AlgorithmSummary]:
+           resume: bool = False, progress: Progress | None = None,
+           source: str = "sweep") -> list[AlgorithmSummary]:
+    """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
     sweep = resolve_paths(sweep)
+    validate_data(sweep, source)
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
@@ -64,6 +68,18 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
         summaries.append(run_study(sweep, algorithm, mlflow_client, experiment_id, uri, storage_url,
                                    resume=resume, progress=progress))
     return summaries
+
+
+def validate_data(sweep: Sweep, source: str = "sweep") -> None:
+    """Open the data and draw one task of each split before anything is written, so a wrong
+    path, a folder that is not an import, or ways/shots the split cannot serve fail at once."""
+    train_split, val_split = split_names(sweep.data)
+    try:
+        family = build_family(sweep.data)
+        for split in (train_split, val_split):
+            family.task(split, sweep.training.seed, 0)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{source}: data: {str(error).strip().splitlines()[0]}") from None
 
 
 def check_cluster(sweep: Sweep, uri: str, storage_url: str) -> None:
