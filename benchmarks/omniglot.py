@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             target = TARGETS[algorithm]
             verdict = "meets" if result["accuracy"] >= target else "BELOW"
             print(f"{algorithm:9s} {result['iterations']:6d} iterations ({result['tasks']} tasks) in "
-                  f"{result['train_s']:.0f} s; val {result['val_accuracy']:.3f}; test 5-way 1-shot "
+                  f"{result['train_s']:.0f} s; val ({setting['ways']}-way) "
+                  f"{result['val_accuracy']:.3f}; test 5-way 1-shot "
                   f"{100 * result['accuracy']:.2f}% +- {100 * result['interval']:.2f} over "
                   f"{args.episodes} episodes ({verdict} target {100 * target:.0f}%)", flush=True)
         per_batch = None

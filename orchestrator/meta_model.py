@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -22,8 +22,17 @@ from learners.base import Learner, Params
 from orchestrator.config import ModelSection, sweep_from_dict
 from orchestrator.training import build_family, build_learner, task_shape
 
+if TYPE_CHECKING:
+    import pandas
+    from PIL.Image import Image
+
 WEIGHTS = "weights.pt"
 SPEC = "spec.json"
+# The pyfunc model's artifact key, and so the folder of the meta-model inside an MLflow model.
+PYFUNC_ARTIFACT = "meta_model"
+
+# A batch tensor, or a sequence of tensors, PIL images or image paths; numbers for regression.
+Inputs = Tensor | Sequence[Any]
 
 
 @dataclass
@@ -68,7 +77,8 @@ class MetaModel:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> "MetaModel":
-        folder = Path(folder)
+        """Read a saved model folder, or the one inside a downloaded MLflow pyfunc model."""
+        folder = find_model_folder(Path(folder))
         spec = json.loads((folder / SPEC).read_text())
         params = torch.load(folder / WEIGHTS, weights_only=True, map_location="cpu")
         model = ModelSection.model_validate(spec["sweep"]["model"])
@@ -97,32 +107,85 @@ class MetaModel:
             return self.learner.predict(self.params, {k: v.detach() for k, v in adapted.items()},
                                         query_x)
 
-    def predict(self, support_inputs: Tensor, support_labels: Sequence[Any] | Tensor,
-                query_inputs: Tensor, *, steps: int | None = None) -> Prediction:
+    def predict(self, support_inputs: Inputs, support_labels: Sequence[Any] | Tensor,
+                query_inputs: Inputs, *, steps: int | None = None) -> Prediction:
         """Adapt on a support set and predict the queries.
 
+        Inputs are a batch tensor, or a sequence of tensors, PIL images or image file paths
+        (preprocessed as the training data was); for regression, numbers or rows of numbers.
         Classification: ``support_labels`` are any hashable class names; the result carries them
-        back. Regression: ``support_labels`` is a tensor of targets.
+        back. Regression: ``support_labels`` are the targets. ``steps`` overrides the trained
+        number of inner gradient steps (gradient-based learners only).
         """
+        support_x, query_x = self.inputs(support_inputs), self.inputs(query_inputs)
+        if len(support_labels) != len(support_x):
+            raise ValueError(f"{len(support_x)} support inputs but {len(support_labels)} labels")
         if not self.classification:
-            targets = torch.as_tensor(support_labels, dtype=torch.float32).reshape(len(support_inputs), -1)
-            return Prediction(self.adapt_and_predict(support_inputs.float(), targets,
-                                                     query_inputs.float(), steps=steps))
+            targets = _numbers(support_labels).reshape(len(support_x), -1)
+            return Prediction(self.adapt_and_predict(support_x, targets, query_x, steps=steps))
         classes = sorted({str(label) for label in support_labels})
         if len(classes) < 2:
             raise ValueError(f"the support set needs at least 2 classes, got {len(classes)}")
-        ways = self.spec["shape"]["ways"]
-        if self.learner_has_fixed_ways() and ways is not None and len(classes) > ways:
-            raise ValueError(f"this {self.spec['algorithm']} model was trained {ways}-way; the support "
-                             f"set has {len(classes)} classes")
+        self.check_ways(len(classes))
         index = {name: i for i, name in enumerate(classes)}
         targets = torch.tensor([index[str(label)] for label in support_labels])
-        outputs = self.adapt_and_predict(support_inputs.float(), targets, query_inputs.float(),
-                                         steps=steps)
+        outputs = self.adapt_and_predict(support_x, targets, query_x, steps=steps)
         return Prediction(outputs[:, :len(classes)], classes)
+
+    def inputs(self, items: Inputs) -> Tensor:
+        """A batch of model inputs, checked against the shape the model was trained on."""
+        if isinstance(items, Tensor):
+            batch = items.float()
+        elif not self.classification:
+            batch = _numbers(items).reshape(len(items), -1)
+        elif len(items) == 0:
+            raise ValueError("no inputs given")
+        else:
+            batch = torch.stack([self.image(item) for item in items])
+        expected = tuple(self.spec["shape"]["input_shape"])
+        if tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"inputs of shape {list(batch.shape[1:])}, this model takes "
+                             f"{list(expected)}; pass raw images (paths or PIL) to preprocess them")
+        return batch
+
+    def image(self, item: Tensor | Image | str | os.PathLike[str]) -> Tensor:
+        """One input image: a tensor as it is, a PIL image or an image file preprocessed exactly
+        as the training data was (``spec["preprocessing"]``)."""
+        if isinstance(item, Tensor):
+            return item.float()
+        from pipelines.preprocessing import preprocess_image
+
+        return preprocess_image(item, self.spec["preprocessing"])
+
+    def check_ways(self, ways: int) -> None:
+        """Refuse more classes than a learner with a fixed output head was trained for."""
+        trained = self.spec["shape"]["ways"]
+        if self.learner_has_fixed_ways() and trained is not None and ways > trained:
+            raise ValueError(f"this {self.spec['algorithm']} model was trained {trained}-way; "
+                             f"it cannot tell {ways} classes apart (ProtoNet-style models can)")
 
     def learner_has_fixed_ways(self) -> bool:
         return getattr(type(self.learner), "needs_head", True)
+
+
+def _numbers(values: Any) -> Tensor:
+    if isinstance(values, Tensor):
+        return values.float()
+    if len(values) and isinstance(values[0], Tensor):
+        return torch.stack([v.float() for v in values])
+    return torch.as_tensor(values, dtype=torch.float32)
+
+
+def find_model_folder(path: Path) -> Path:
+    """The saved meta-model in ``path``: the folder itself, or ``artifacts/meta_model`` of an
+    MLflow pyfunc model folder."""
+    for candidate in (path, path / "artifacts" / PYFUNC_ARTIFACT):
+        if (candidate / SPEC).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    raise FileNotFoundError(f"{path}: not an orch model (no {SPEC} and {WEIGHTS}, here or in "
+                            f"artifacts/{PYFUNC_ARTIFACT} of an MLflow model)")
 
 
 def decode_inputs(model: MetaModel, encoded: Sequence[str]) -> Tensor:
@@ -130,14 +193,51 @@ def decode_inputs(model: MetaModel, encoded: Sequence[str]) -> Tensor:
     image files, preprocessed exactly as the model's training data was."""
     if not model.classification:
         rows = [json.loads(item) for item in encoded]
-        return torch.tensor([row if isinstance(row, list) else [row] for row in rows],
-                            dtype=torch.float32)
+        return model.inputs([row if isinstance(row, list) else [row] for row in rows])
+    import base64
+    import binascii
+
+    from pipelines.dataset import DatasetError
+    from pipelines.preprocessing import decode
+
+    images = []
+    for i, item in enumerate(encoded):
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, TypeError):
+            raise DatasetError(f"input {i}: not base64 (expected a base64-encoded PNG/JPEG file)") from None
+        images.append(decode(data, name=f"input {i}"))
+    return model.inputs(images)
+
+
+def input_example(model: MetaModel) -> "pandas.DataFrame":
+    """A small valid request for the model's pyfunc form, logged with it so that MLflow shows
+    and checks how to call it: two support rows of two classes and one query -- tiny base64 PNG
+    files (any size; the model's preprocessing resizes them) or, for regression, JSON numbers."""
+    import pandas as pd
+
+    if model.classification:
+        across, down = _example_png(model, vertical=False), _example_png(model, vertical=True)
+        rows = [("support", across, "across"), ("support", down, "down"), ("query", down, None)]
+    else:
+        width = int(model.spec["shape"]["input_shape"][0])
+        outputs = int(model.spec["shape"]["output_size"])
+        rows = [("support", json.dumps([-1.0] * width), json.dumps([-0.5] * outputs)),
+                ("support", json.dumps([1.0] * width), json.dumps([0.5] * outputs)),
+                ("query", json.dumps([0.0] * width), None)]
+    return pd.DataFrame(rows, columns=["role", "input", "label"])
+
+
+def _example_png(model: MetaModel, *, vertical: bool) -> str:
+    """An 8x8 PNG of one bar, in the colour mode of the model's training images, as base64."""
     import base64
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    from pipelines.preprocessing import preprocess_image
-
-    images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in encoded]
-    return torch.stack([preprocess_image(image, model.spec["preprocessing"]) for image in images])
+    mode = model.spec["preprocessing"].get("mode", "L")
+    image = Image.new(mode, (8, 8), "white")
+    ImageDraw.Draw(image).line([(4, 1), (4, 6)] if vertical else [(1, 4), (6, 4)], fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -166,8 +166,8 @@ class StudyRunner:
         failed (and ignored in counts), and their parameters are queued to run again."""
         storage = self.study._storage
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            run_id = trial.user_attrs.get("mlflow_run_id")
-            if run_id:
+            for run_id in tracking.runs_of_trial(self.client, self.experiment_id, self.algorithm,
+                                                 trial.number):
                 self.client.delete_run(run_id)
             storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
             storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted; rerun on resume")

@@ -180,8 +180,11 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
-        mlflow_client.create_registered_model(name, tags={"orch.metric": metric_name,
-                                                          "orch.direction": direction})
+        try:
+            mlflow_client.create_registered_model(name, tags={"orch.metric": metric_name,
+                                                              "orch.direction": direction})
+        except MlflowException:  # another sweep created it in between
+            mlflow_client.get_registered_model(name)
     version = _version_of_run(mlflow_client, name, run_id)  # registered before a crash?
     if version is None:
         version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={
@@ -244,6 +247,16 @@ def registered_models(mlflow_client: MlflowClient, prefix: str = "") -> list[dic
                          "sweep": version.tags.get("orch.sweep", ""),
                          "aliases": ",".join(sorted(aliases.get(str(version.version), [])))})
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def runs_of_trial(mlflow_client: MlflowClient, experiment_id: str, algorithm: str,
+                  number: int) -> list[str]:
+    """Run ids recorded for one trial (found by tags: the driver may have died before it
+    noted the run id in Optuna)."""
+    runs = mlflow_client.search_runs([experiment_id], filter_string=(
+        f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_ALGORITHM}` = '{algorithm}' and "
+        f"tags.`{TAG_TRIAL}` = '{number}'"), max_results=100)
+    return [run.info.run_id for run in runs]
 
 
 def trial_runs(mlflow_client: MlflowClient, experiment_id: str) -> list[Any]:

@@ -84,6 +84,7 @@ class DatasetWriter:
         self.shape = (channels, size, size)
         self.schema = schema(channels * size * size)
         _check_target(self.out, overwrite=overwrite)
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self._partial = {name: self.out / f".{name}.partial" for name in (PARQUET, ARROW)}
         self._parquet = pq.ParquetWriter(self._partial[PARQUET], self.schema, compression="zstd")
@@ -143,6 +144,8 @@ class DatasetWriter:
         self._close()
         for partial in self._partial.values():
             partial.unlink(missing_ok=True)
+        if self._created and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _close(self) -> None:
         if not self._closed:

@@ -34,7 +34,6 @@ from pipelines.preprocessing import IMAGE_SUFFIXES, decode, make_preprocessing, 
 Progress = Callable[[int, int], None]
 # A held-out alphabet needs this many characters to serve 5-way episodes.
 MIN_HELD_OUT_CLASSES = 5
-RAVI_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
 @dataclass
@@ -151,8 +150,8 @@ def import_mini_imagenet(source: str | Path, out: str | Path, *, size: int = 84,
     source = Path(source)
     if not source.is_dir():
         raise DatasetError(f"{source}: not a folder; pass the folder holding the mini-ImageNet files")
-    csvs = {split: source / f"{name}.csv" for split, name in RAVI_SPLITS.items()}
-    pickles = {split: source / f"mini-imagenet-cache-{name}.pkl" for split, name in RAVI_SPLITS.items()}
+    csvs = {split: source / f"{split}.csv" for split in SPLITS}
+    pickles = {split: source / f"mini-imagenet-cache-{split}.pkl" for split in SPLITS}
     if all(path.exists() for path in csvs.values()):
         listing, splits = _list_ravi_csv(source, csvs)
         layout = "csv"
@@ -249,8 +248,9 @@ def _list_ravi_pickles(pickles: Mapping[str, Path]) -> tuple[Listing, dict[str, 
 def split_groups(sizes: Mapping[str, int], *, seed: int, val_ratio: float, test_ratio: float,
                  val: Iterable[str] = (), test: Iterable[str] = (), min_size: int,
                  what: str, option: str | None) -> dict[str, list[str]]:
-    """Assign groups (alphabets, or classes) to train/val/test: explicit lists first, then the
-    remaining held-out places by seeded shuffle among groups with at least ``min_size`` classes."""
+    """Assign groups (alphabets, or classes) to train/val/test: explicit lists first, then each
+    split without one gets ``ratio`` of the other groups (at least one), drawn by a seeded shuffle
+    among groups with at least ``min_size`` classes; the rest train."""
     val, test = sorted(set(val)), sorted(set(test))
     for split, chosen in (("val", val), ("test", test)):
         unknown = [g for g in chosen if g not in sizes]
@@ -264,11 +264,12 @@ def split_groups(sizes: Mapping[str, int], *, seed: int, val_ratio: float, test_
             raise DatasetError(f"{name} must be in [0, 1), got {ratio}")
     remaining = sorted(set(sizes) - set(val) - set(test))
     random.Random(seed).shuffle(remaining)
+    pool = len(remaining)  # ratios are of the groups not assigned explicitly
     chosen = {"val": val, "test": test}
     for split, ratio in (("test", test_ratio), ("val", val_ratio)):
         if chosen[split] or ratio == 0:
             continue
-        wanted = max(1, round(ratio * len(sizes)))
+        wanted = max(1, round(ratio * pool))
         picked = [g for g in remaining if sizes[g] >= min_size][:wanted]
         if not picked:
             raise DatasetError(f"no {what} with at least {min_size} classes is left for the {split} "

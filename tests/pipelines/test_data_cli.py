@@ -44,7 +44,7 @@ def test_errors_are_one_line(coded_tree, tmp_path: Path):
     out = tmp_path / "out"
     line = one_line_error(run("import", "image-folder", root, "--out", out))
     assert "c02/Thumbs.db: not a PNG/JPEG image" in line
-    assert not out.exists() or list(out.iterdir()) == []  # nothing half-written
+    assert not out.exists()  # nothing half-written
     line = one_line_error(run("info", tmp_path))
     assert f"{tmp_path}: no manifest.json" in line
     (root / "c02" / "Thumbs.db").unlink()

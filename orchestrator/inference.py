@@ -1,0 +1,341 @@
+"""Using a trained meta-model: find it, read few-shot folders of images, predict, evaluate.
+
+    from orchestrator import load_meta_model
+    model = load_meta_model("models:/orch-protonet@champion")      # or runs:/RUN/model, a folder
+    support, labels = read_support_folder("support")               # support/<class>/<image>.png
+    prediction = model.predict(support, labels, read_query_folder("query"))
+    prediction.labels, prediction.scores
+
+``orch predict`` and ``orch evaluate`` (``model_cli``) are thin shells around this module. A
+model is found from a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), a logged
+model (``models:/m-...``), a run (``runs:/RUN_ID/model``) or a local folder (a saved meta-model,
+or a downloaded MLflow model). Registry URIs are resolved to their model version with
+``MlflowClient`` first, so an evaluation can be recorded on that version as tags.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from orchestrator.config import DEFAULT_RUN_DIR, ImageData, SinusoidData
+from orchestrator.meta_model import MetaModel, Prediction
+from pipelines.base import TaskFamily
+from pipelines.preprocessing import IMAGE_SUFFIXES
+
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
+
+
+class InferenceError(ValueError):
+    """A model reference, folder or evaluation setting orch cannot use; the message is one line."""
+
+
+# -- finding a model ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI points: an artifact location (or local folder) and, for registry URIs,
+    the registered model version it names."""
+
+    uri: str
+    location: str
+    tracking_uri: str | None = None
+    name: str | None = None
+    version: str | None = None
+
+
+def tracking_uri_or_default(tracking_uri: str | None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def resolve(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
+    """Where the model ``uri`` lives; ``InferenceError`` naming what is missing if it does not."""
+    if not uri.startswith(("models:/", "runs:/")):
+        if "://" in uri or uri.startswith(("models:", "runs:")):
+            raise InferenceError(f"cannot read model URI {uri!r}; use {URI_FORMS}")
+        if not Path(uri).exists():
+            raise InferenceError(f"{uri}: no such model folder (a model is {URI_FORMS})")
+        return ModelSource(uri, str(Path(uri).resolve()))
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_uri_or_default(tracking_uri)
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise InferenceError(f"no MLflow tracking store at {store}; pass --tracking-uri "
+                             "(or set MLFLOW_TRACKING_URI)")
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        if uri.startswith("runs:/"):
+            return ModelSource(uri, _run_model_location(client, uri, store), store)
+        name, version = _registry_version(client, uri, store)
+        if version is None:  # models:/m-<id>, a logged model without a registered version
+            return ModelSource(uri, client.get_logged_model(name).artifact_location, store)
+        return ModelSource(uri, client.get_model_version_download_uri(name, version), store,
+                           name, version)
+    except MlflowException as error:
+        raise InferenceError(f"{uri}: not found in {store} ({_first_line(error)})") from None
+
+
+def _registry_version(client, uri: str, store: str) -> tuple[str, str | None]:
+    """(registered model name, version) of a ``models:/`` URI; (logged model id, None) for
+    ``models:/m-<id>``."""
+    from mlflow.exceptions import MlflowException
+
+    path = uri.removeprefix("models:/").strip("/")
+    name, alias, version = path, None, None
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+    elif "/" in path:
+        name, version = path.rsplit("/", 1)
+        if not version.isdigit():
+            raise InferenceError(f"cannot read model URI {uri!r}; use {URI_FORMS}")
+    elif path.startswith("m-"):
+        return path, None
+    else:
+        raise InferenceError(f"{uri}: name a version or alias, e.g. models:/{path}@champion")
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise InferenceError(f"no registered model {name!r} in {store} (see: orch models)") from None
+    if alias is not None:
+        aliases = dict(model.aliases or {})
+        if alias not in aliases:
+            known = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+            raise InferenceError(f"registered model {name!r} has no alias {alias!r}; aliases: {known}")
+        return name, str(aliases[alias])
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise InferenceError(f"registered model {name!r} has no version {version}; versions: "
+                             f"{', '.join(map(str, versions)) or 'none'}") from None
+    return name, version
+
+
+def _run_model_location(client, uri: str, store: str) -> str:
+    """The artifact location of ``runs:/RUN_ID/PATH``: the model logged from that run under
+    that name (MLflow 3), else that path among the run's own artifacts."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
+    path = path or "model"
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise InferenceError(f"no run {run_id!r} in {store}") from None
+    logged = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{path}'", max_results=1)
+    if logged:
+        return logged[0].artifact_location
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}"
+
+
+def load(source: ModelSource) -> MetaModel:
+    """The meta-model at ``source``, read into memory (artifacts are downloaded to a temporary
+    folder that is removed again)."""
+    if source.tracking_uri is None:
+        return MetaModel.load(source.location)
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="orch-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source.location, dst_path=folder,
+                                                    tracking_uri=source.tracking_uri)
+        try:
+            return MetaModel.load(local)
+        except FileNotFoundError:
+            raise InferenceError(f"{source.uri}: not an orch model (no meta-model in "
+                                 f"{source.location})") from None
+
+
+def load_meta_model(uri: str | os.PathLike[str], *, tracking_uri: str | None = None) -> MetaModel:
+    """The model at ``uri`` (a registry or run URI, or a local folder), ready to ``predict``.
+
+    ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else orch's ``sqlite:///orch-runs/mlflow.db``.
+    """
+    return load(resolve(str(uri), tracking_uri=tracking_uri))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# -- folders of images --------------------------------------------------------------------------
+
+def image_files(folder: Path) -> list[Path]:
+    """PNG/JPEG files directly in ``folder``, by name; hidden files and other files are skipped."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_support_folder(folder: str | os.PathLike[str]) -> tuple[list[Path], list[str]]:
+    """Image paths and their class names from ``folder/<class>/<image>``: one sub-folder per
+    class, named as the class, holding a few images each (at least two classes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InferenceError(f"{folder}: no such support folder")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        found = f"one ({classes[0].name})" if classes else "none"
+        raise InferenceError(f"{folder}: a support set needs at least 2 classes, one sub-folder "
+                             f"per class; found {found}")
+    paths: list[Path] = []
+    labels: list[str] = []
+    for class_folder in classes:
+        images = image_files(class_folder)
+        if not images:
+            raise InferenceError(f"{class_folder}: class folder holds no PNG/JPEG images")
+        paths += images
+        labels += [class_folder.name] * len(images)
+    return paths, labels
+
+
+def read_query_folder(folder: str | os.PathLike[str]) -> list[Path]:
+    """The PNG/JPEG images directly in ``folder``, by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InferenceError(f"{folder}: no such query folder")
+    images = image_files(folder)
+    if not images:
+        raise InferenceError(f"{folder}: query folder holds no PNG/JPEG images")
+    return images
+
+
+def predict_folders(model: MetaModel, support: str | os.PathLike[str],
+                    query: str | os.PathLike[str], *, steps: int | None = None
+                    ) -> tuple[list[Path], Prediction]:
+    """Adapt ``model`` on the support folder and predict every image of the query folder."""
+    if not model.classification:
+        raise InferenceError(f"this {model.spec['algorithm']} model does regression; folders of "
+                             "images are for image classification models")
+    paths, labels = read_support_folder(support)
+    queries = read_query_folder(query)
+    return queries, model.predict(paths, labels, queries, steps=steps)
+
+
+# -- evaluation on episodes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-task scores of a model on ``len(per_task)`` tasks of one split."""
+
+    metric: str  # "accuracy" (classification) or "mse" (regression)
+    per_task: list[float]
+    split: str
+    shots: int
+    queries: int
+    ways: int | None = None
+    steps: int | None = None
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.per_task))
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% interval of the mean: 1.96 sigma / sqrt(tasks)."""
+        return 1.96 * float(np.std(self.per_task)) / math.sqrt(len(self.per_task))
+
+    @property
+    def setting(self) -> str:
+        """``5way1shot`` (classification) or ``10shot`` (regression), plus ``.3steps`` when the
+        number of inner steps was overridden."""
+        name = f"{self.ways}way{self.shots}shot" if self.ways else f"{self.shots}shot"
+        return name + (f".{self.steps}steps" if self.steps is not None else "")
+
+    def tags(self) -> dict[str, str]:
+        """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``."""
+        prefix = f"orch.eval.{self.split}.{self.setting}"
+        return {f"{prefix}.{self.metric}": repr(self.mean), f"{prefix}.ci95": repr(self.ci95),
+                f"{prefix}.tasks": str(len(self.per_task))}
+
+
+def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None = None,
+                      ways: int | None = None, shots: int | None = None,
+                      queries: int | None = None) -> TaskFamily:
+    """Tasks like the model's training tasks, with ``ways``, ``shots`` and ``queries`` overridden.
+
+    Image models read episodes from the import in ``data`` (default: the folder they were trained
+    on), which must have been imported with the same preprocessing; regression models sample the
+    family recorded in their spec and take no ``data``.
+    """
+    from orchestrator.training import build_family
+
+    recorded = model.spec["sweep"]["data"]
+    if not model.classification:
+        if data is not None:
+            raise InferenceError(f"--data is for image models; this model's tasks "
+                                 f"({recorded.get('family')}) are sampled, not read")
+        if ways is not None:
+            raise InferenceError("--ways is for classification; this model does regression")
+        section = SinusoidData.model_validate(recorded)
+        return build_family(section.model_copy(update={
+            "shots": shots or section.eval_shots or section.shots,
+            "queries": queries or section.queries}))
+    from pipelines.episodes import EpisodeFamily
+
+    section = ImageData.model_validate(recorded)
+    path = Path(data if data is not None else section.path)
+    ways = ways or section.ways
+    model.check_ways(ways)
+    try:
+        family = EpisodeFamily(path, ways=ways, shots=shots or section.shots,
+                               queries=queries or section.queries)
+    except ValueError as error:  # DatasetError is one; so is ways < 2
+        raise InferenceError(str(error)) from None
+    if family.preprocessing() != model.spec["preprocessing"]:
+        raise InferenceError(f"{path}: imported with preprocessing {family.preprocessing()}, but "
+                             f"the model was trained on {model.spec['preprocessing']}; import the "
+                             "data again with the model's settings (e.g. --size)")
+    return family
+
+
+def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks: int = 600,
+             seed: int = 0, steps: int | None = None,
+             on_task: Callable[[int], None] | None = None) -> Evaluation:
+    """Adapt to ``tasks`` tasks of ``split`` (task ``i`` is the family's ``(split, seed, i)``)
+    and score each one's queries: accuracy, or mean squared error for regression."""
+    if tasks < 1:
+        raise InferenceError(f"--tasks must be at least 1, got {tasks}")
+    ways = family.ways
+    scores: list[float] = []
+    for index in range(tasks):
+        try:
+            task = family.task(split, seed, index)
+        except ValueError as error:  # an unknown split, or too few classes or images in it
+            raise InferenceError(str(error)) from None
+        outputs = model.adapt_and_predict(task.support_x, task.support_y, task.query_x,
+                                          steps=steps)
+        if model.classification:
+            correct = outputs[:, :ways].argmax(dim=-1) == task.query_y
+            scores.append(float(correct.float().mean()))
+        else:
+            scores.append(float(torch.nn.functional.mse_loss(outputs, task.query_y)))
+        if on_task is not None:
+            on_task(index + 1)
+    shots = len(task.support_y) // (ways or 1)
+    queries = len(task.query_y) // (ways or 1)
+    return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
+                      queries, ways, steps)
+
+
+def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
+    """Tag the registered model version ``source`` names with the evaluation; False when the
+    model is not a registered version (a run, a logged model or a folder)."""
+    if source.name is None or source.version is None or source.tracking_uri is None:
+        return False
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=source.tracking_uri, registry_uri=source.tracking_uri)
+    for key, value in evaluation.tags().items():
+        client.set_model_version_tag(source.name, source.version, key, value)
+    return True

@@ -1,0 +1,155 @@
+"""Faults lose nothing: diverging trials, a killed driver and --resume, two sweeps and two
+promotions at once on shared stores. Real Ray, MLflow and Optuna; sweeps run as real `orch`
+processes where the fault is a process's death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.config import sweep_from_dict
+from orchestrator.sweep import launch
+
+ORCH = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def small_sweep(name: str, run_dir: Path, *, trials: int = 3, iterations: int = 20) -> dict:
+    return {"name": name, "run_dir": str(run_dir),
+            "data": {"family": "sinusoid", "shots": 5, "queries": 5},
+            "training": {"meta_batch": 8, "iterations": iterations, "eval_every": 10, "eval_tasks": 40},
+            "workers": {"count": 0, "driver_cpus": 1},
+            "search": {"trials": trials, "parallel": 1, "pruner": "none"},
+            "algorithms": {"maml": {"inner_lr": {"low": 0.002, "high": 0.05, "log": True},
+                                    "outer_lr": 0.003}}}
+
+
+def write(path: Path, sweep: dict) -> Path:
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def orch(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([*ORCH, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def trial_states(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=1) as connection:
+            return [row[0] for row in connection.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.OperationalError:  # tables not created yet, or locked
+        return []
+
+
+def test_diverging_trial_fails_with_reason_and_sweep_continues(ray_local, tmp_path):
+    raw = small_sweep("diverge", tmp_path / "runs", trials=1, iterations=10)
+    raw["algorithms"] = {"maml": {"inner_lr": 1e4, "outer_lr": 1e3},
+                         "reptile": {"inner_lr": 0.01, "inner_steps": 2, "outer_lr": 0.003}}
+    maml, reptile = launch(sweep_from_dict(raw))
+    assert maml.counts == {"complete": 0, "pruned": 0, "failed": 1} and maml.registration is None
+    assert reptile.counts["complete"] == 1 and reptile.registration is not None
+    study = optuna.load_study(study_name="diverge/maml", storage=f"sqlite:///{tmp_path}/runs/optuna.db")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "meta-training loss became inf" in trial.user_attrs["fail_reason"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "became inf" in run.data.tags[tracking.TAG_FAIL_REASON]
+
+
+def registry_state(uri: str) -> list[tuple]:
+    client = MlflowClient(uri)
+    rows = []
+    for version in client.search_model_versions("name = 'orch-maml'"):
+        rows.append((str(version.version), version.tags["orch.metric_value"], tuple(version.aliases)))
+    return sorted(rows)
+
+
+def complete_params(storage: str, name: str) -> list[tuple]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return sorted((round(t.params["inner_lr"], 12), round(t.value, 9)) for t in study.trials
+                  if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    reference = write(tmp_path / "reference.yaml", small_sweep("kill", reference_dir, trials=4))
+    resumed = write(tmp_path / "resumed.yaml", small_sweep("kill", resumed_dir, trials=4))
+    finish(orch("launch", str(reference), "--quiet", cwd=tmp_path))
+
+    driver = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill once a trial finished and the next one runs
+        states = trial_states(resumed_dir / "optuna.db")
+        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+            break
+        assert driver.poll() is None, driver.communicate()[0]
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sweep never reached a running second trial")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    refused = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode != 0 and "already exists" in output and "--resume" in output
+    finish(orch("launch", str(resumed), "--resume", "--quiet", cwd=tmp_path))
+
+    storage = f"sqlite:///{resumed_dir}/optuna.db"
+    assert complete_params(storage, "kill/maml") == complete_params(
+        f"sqlite:///{reference_dir}/optuna.db", "kill/maml")
+    client = MlflowClient(f"sqlite:///{resumed_dir}/mlflow.db")
+    experiment = client.get_experiment_by_name("kill")
+    runs = tracking.trial_runs(client, experiment.experiment_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags[tracking.TAG_TRIAL] for r in runs}) == 4  # one run per trial
+    assert registry_state(f"sqlite:///{resumed_dir}/mlflow.db") == registry_state(
+        f"sqlite:///{reference_dir}/mlflow.db")
+
+
+def test_two_sweeps_and_two_promotions_at_once(tmp_path):
+    run_dir = tmp_path / "shared-runs"
+    files = [write(tmp_path / f"{name}.yaml", small_sweep(name, run_dir, trials=2, iterations=10))
+             for name in ("alpha", "beta")]
+    processes = [orch("launch", str(path), "--quiet", cwd=tmp_path) for path in files]
+    for process in processes:
+        finish(process)
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    client = MlflowClient(uri)
+    for name in ("alpha", "beta"):
+        experiment = client.get_experiment_by_name(name)
+        runs = tracking.trial_runs(client, experiment.experiment_id)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        study = optuna.load_study(study_name=f"{name}/maml", storage=f"sqlite:///{run_dir}/optuna.db")
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    versions = sorted(str(v.version) for v in client.search_model_versions("name = 'orch-maml'"))
+    assert versions == ["1", "2"]
+
+    promotions = [orch("promote", "orch-maml", version, "--tracking-uri", uri, cwd=tmp_path)
+                  for version in versions]
+    for process in promotions:
+        finish(process, timeout=120)
+    aliases = [(str(v.version), list(v.aliases)) for v in client.search_model_versions("name = 'orch-maml'")]
+    champions = [version for version, names in aliases if "champion" in names]
+    assert len(champions) == 1 and champions[0] in versions
