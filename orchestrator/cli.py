@@ -62,11 +62,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about table creation
 
 
-def existing_store(uri: str) -> str:
-    """Refuse to read a local SQLite store that does not exist (MLflow would create it)."""
+def existing_store(uri: str, what: str = "MLflow tracking store") -> str:
+    """Refuse to read a local SQLite store that does not exist (reading would create it)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise click.ClickException(f"no MLflow tracking store at {uri}; run `orch launch` first or "
-                                   "pass --tracking-uri")
+        raise click.ClickException(f"no {what} at {uri}; run `orch launch` first, or pass its URL")
     return uri
 
 
@@ -147,7 +146,7 @@ def runs(sweep_name: str, storage: str) -> None:
     """List the trials of SWEEP_NAME: state (complete, pruned, failed), params and metric."""
     from orchestrator.study import trial_rows
 
-    rows = trial_rows(storage, sweep_name)
+    rows = trial_rows(existing_store(storage, "Optuna storage"), sweep_name)
     if not rows:
         raise click.ClickException(f"no sweep named {sweep_name!r} in {storage}")
     table = Table(title=f"sweep {sweep_name}")

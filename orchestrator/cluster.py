@@ -1,7 +1,7 @@
 """Everything orch asks of Ray: connecting, placement groups, trial tasks and shard actors.
 
-A trial reserves one placement group: bundle 0 for its driver (the remote trial task), one bundle
-per shard worker. The driver farms each meta-batch over ``ShardActor``s placed in the other
+A trial reserves one placement group: one bundle per shard worker, then one for its driver (the
+remote trial task) -- workers first, so that SPREAD lays the workers over nodes before the driver. The driver farms each meta-batch over ``ShardActor``s placed in the other
 bundles; weights travel once per iteration through the object store, tasks are sampled by each
 actor from integers. Actors are restartable and their calls retried, so a worker killed mid-
 iteration is replaced and its shard recomputed with the same inputs -- the iteration's result
@@ -66,12 +66,12 @@ def cluster_resources() -> dict[str, float]:
 
 
 def trial_bundles(workers: Workers) -> list[dict[str, float]]:
-    """Bundle 0 for the trial's driver, then one per shard worker."""
+    """One bundle per shard worker (indices 0..count-1), then the trial driver's (index count)."""
     worker_bundle = {"CPU": workers.cpus}
     if workers.gpus:
         worker_bundle["GPU"] = workers.gpus
     worker_bundle = {k: v for k, v in worker_bundle.items() if v > 0} or {"CPU": 0.001}
-    return [{"CPU": workers.driver_cpus or 0.001}] + [dict(worker_bundle) for _ in range(workers.count)]
+    return [dict(worker_bundle) for _ in range(workers.count)] + [{"CPU": workers.driver_cpus or 0.001}]
 
 
 def check_fits(workers: Workers) -> None:
@@ -104,10 +104,10 @@ def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStra
 
 def submit_trial(function: Callable[..., Any], group: PlacementGroup, workers: Workers,
                  *args: Any) -> ray.ObjectRef:
-    """Run ``function(*args)`` as the trial's driver in bundle 0 of its placement group."""
+    """Run ``function(*args)`` as the trial's driver in the last bundle of its placement group."""
     remote = ray.remote(max_retries=0)(function)
     return remote.options(num_cpus=workers.driver_cpus or 0.001, num_gpus=0,
-                          scheduling_strategy=in_bundle(group, 0)).remote(*args)
+                          scheduling_strategy=in_bundle(group, workers.count)).remote(*args)
 
 
 def current_placement_group() -> PlacementGroup | None:
@@ -149,13 +149,12 @@ class RayFarm:
     """A meta-batch split over ``workers.count`` Ray actors, one per placement-group bundle."""
 
     def __init__(self, sweep: dict[str, Any], algorithm: str, knobs: Mapping[str, Any],
-                 workers: Workers, *, device: str = "auto", group: PlacementGroup | None = None,
-                 first_bundle: int = 1):
+                 workers: Workers, *, device: str = "auto", group: PlacementGroup | None = None):
         self.actors = []
         for i in range(workers.count):
             options: dict[str, Any] = dict(num_cpus=workers.cpus, num_gpus=workers.gpus)
             if group is not None:
-                options["scheduling_strategy"] = in_bundle(group, first_bundle + i)
+                options["scheduling_strategy"] = in_bundle(group, i)
             self.actors.append(ShardActor.options(**options).remote(
                 sweep, algorithm, dict(knobs), workers.cpus, device))
 

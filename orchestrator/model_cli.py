@@ -99,16 +99,11 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
              tracking_uri: str) -> None:
     """Mean accuracy (MSE for regression) of a model over new episodes, with a 95% interval
     (1.96 sigma / sqrt(tasks)); recorded as tags on the registered model version."""
-    import torch
-
     from orchestrator.inference import (evaluate as run_evaluation, evaluation_family, load,
                                         record_evaluation, resolve)
 
     console = Console(stderr=True)
-    # An episode is a few small tensors: torch's intra-op thread pool costs more than it gives
-    # (100 Omniglot episodes took 10x longer with 2 threads than with 1 on a busy 2-core machine).
-    torch.set_num_threads(1)
-    with _one_line_errors():
+    with _one_line_errors(), _single_thread():
         source = resolve(model_uri, tracking_uri=tracking_uri)
         model = load(source)
         family = evaluation_family(model, data=data, ways=ways, shots=shots, queries=queries)
@@ -130,6 +125,20 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
                    f"{', '.join(sorted(result.tags()))}")
     else:
         console.print("not recorded: the model is not a registered model version")
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """An episode is a few small tensors: torch's intra-op thread pool costs more than it gives
+    (100 Omniglot episodes took 10x longer with 2 threads than with 1 on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ and on a cluster.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
@@ -31,7 +32,10 @@ def study_name(sweep_name: str, algorithm: str) -> str:
 def storage(url: str) -> RDBStorage:
     """An Optuna storage object for ``url`` (SQLite gets a generous lock timeout: trials on
     several processes write to it at once)."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=None)
 
 

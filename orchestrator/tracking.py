@@ -187,7 +187,10 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
             mlflow_client.get_registered_model(name)
     version = _version_of_run(mlflow_client, name, run_id)  # registered before a crash?
     if version is None:
-        version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={
+        # mlflow.register_model resolves a logged model's models:/m-... URI to its artifacts,
+        # which a tracking server requires (create_model_version with that URI only works on
+        # a local store).
+        version = mlflow.register_model(model_uri, name, tags={
             "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
             "orch.metric_value": repr(float(metric)), "orch.direction": direction,
             "orch.task_fingerprint": fingerprint}).version

@@ -10,6 +10,10 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Keep in-process Ray on 127.0.0.1 (by default it binds the machine's outward address), and let
+# tests join the loopback cluster of cluster/local-cluster.sh.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 

@@ -81,7 +81,8 @@ def test_diverging_trial_fails_with_reason_and_sweep_continues(ray_local, tmp_pa
 def registry_state(uri: str) -> list[tuple]:
     client = MlflowClient(uri)
     rows = []
-    for version in client.search_model_versions("name = 'orch-maml'"):
+    for found in client.search_model_versions("name = 'orch-maml'"):
+        version = client.get_model_version("orch-maml", found.version)  # search omits aliases
         rows.append((str(version.version), version.tags["orch.metric_value"], tuple(version.aliases)))
     return sorted(rows)
 
@@ -150,6 +151,7 @@ def test_two_sweeps_and_two_promotions_at_once(tmp_path):
                   for version in versions]
     for process in promotions:
         finish(process, timeout=120)
-    aliases = [(str(v.version), list(v.aliases)) for v in client.search_model_versions("name = 'orch-maml'")]
-    champions = [version for version, names in aliases if "champion" in names]
-    assert len(champions) == 1 and champions[0] in versions
+    aliases = client.get_registered_model("orch-maml").aliases
+    assert set(aliases) == {"champion"} and str(aliases["champion"]) in versions
+    holders = [v for v in versions if "champion" in client.get_model_version("orch-maml", v).aliases]
+    assert holders == [str(aliases["champion"])]

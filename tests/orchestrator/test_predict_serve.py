@@ -1,0 +1,388 @@
+"""Using registered models: ``orch predict`` on raw Omniglot PNGs, ``orch evaluate``, the Python
+API, the pyfunc form and ``mlflow models serve``.
+
+One module fixture imports the two small Omniglot zips with ``orch data import omniglot`` and runs
+a tiny real sweep (Optuna, Ray, MLflow) that trains and registers ProtoNet and MAML, 5-way 1-shot
+on Conv-4 with 16 filters, for 60 meta-batches of 4 episodes each. Support and query folders are built from
+the raw 105x105 PNGs of the import's test alphabet, which no model saw in training: four 5-way
+tasks of 5 characters each (one support image, five queries per character), because a single
+5-way task's accuracy depends as much on how alike its five characters are as on the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from orchestrator.config import sweep_from_dict
+from orchestrator.data_cli import data
+from orchestrator.inference import evaluate as evaluate_episodes, evaluation_family, load_meta_model
+from orchestrator.meta_model import MetaModel, input_example
+from orchestrator.model_cli import evaluate, predict
+from orchestrator.sweep import launch
+from pipelines.dataset import read_manifest
+
+OMNIGLOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
+ZIPS = [OMNIGLOT / "images_background_small1.zip", OMNIGLOT / "images_background_small2.zip"]
+# Accuracy over the query folders is deterministic (seeded training, fixed files); the floors sit
+# well below what was measured and far above chance (0.2).
+FLOOR = {"protonet": 0.5, "maml": 0.35}
+TASKS, CLASSES, QUERIES_PER_CLASS = 4, 5, 5
+
+
+@dataclass(frozen=True)
+class Folders:
+    support: Path  # support/<character>/<one raw png>
+    query: Path  # query/<character>__<file>.png
+
+
+@dataclass(frozen=True)
+class Trained:
+    uri: str  # the MLflow tracking URI of the sweep
+    data: Path  # the Omniglot import
+    tasks: list[Folders]
+
+    @property
+    def support(self) -> Path:
+        return self.tasks[-1].support
+
+    @property
+    def query(self) -> Path:
+        return self.tasks[-1].query
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory) -> Trained:
+    missing = [str(z) for z in ZIPS if not z.exists()]
+    if missing:
+        pytest.skip(f"shared Omniglot zips not found: {', '.join(missing)}")
+    root = tmp_path_factory.mktemp("predict")
+    imported = CliRunner().invoke(data, ["import", "omniglot", *map(str, ZIPS), "--out",
+                                         str(root / "omniglot")])
+    assert imported.exit_code == 0, imported.output
+    run_dir = root / "orch-runs"
+    sweep = {
+        "name": "predict", "run_dir": str(run_dir),
+        "data": {"path": str(root / "omniglot"), "ways": 5, "shots": 1, "queries": 5},
+        "model": {"backbone": "conv4", "filters": 16},
+        "training": {"meta_batch": 4, "iterations": 60, "eval_every": 60, "eval_tasks": 20},
+        "workers": {"count": 0, "driver_cpus": 1},
+        "search": {"trials": 1, "pruner": "none", "metric": "val_accuracy",
+                   "direction": "maximize"},
+        "algorithms": {"protonet": {"outer_lr": 0.003},
+                       "maml": {"inner_lr": 0.4, "inner_steps": 1, "outer_lr": 0.005}},
+    }
+    summaries = launch(sweep_from_dict(sweep))
+    assert all(s.registration is not None and s.registration.champion for s in summaries)
+    tasks = held_out_folders(root / "omniglot", root)
+    return Trained(f"sqlite:///{run_dir}/mlflow.db", root / "omniglot", tasks)
+
+
+def held_out_folders(imported: Path, root: Path) -> list[Folders]:
+    """``TASKS`` support/query folder pairs from the first characters of the import's test
+    alphabet: one raw PNG per character as support, the next ones as queries, copied straight
+    out of the zip."""
+    alphabet = read_manifest(imported)["splits"]["test"]["alphabets"][0]
+    source = next(z for z in ZIPS if any(f"/{alphabet}/" in n for n in zipfile.ZipFile(z).namelist()))
+    tasks = []
+    with zipfile.ZipFile(source) as archive:
+        members = sorted(n for n in archive.namelist() if f"/{alphabet}/" in n and n.endswith(".png"))
+        characters = sorted({n.split("/")[-2] for n in members})
+        for t in range(TASKS):
+            folders = Folders(root / f"task{t}" / "support", root / f"task{t}" / "query")
+            for character in characters[t * CLASSES:(t + 1) * CLASSES]:
+                files = [n for n in members if n.split("/")[-2] == character]
+                for i, member in enumerate(files[:1 + QUERIES_PER_CLASS]):
+                    target = (folders.support / character / Path(member).name if i == 0 else
+                              folders.query / f"{character}__{Path(member).name}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(archive.read(member))
+            tasks.append(folders)
+    return tasks
+
+
+def run_predict(trained: Trained, model: str, *extra: str, support: Path | None = None,
+                query: Path | None = None):
+    return CliRunner().invoke(predict, [
+        "--model", model, "--support", str(support or trained.support),
+        "--query", str(query or trained.query), "--tracking-uri", trained.uri, *extra])
+
+
+def accuracy(rows: list[dict]) -> float:
+    return float(np.mean([row["prediction"] == row["file"].split("__")[0] for row in rows]))
+
+
+# -- orch predict --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+def test_predict_on_raw_held_out_pngs_beats_chance(trained, algorithm):
+    answers = []
+    for task in trained.tasks:
+        result = run_predict(trained, f"models:/orch-{algorithm}@champion", "--format", "json",
+                             support=task.support, query=task.query)
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)
+        assert sorted(row["file"] for row in rows) == sorted(p.name for p in task.query.iterdir())
+        characters = sorted(p.name for p in task.support.iterdir())
+        for row in rows:
+            assert sorted(row["scores"]) == characters
+            assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+            assert row["prediction"] == max(row["scores"], key=row["scores"].get)
+        answers += rows
+    assert len(answers) == TASKS * CLASSES * QUERIES_PER_CLASS
+    measured = accuracy(answers)
+    print(f"{algorithm}: {measured:.2f} of {len(answers)} raw held-out queries right (chance 0.20)")
+    assert measured >= FLOOR[algorithm]
+
+
+def test_predict_csv_and_steps_override(trained):
+    as_csv = run_predict(trained, "models:/orch-maml@champion", "--format", "csv")
+    assert as_csv.exit_code == 0, as_csv.output
+    lines = as_csv.output.strip().splitlines()
+    assert lines[0].split(",")[:2] == ["file", "prediction"]
+    assert len(lines) == 1 + CLASSES * QUERIES_PER_CLASS
+    trained_steps = as_csv.output
+    no_adaptation = run_predict(trained, "models:/orch-maml@champion", "--format", "csv",
+                                "--steps", "0")
+    assert no_adaptation.exit_code == 0, no_adaptation.output
+    assert no_adaptation.output != trained_steps  # MAML's inner step changes every score
+    table = run_predict(trained, "models:/orch-protonet@champion")
+    assert table.exit_code == 0 and sorted(trained.support.iterdir())[0].name in table.output
+
+
+def test_predict_errors_are_one_line(trained, tmp_path):
+    one_class = tmp_path / "one_class"
+    first = sorted(trained.support.iterdir())[0]
+    (one_class / first.name).mkdir(parents=True)
+    (one_class / first.name / "a.png").write_bytes(next(first.iterdir()).read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "good.png").write_bytes(next(trained.query.iterdir()).read_bytes())
+    (broken / "bad.png").write_bytes(b"not a png")
+    cases = [
+        (["models:/orch-nothing@champion"], {}, "no registered model 'orch-nothing'"),
+        (["models:/orch-protonet@gold"], {}, "has no alias 'gold'; aliases: champion (version 1)"),
+        (["models:/orch-protonet/7"], {}, "has no version 7; versions: 1"),
+        (["models:/orch-protonet@champion"], {"support": one_class}, "at least 2 classes"),
+        (["models:/orch-protonet@champion"], {"query": broken}, "bad.png: not a readable PNG/JPEG"),
+        (["models:/orch-protonet@champion"], {"query": empty}, "query folder holds no PNG/JPEG"),
+    ]
+    for (model,), folders, message in cases:
+        result = run_predict(trained, model, **folders)
+        assert result.exit_code != 0
+        assert message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    missing_store = CliRunner().invoke(predict, [
+        "--model", "models:/orch-protonet@champion", "--support", str(trained.support),
+        "--query", str(trained.query), "--tracking-uri", f"sqlite:///{tmp_path}/none/mlflow.db"])
+    assert missing_store.exit_code != 0 and "no MLflow tracking store" in missing_store.output
+    assert not (tmp_path / "none").exists()
+
+
+# -- orch evaluate -------------------------------------------------------------------------------
+
+def test_evaluate_reports_mean_and_interval_and_tags_the_version(trained):
+    result = CliRunner().invoke(evaluate, [
+        "--model", "models:/orch-protonet@champion", "--data", str(trained.data), "--split",
+        "test", "--ways", "5", "--shots", "1", "--queries", "5", "--tasks", "40",
+        "--tracking-uri", trained.uri])
+    assert result.exit_code == 0, result.output
+    assert "5way1shot, 40 tasks: accuracy" in result.output
+
+    model = load_meta_model("models:/orch-protonet/1", tracking_uri=trained.uri)
+    family = evaluation_family(model, data=trained.data, ways=5, shots=1, queries=5)
+    episodes = evaluate_episodes(model, family, split="test", tasks=40)
+    accuracies = np.array(episodes.per_task)
+    assert len(accuracies) == 40 and ((0 <= accuracies) & (accuracies <= 1)).all()
+    assert episodes.ci95 == pytest.approx(1.96 * accuracies.std() / math.sqrt(40))
+    assert episodes.mean > 0.4  # chance is 0.2
+    assert f"{100 * episodes.mean:.2f}% +- {100 * episodes.ci95:.2f}%" in result.output
+
+    tags = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri).get_model_version(
+        "orch-protonet", "1").tags
+    assert float(tags["orch.eval.test.5way1shot.accuracy"]) == pytest.approx(episodes.mean)
+    assert float(tags["orch.eval.test.5way1shot.ci95"]) == pytest.approx(episodes.ci95)
+    assert tags["orch.eval.test.5way1shot.tasks"] == "40"
+
+
+def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
+    sweep = {"name": "sine", "data": {"family": "sinusoid", "shots": 5, "queries": 5},
+             "algorithms": {"maml": {"inner_lr": 0.01}}}
+    model = MetaModel.build(sweep, "maml", {"inner_lr": 0.01, "inner_steps": 1},
+                            _fresh_params(sweep))
+    folder = model.save(tmp_path / "sine")
+    result = CliRunner().invoke(evaluate, ["--model", str(folder), "--tasks", "20"])
+    assert result.exit_code == 0, result.output
+    assert "5shot, 20 tasks: MSE" in result.output and "not recorded" in result.output
+    refused = CliRunner().invoke(evaluate, ["--model", str(folder), "--data", str(tmp_path)])
+    assert refused.exit_code != 0 and "--data is for image models" in refused.output
+
+
+def _fresh_params(sweep: dict) -> dict[str, torch.Tensor]:
+    from orchestrator.training import build_family, build_learner, task_shape
+
+    config = sweep_from_dict(sweep)
+    learner = build_learner(config.model, "maml", {"inner_lr": 0.01},
+                            **task_shape(build_family(config.data)))
+    return learner.init_params(0)
+
+
+# -- Python API and pyfunc -----------------------------------------------------------------------
+
+def test_load_meta_model_from_registry_run_or_folder(trained, tmp_path):
+    client = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri)
+    version = client.get_model_version_by_alias("orch-maml", "champion")
+    by_alias = load_meta_model("models:/orch-maml@champion", tracking_uri=trained.uri)
+    by_run = load_meta_model(f"runs:/{version.run_id}/model", tracking_uri=trained.uri)
+    folder = by_alias.save(tmp_path / "maml")
+    by_folder = load_meta_model(folder)
+    characters = sorted(trained.support.iterdir())
+    paths = [next(c.iterdir()) for c in characters]
+    labels = [c.name for c in characters]
+    queries = sorted(trained.query.iterdir())[:12]
+    from_paths = by_alias.predict(paths, labels, queries)
+    from_pil = by_run.predict([Image.open(p) for p in paths], labels, [Image.open(q) for q in queries])
+    tensors = by_folder.inputs(paths)
+    from_tensors = by_folder.predict(tensors, labels, by_folder.inputs(queries))
+    assert from_paths.labels == from_pil.labels == from_tensors.labels
+    assert torch.allclose(from_paths.scores, from_tensors.scores)
+    assert tensors.shape[1:] == (1, 28, 28)  # raw 105x105 PNGs, preprocessed as at import
+
+
+def test_pyfunc_load_model_matches_orch_predict(trained):
+    import mlflow
+
+    result = run_predict(trained, "models:/orch-maml@champion", "--format", "json")
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.output)
+    mlflow.set_tracking_uri(trained.uri)
+    mlflow.set_registry_uri(trained.uri)
+    served = mlflow.pyfunc.load_model("models:/orch-maml@champion")
+    frame = request_frame(trained)
+    outputs = served.predict(frame)
+    assert list(outputs["prediction"]) == [row["prediction"] for row in expected]
+    for scores, row in zip(outputs["scores"], expected):
+        assert json.loads(scores) == pytest.approx(row["scores"], abs=1e-6)
+    example = input_example(load_meta_model("models:/orch-maml@champion", tracking_uri=trained.uri))
+    assert list(served.predict(example)["prediction"]) in (["across"], ["down"])
+
+
+def request_frame(trained: Trained):
+    import pandas as pd
+
+    rows = [{"role": "support", "input": _base64(p), "label": p.parent.name}
+            for p in sorted(trained.support.glob("*/*.png"))]
+    rows += [{"role": "query", "input": _base64(p)} for p in sorted(trained.query.iterdir())]
+    return pd.DataFrame(rows)
+
+
+def _base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_input_example_is_a_small_valid_request(tmp_path):
+    sweep = {"name": "sine", "data": {"family": "sinusoid"}, "algorithms": {"maml": {}}}
+    regression = MetaModel.build(sweep, "maml", {"inner_lr": 0.01, "inner_steps": 1},
+                                 _fresh_params(sweep))
+    example = input_example(regression)
+    assert list(example["role"]) == ["support", "support", "query"]
+    assert [json.loads(x) for x in example["input"]] == [[-1.0], [1.0], [0.0]]
+    from orchestrator.tracking import PyfuncMetaModel
+
+    served = PyfuncMetaModel()
+    served.model = regression
+    out = served.predict(None, example)
+    assert len(out) == 1 and len(json.loads(out["prediction"][0])) == 1
+
+
+def test_registered_models_carry_signature_input_example_and_steps_param(trained):
+    import mlflow
+    import yaml
+
+    client = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri)
+    for name in ("orch-protonet", "orch-maml"):
+        version = client.get_model_version_by_alias(name, "champion")
+        location = client.get_model_version_download_uri(name, version.version)
+        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location}/MLmodel", tracking_uri=trained.uri)).read_text())
+        assert {"inputs", "outputs"} <= set(mlmodel["signature"])
+        assert mlmodel.get("saved_input_example_info", {}).get("type") == "dataframe", name
+        assert "steps" in mlmodel["signature"].get("params", ""), name
+    mlflow.set_tracking_uri(trained.uri)
+    mlflow.set_registry_uri(trained.uri)
+    served = mlflow.pyfunc.load_model("models:/orch-maml@champion")
+    frame = request_frame(trained)
+    trained_steps = served.predict(frame)
+    no_adaptation = served.predict(frame, params={"steps": 0})
+    assert list(trained_steps["scores"]) != list(no_adaptation["scores"])
+
+
+# -- mlflow models serve -------------------------------------------------------------------------
+
+def test_mlflow_models_serve_answers_a_task(trained):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    venv_bin = os.path.dirname(sys.executable)  # the server execs uvicorn from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri,
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/orch-protonet@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(server, port, timeout_s=120)
+        frame = request_frame(trained)
+        records = [{k: v for k, v in row.items() if isinstance(v, str)}
+                   for row in frame.to_dict(orient="records")]
+        predictions = post(port, {"dataframe_records": records})["predictions"]
+        expected = json.loads(run_predict(trained, "models:/orch-protonet@champion",
+                                          "--format", "json").output)
+        assert [p["prediction"] for p in predictions] == [row["prediction"] for row in expected]
+        for answer, row in zip(predictions, expected):
+            assert json.loads(answer["scores"]) == pytest.approx(row["scores"], abs=1e-6)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)  # the server and the uvicorn it started, nothing else
+        server.communicate(timeout=30)
+
+
+def wait_until_up(server: subprocess.Popen, port: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {server.stdout.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve did not answer on port {port} in {timeout_s} s")
+
+
+def post(port: int, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
