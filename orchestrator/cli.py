@@ -28,6 +28,11 @@ from orchestrator.config import DEFAULT_RUN_DIR, ConfigError, load_sweep
 from orchestrator.data_cli import data
 
 console = Console(stderr=True)
+
+
+def output_console() -> Console:
+    """Tables on stdout; when piped (CI logs), wide enough that no column is cut."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 
@@ -105,7 +110,7 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, resu
                       f"{s.counts['complete']}/{s.counts['pruned']}/{s.counts['failed']}",
                       f"{reg.name} v{reg.version}" if reg else "-",
                       ("yes" if reg.champion else "no") if reg else "-")
-    Console().print(table)
+    output_console().print(table)
     uri = sweep.tracking_uri(tracking_uri)
     if not quiet:
         console.print(f"inspect: mlflow ui --backend-store-uri {uri}   (or: orch ui)")
@@ -156,7 +161,7 @@ def runs(sweep_name: str, storage: str) -> None:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(row["params"].items()))
         table.add_row(row["algorithm"], str(row["number"]), row["state"],
                       "-" if row["value"] is None else f"{row['value']:.4f}", params, row["reason"])
-    Console(width=200).print(table)
+    output_console().print(table)
 
 
 def _fmt(value: Any) -> str:
@@ -177,7 +182,7 @@ def models(tracking_uri: str, prefix: str) -> None:
     for row in rows:
         table.add_row(row["name"], str(row["version"]), row["metric"], row["value"], row["sweep"],
                       row["aliases"])
-    Console(width=200).print(table)
+    output_console().print(table)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ on the same task fingerprint.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,8 @@ def check_reachable(uri: str) -> None:
 def client(uri: str) -> MlflowClient:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # An explicit client, never mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
+    # the environment, which would redirect every later sweep of this process and its children.
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -104,6 +105,7 @@ class TrialRun:
     """The nested MLflow run of one trial, used from the process that trains it."""
 
     def __init__(self, uri: str, run_id: str):
+        self.uri = uri
         self.client = client(uri)
         self.run_id = run_id
 
@@ -131,15 +133,21 @@ class TrialRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, _short(v)) for k, v in tags.items()])
 
     def log_model(self, model_folder: Path) -> str:
-        """Log the saved meta-model folder as this run's pyfunc model; returns its model URI."""
-        with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=PyfuncMetaModel(),
-                artifacts={"meta_model": str(model_folder)},
-                pip_requirements=pip_requirements(),
-                signature=pyfunc_signature(), input_example=None)
-        self.set_tags({TAG_MODEL_URI: info.model_uri})
-        return info.model_uri
+        """Log the saved meta-model folder as this run's pyfunc model (run artifact ``model``);
+        returns its ``runs:/`` URI. Saved locally and uploaded with this run's client, so no
+        process-wide MLflow state is touched."""
+        from orchestrator.meta_model import MetaModel, input_example
+
+        with tempfile.TemporaryDirectory() as staging:
+            path = Path(staging) / "model"
+            mlflow.pyfunc.save_model(
+                path, python_model=PyfuncMetaModel(), artifacts={"meta_model": str(model_folder)},
+                pip_requirements=pip_requirements(), signature=pyfunc_signature(),
+                input_example=input_example(MetaModel.load(model_folder)))
+            self.client.log_artifacts(self.run_id, str(path), "model")
+        uri = f"runs:/{self.run_id}/model"
+        self.set_tags({TAG_MODEL_URI: uri})
+        return uri
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
@@ -187,10 +195,9 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
             mlflow_client.get_registered_model(name)
     version = _version_of_run(mlflow_client, name, run_id)  # registered before a crash?
     if version is None:
-        # mlflow.register_model resolves a logged model's models:/m-... URI to its artifacts,
-        # which a tracking server requires (create_model_version with that URI only works on
-        # a local store).
-        version = mlflow.register_model(model_uri, name, tags={
+        # The version's source is the run's artifact folder, which a tracking server accepts.
+        source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{model_uri.rsplit('/', 1)[-1]}"
+        version = mlflow_client.create_model_version(name, source, run_id=run_id, tags={
             "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
             "orch.metric_value": repr(float(metric)), "orch.direction": direction,
             "orch.task_fingerprint": fingerprint}).version
@@ -278,12 +285,14 @@ def pip_requirements() -> list[str]:
 
 def pyfunc_signature():
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "role"), ColSpec("string", "input"),
                      ColSpec("string", "label", required=False)])
     outputs = Schema([ColSpec("string", "prediction"), ColSpec("string", "scores")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    # ``steps``: inner steps for gradient-based learners (default: as trained).
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("steps", "long", None)]))
 
 
 class PyfuncMetaModel(mlflow.pyfunc.PythonModel):

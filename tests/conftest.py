@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL_ZIPS = [SHARED_DATA / "omniglot" / "images_background_small1.zip",
+              SHARED_DATA / "omniglot" / "images_background_small2.zip"]
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Keep in-process Ray on 127.0.0.1 (by default it binds the machine's outward address), and let
@@ -28,3 +31,31 @@ def ray_local():
              logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def omniglot_zips() -> list[Path]:
+    """The two small Omniglot background zips of ../shared (read-only)."""
+    missing = [str(z) for z in SMALL_ZIPS if not z.exists()]
+    if missing:
+        pytest.skip(f"shared Omniglot zips not found: {', '.join(missing)}")
+    return SMALL_ZIPS
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir(omniglot_zips: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small Omniglot zips imported once per test run, into a temporary folder."""
+    from pipelines.importers import import_omniglot
+
+    out = tmp_path_factory.mktemp("omniglot") / "import"
+    import_omniglot(omniglot_zips, out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Two cores shared with Ray's processes: torch's thread pool spins and runs tiny ops slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -55,8 +55,13 @@ def test_runs_are_nested_under_one_parent_per_algorithm(first_sweep):
         assert run.data.tags[tracking.TAG_NODES]  # the Ray node ids of its workers
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == [10, 20, 30]
-        assert run.data.tags[tracking.TAG_MODEL_URI].startswith("models:/")
+        assert run.data.tags[tracking.TAG_MODEL_URI] == f"runs:/{run.info.run_id}/model"
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert "plots/learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert all(s.registration is not None and s.registration.champion for s in summaries)
+    for parent in parents.values():  # the study's plots, on the algorithm's run
+        plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+        assert {"plots/optimization_history.png", "plots/optimization_history.html"} <= plots
 
 
 def test_best_models_are_registered_with_tags_and_champion(first_sweep):
