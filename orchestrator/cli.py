@@ -4,6 +4,9 @@
     orch runs quickstart                      # the sweep's trials, state, params and metric
     orch models                               # registered models, versions, metric, aliases
     orch promote orch-maml 2                  # move the champion alias by hand
+    orch predict --model models:/orch-protonet@champion --support S/ --query Q/
+    orch evaluate --model models:/orch-protonet@champion --split test --ways 5 --shots 1
+    orch data import omniglot images_background.zip --out data/omniglot
     orch ui                                   # MLflow's UI on 127.0.0.1
 
 Errors a user can act on are printed as one line (``orch: <what is wrong>``) with a non-zero exit;
@@ -24,8 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.config import DEFAULT_RUN_DIR, ConfigError, load_sweep
+from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, ConfigError, load_sweep
 from orchestrator.data_cli import data
+from orchestrator.model_cli import evaluate, predict
 
 console = Console(stderr=True)
 
@@ -33,8 +37,6 @@ console = Console(stderr=True)
 def output_console() -> Console:
     """Tables on stdout; when piped (CI logs), wide enough that no column is cut."""
     return Console() if sys.stdout.isatty() else Console(width=160)
-DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
-DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 
 
 class OrchGroup(click.Group):
@@ -65,13 +67,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """orch: meta-learning sweeps on Ray, tuned by Optuna, tracked and registered in MLflow."""
     ctx.obj = {"debug": debug}
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about table creation
-
-
-def existing_store(uri: str, what: str = "MLflow tracking store") -> str:
-    """Refuse to read a local SQLite store that does not exist (reading would create it)."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise click.ClickException(f"no {what} at {uri}; run `orch launch` first, or pass its URL")
-    return uri
 
 
 def tracking_option(function):
@@ -151,7 +146,9 @@ def runs(sweep_name: str, storage: str) -> None:
     """List the trials of SWEEP_NAME: state (complete, pruned, failed), params and metric."""
     from orchestrator.study import trial_rows
 
-    rows = trial_rows(existing_store(storage, "Optuna storage"), sweep_name)
+    from orchestrator.tracking import require_store
+
+    rows = trial_rows(require_store(storage, "Optuna storage"), sweep_name)
     if not rows:
         raise click.ClickException(f"no sweep named {sweep_name!r} in {storage}")
     table = Table(title=f"sweep {sweep_name}")
@@ -175,7 +172,7 @@ def models(tracking_uri: str, prefix: str) -> None:
     """List registered models: versions, metric and aliases."""
     from orchestrator import tracking
 
-    rows = tracking.registered_models(tracking.client(existing_store(tracking_uri)), prefix)
+    rows = tracking.registered_models(tracking.client(tracking.require_store(tracking_uri)), prefix)
     table = Table(title=f"registered models in {tracking_uri}")
     for column in ("model", "version", "metric", "value", "sweep", "aliases"):
         table.add_column(column)
@@ -196,7 +193,7 @@ def promote(model_name: str, version: str, tracking_uri: str) -> None:
     from orchestrator import tracking
 
     try:
-        tracking.promote(tracking.client(existing_store(tracking_uri)), model_name, version)
+        tracking.promote(tracking.client(tracking.require_store(tracking_uri)), model_name, version)
     except MlflowException:
         raise click.ClickException(f"no version {version} of registered model {model_name!r} in "
                                    f"{tracking_uri} (see: orch models)") from None
@@ -217,6 +214,8 @@ def ui(tracking_uri: str, host: str, port: int) -> None:
 
 
 cli.add_command(data)
+cli.add_command(predict)
+cli.add_command(evaluate)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ from learners.backbones import BACKBONES
 from learners.registry import LEARNERS, learner_class
 
 DEFAULT_RUN_DIR = "orch-runs"
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
+DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 

@@ -25,12 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from orchestrator.config import DEFAULT_RUN_DIR, ImageData, SinusoidData
+from orchestrator.config import DEFAULT_TRACKING_URI, ImageData, SinusoidData
 from orchestrator.meta_model import MetaModel, Prediction
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
-DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
@@ -65,13 +64,14 @@ def resolve(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
             raise InferenceError(f"{uri}: no such model folder (a model is {URI_FORMS})")
         return ModelSource(uri, str(Path(uri).resolve()))
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
 
     store = tracking_uri_or_default(tracking_uri)
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
-        raise InferenceError(f"no MLflow tracking store at {store}; pass --tracking-uri "
-                             "(or set MLFLOW_TRACKING_URI)")
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        client = tracking.client(tracking.require_store(store))
+    except FileNotFoundError as error:
+        raise InferenceError(str(error)) from None
     try:
         if uri.startswith("runs:/"):
             return ModelSource(uri, _run_model_location(client, uri, store), store)
@@ -306,6 +306,8 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     and score each one's queries: accuracy, or mean squared error for regression."""
     if tasks < 1:
         raise InferenceError(f"--tasks must be at least 1, got {tasks}")
+    if not type(model.learner).uses_inner_steps:
+        steps = None  # nothing to override: the result is the same as without it
     ways = family.ways
     scores: list[float] = []
     for index in range(tasks):
@@ -333,9 +335,9 @@ def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
     model is not a registered version (a run, a logged model or a folder)."""
     if source.name is None or source.version is None or source.tracking_uri is None:
         return False
-    from mlflow.tracking import MlflowClient
+    from orchestrator import tracking
 
-    client = MlflowClient(tracking_uri=source.tracking_uri, registry_uri=source.tracking_uri)
+    client = tracking.client(source.tracking_uri)
     for key, value in evaluation.tags().items():
         client.set_model_version_tag(source.name, source.version, key, value)
     return True

@@ -205,7 +205,8 @@ def decode_inputs(model: MetaModel, encoded: Sequence[str]) -> Tensor:
         try:
             data = base64.b64decode(item, validate=True)
         except (binascii.Error, TypeError):
-            raise DatasetError(f"input {i}: not base64 (expected a base64-encoded PNG/JPEG file)") from None
+            raise DatasetError(f"input {i}: not base64 (expected a base64-encoded PNG/JPEG "
+                               "file)") from None
         images.append(decode(data, name=f"input {i}"))
     return model.inputs(images)
 

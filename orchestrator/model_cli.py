@@ -51,8 +51,12 @@ _steps = click.option("--steps", type=click.IntRange(0, 1000), default=None,
 @_tracking
 def predict(model_uri: str, support: Path, query: Path, output: str, steps: int | None,
             tracking_uri: str) -> None:
-    """Adapt a model on the SUPPORT folder and classify every image of the QUERY folder: prints
-    each file's name, predicted class and the score of every class."""
+    """Adapt a model on the --support folder and classify every image of the --query folder:
+    prints each file's name, predicted class and the score (probability) of every class.
+
+    The queries are classified together, as in training: Conv-4's BatchNorm normalises with the
+    batch's own statistics, so give it a batch of queries (a few per class), not a single image.
+    """
     from orchestrator.inference import load, predict_folders, resolve
 
     with _one_line_errors():
@@ -73,10 +77,12 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
     else:
         table = Table(title=f"{model_uri}: {len(files)} queries, {len(classes)} classes")
         for column in ("file", "prediction", *classes):
-            table.add_column(column)
+            table.add_column(column, no_wrap=True)
         for name, label, by_class in rows:
             table.add_row(name, label, *(f"{by_class[c]:.3f}" for c in classes))
-        Console(width=max(100, 24 + 10 * len(classes))).print(table)
+        widths = [max(len(r[0]) for r in rows), max(len(c) for c in classes)]
+        widths += [max(len(c), 5) for c in classes]
+        Console(width=max(80, sum(widths) + 3 * len(widths) + 1)).print(table)
 
 
 @click.command()
@@ -84,9 +90,12 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Image import to draw episodes from (default: the one the model was trained "
                    "on); not used for regression models.")
-@click.option("--split", default="test", show_default=True, help="Split of the import to evaluate on.")
-@click.option("--ways", type=click.IntRange(2), default=None, help="N classes per episode (default: as trained).")
-@click.option("--shots", type=click.IntRange(1), default=None, help="K support examples per class (default: as trained).")
+@click.option("--split", default="test", show_default=True,
+              help="Split of the import to evaluate on.")
+@click.option("--ways", type=click.IntRange(2), default=None,
+              help="N classes per episode (default: as trained).")
+@click.option("--shots", type=click.IntRange(1), default=None,
+              help="K support examples per class (default: as trained).")
 @click.option("--queries", type=click.IntRange(1), default=None,
               help="Query examples per class (default: as trained).")
 @click.option("--tasks", type=click.IntRange(1), default=600, show_default=True,

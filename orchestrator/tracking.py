@@ -53,6 +53,14 @@ def check_reachable(uri: str) -> None:
                               "check tracking.uri / --tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
+def require_store(uri: str, what: str = "MLflow tracking store") -> str:
+    """Refuse a local SQLite store that does not exist: reading it would create an empty one."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no {what} at {uri}; run `orch launch` first, or pass its URL "
+                                "(--tracking-uri / MLFLOW_TRACKING_URI)")
+    return uri
+
+
 def client(uri: str) -> MlflowClient:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

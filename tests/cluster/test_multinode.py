@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.cluster import RayFarm
@@ -69,7 +68,7 @@ def launch_process(args: list[str], env: dict[str, str], cwd: Path) -> str:
 
 
 def only_trial(run_dir: Path):
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    client = tracking.client(f"sqlite:///{run_dir}/mlflow.db")
     (run,) = tracking.trial_runs(client, client.get_experiment_by_name("multinode").experiment_id)
     return run
 

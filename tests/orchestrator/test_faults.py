@@ -15,7 +15,6 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.config import sweep_from_dict
@@ -72,14 +71,14 @@ def test_diverging_trial_fails_with_reason_and_sweep_continues(ray_local, tmp_pa
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert "meta-training loss became inf" in trial.user_attrs["fail_reason"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    client = tracking.client(f"sqlite:///{tmp_path}/runs/mlflow.db")
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED"
     assert "became inf" in run.data.tags[tracking.TAG_FAIL_REASON]
 
 
 def registry_state(uri: str) -> list[tuple]:
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     rows = []
     for found in client.search_model_versions("name = 'orch-maml'"):
         version = client.get_model_version("orch-maml", found.version)  # search omits aliases
@@ -120,7 +119,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     storage = f"sqlite:///{resumed_dir}/optuna.db"
     assert complete_params(storage, "kill/maml") == complete_params(
         f"sqlite:///{reference_dir}/optuna.db", "kill/maml")
-    client = MlflowClient(f"sqlite:///{resumed_dir}/mlflow.db")
+    client = tracking.client(f"sqlite:///{resumed_dir}/mlflow.db")
     experiment = client.get_experiment_by_name("kill")
     runs = tracking.trial_runs(client, experiment.experiment_id)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
@@ -137,7 +136,7 @@ def test_two_sweeps_and_two_promotions_at_once(tmp_path):
     for process in processes:
         finish(process)
     uri = f"sqlite:///{run_dir}/mlflow.db"
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     for name in ("alpha", "beta"):
         experiment = client.get_experiment_by_name(name)
         runs = tracking.trial_runs(client, experiment.experiment_id)

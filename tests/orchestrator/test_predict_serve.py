@@ -3,10 +3,10 @@ API, the pyfunc form and ``mlflow models serve``.
 
 One module fixture imports the two small Omniglot zips with ``orch data import omniglot`` and runs
 a tiny real sweep (Optuna, Ray, MLflow) that trains and registers ProtoNet and MAML, 5-way 1-shot
-on Conv-4 with 16 filters, for 60 meta-batches of 4 episodes each. Support and query folders are built from
-the raw 105x105 PNGs of the import's test alphabet, which no model saw in training: four 5-way
-tasks of 5 characters each (one support image, five queries per character), because a single
-5-way task's accuracy depends as much on how alike its five characters are as on the model.
+on Conv-4 with 16 filters, for 60 meta-batches of 4 episodes each. Support and query folders are
+built from the raw 105x105 PNGs of the import's test alphabet, which no model saw in training:
+four 5-way tasks of 5 characters each (one support image, five queries per character), because a
+single 5-way task's accuracy depends as much on how alike its five characters are as on the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -40,8 +39,6 @@ from orchestrator.model_cli import evaluate, predict
 from orchestrator.sweep import launch
 from pipelines.dataset import read_manifest
 
-OMNIGLOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
-ZIPS = [OMNIGLOT / "images_background_small1.zip", OMNIGLOT / "images_background_small2.zip"]
 # Accuracy over the query folders is deterministic (seeded training, fixed files); the floors sit
 # well below what was measured and far above chance (0.2).
 FLOOR = {"protonet": 0.5, "maml": 0.35}
@@ -70,12 +67,9 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory) -> Trained:
-    missing = [str(z) for z in ZIPS if not z.exists()]
-    if missing:
-        pytest.skip(f"shared Omniglot zips not found: {', '.join(missing)}")
+def trained(ray_local, omniglot_zips, tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("predict")
-    imported = CliRunner().invoke(data, ["import", "omniglot", *map(str, ZIPS), "--out",
+    imported = CliRunner().invoke(data, ["import", "omniglot", *map(str, omniglot_zips), "--out",
                                          str(root / "omniglot")])
     assert imported.exit_code == 0, imported.output
     run_dir = root / "orch-runs"
@@ -90,21 +84,26 @@ def trained(ray_local, tmp_path_factory) -> Trained:
         "algorithms": {"protonet": {"outer_lr": 0.003},
                        "maml": {"inner_lr": 0.4, "inner_steps": 1, "outer_lr": 0.005}},
     }
-    summaries = launch(sweep_from_dict(sweep))
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    summaries = launch(sweep_from_dict(sweep), tracking_uri=uri)
     assert all(s.registration is not None and s.registration.champion for s in summaries)
-    tasks = held_out_folders(root / "omniglot", root)
-    return Trained(f"sqlite:///{run_dir}/mlflow.db", root / "omniglot", tasks)
+    tasks = held_out_folders(root / "omniglot", omniglot_zips, root)
+    return Trained(uri, root / "omniglot", tasks)
 
 
-def held_out_folders(imported: Path, root: Path) -> list[Folders]:
+def held_out_folders(imported: Path, zips: list[Path], root: Path) -> list[Folders]:
     """``TASKS`` support/query folder pairs from the first characters of the import's test
     alphabet: one raw PNG per character as support, the next ones as queries, copied straight
     out of the zip."""
     alphabet = read_manifest(imported)["splits"]["test"]["alphabets"][0]
-    source = next(z for z in ZIPS if any(f"/{alphabet}/" in n for n in zipfile.ZipFile(z).namelist()))
     tasks = []
+    for source in zips:
+        with zipfile.ZipFile(source) as archive:
+            members = sorted(n for n in archive.namelist()
+                             if f"/{alphabet}/" in n and n.endswith(".png"))
+        if members:
+            break
     with zipfile.ZipFile(source) as archive:
-        members = sorted(n for n in archive.namelist() if f"/{alphabet}/" in n and n.endswith(".png"))
         characters = sorted({n.split("/")[-2] for n in members})
         for t in range(TASKS):
             folders = Folders(root / f"task{t}" / "support", root / f"task{t}" / "query")
@@ -226,11 +225,7 @@ def test_evaluate_reports_mean_and_interval_and_tags_the_version(trained):
 
 
 def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
-    sweep = {"name": "sine", "data": {"family": "sinusoid", "shots": 5, "queries": 5},
-             "algorithms": {"maml": {"inner_lr": 0.01}}}
-    model = MetaModel.build(sweep, "maml", {"inner_lr": 0.01, "inner_steps": 1},
-                            _fresh_params(sweep))
-    folder = model.save(tmp_path / "sine")
+    folder = sine_model().save(tmp_path / "sine")
     result = CliRunner().invoke(evaluate, ["--model", str(folder), "--tasks", "20"])
     assert result.exit_code == 0, result.output
     assert "5shot, 20 tasks: MSE" in result.output and "not recorded" in result.output
@@ -238,13 +233,16 @@ def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
     assert refused.exit_code != 0 and "--data is for image models" in refused.output
 
 
-def _fresh_params(sweep: dict) -> dict[str, torch.Tensor]:
+def sine_model() -> MetaModel:
+    """An untrained sinusoid MAML model: enough for the regression paths."""
     from orchestrator.training import build_family, build_learner, task_shape
 
+    sweep = {"name": "sine", "data": {"family": "sinusoid", "shots": 5, "queries": 5},
+             "algorithms": {"maml": {}}}
+    knobs = {"inner_lr": 0.01, "inner_steps": 1}
     config = sweep_from_dict(sweep)
-    learner = build_learner(config.model, "maml", {"inner_lr": 0.01},
-                            **task_shape(build_family(config.data)))
-    return learner.init_params(0)
+    learner = build_learner(config.model, "maml", knobs, **task_shape(build_family(config.data)))
+    return MetaModel.build(sweep, "maml", knobs, learner.init_params(0))
 
 
 # -- Python API and pyfunc -----------------------------------------------------------------------
@@ -270,14 +268,10 @@ def test_load_meta_model_from_registry_run_or_folder(trained, tmp_path):
 
 
 def test_pyfunc_load_model_matches_orch_predict(trained):
-    import mlflow
-
     result = run_predict(trained, "models:/orch-maml@champion", "--format", "json")
     assert result.exit_code == 0, result.output
     expected = json.loads(result.output)
-    mlflow.set_tracking_uri(trained.uri)
-    mlflow.set_registry_uri(trained.uri)
-    served = mlflow.pyfunc.load_model("models:/orch-maml@champion")
+    served = load_pyfunc(trained, "orch-maml")
     frame = request_frame(trained)
     outputs = served.predict(frame)
     assert list(outputs["prediction"]) == [row["prediction"] for row in expected]
@@ -285,6 +279,18 @@ def test_pyfunc_load_model_matches_orch_predict(trained):
         assert json.loads(scores) == pytest.approx(row["scores"], abs=1e-6)
     example = input_example(load_meta_model("models:/orch-maml@champion", tracking_uri=trained.uri))
     assert list(served.predict(example)["prediction"]) in (["across"], ["down"])
+
+
+def load_pyfunc(trained: Trained, name: str):
+    """The champion of ``name`` through ``mlflow.pyfunc.load_model``, from its registered
+    version's artifact location: no process-wide MLflow URI is set (``mlflow.set_tracking_uri``
+    would also set MLFLOW_TRACKING_URI for every later test). ``mlflow models serve`` below
+    resolves ``models:/NAME@champion`` itself."""
+    import mlflow.pyfunc
+
+    client = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri)
+    version = client.get_model_version_by_alias(name, "champion").version
+    return mlflow.pyfunc.load_model(client.get_model_version_download_uri(name, version))
 
 
 def request_frame(trained: Trained):
@@ -300,15 +306,13 @@ def _base64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def test_input_example_is_a_small_valid_request(tmp_path):
-    sweep = {"name": "sine", "data": {"family": "sinusoid"}, "algorithms": {"maml": {}}}
-    regression = MetaModel.build(sweep, "maml", {"inner_lr": 0.01, "inner_steps": 1},
-                                 _fresh_params(sweep))
+def test_input_example_is_a_small_valid_request():
+    from orchestrator.tracking import PyfuncMetaModel
+
+    regression = sine_model()
     example = input_example(regression)
     assert list(example["role"]) == ["support", "support", "query"]
     assert [json.loads(x) for x in example["input"]] == [[-1.0], [1.0], [0.0]]
-    from orchestrator.tracking import PyfuncMetaModel
-
     served = PyfuncMetaModel()
     served.model = regression
     out = served.predict(None, example)
@@ -328,9 +332,7 @@ def test_registered_models_carry_signature_input_example_and_steps_param(trained
         assert {"inputs", "outputs"} <= set(mlmodel["signature"])
         assert mlmodel.get("saved_input_example_info", {}).get("type") == "dataframe", name
         assert "steps" in mlmodel["signature"].get("params", ""), name
-    mlflow.set_tracking_uri(trained.uri)
-    mlflow.set_registry_uri(trained.uri)
-    served = mlflow.pyfunc.load_model("models:/orch-maml@champion")
+    served = load_pyfunc(trained, "orch-maml")
     frame = request_frame(trained)
     trained_steps = served.predict(frame)
     no_adaptation = served.predict(frame, params={"steps": 0})

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.cli import cli
@@ -39,7 +38,7 @@ def first_sweep(ray_local, tmp_path_factory):
 
 def test_runs_are_nested_under_one_parent_per_algorithm(first_sweep):
     raw, summaries, uri, _ = first_sweep
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parents = {r.data.tags[tracking.TAG_ALGORITHM]: r for r in runs
@@ -66,7 +65,7 @@ def test_runs_are_nested_under_one_parent_per_algorithm(first_sweep):
 
 def test_best_models_are_registered_with_tags_and_champion(first_sweep):
     _, summaries, uri, _ = first_sweep
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     for summary in summaries:
         name = f"orch-{summary.algorithm}"
         champion = client.get_model_version_by_alias(name, "champion")
@@ -85,7 +84,7 @@ def test_worse_sweep_does_not_move_champion_and_promote_does(first_sweep):
     best_before = next(s for s in summaries if s.algorithm == "maml").best_value
     assert summary.best_value > best_before
     assert summary.registration.version == "2" and not summary.registration.champion
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     assert str(client.get_model_version_by_alias("orch-maml", "champion").version) == "1"
 
     runner = CliRunner()
