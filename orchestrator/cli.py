@@ -15,7 +15,6 @@ Errors a user can act on are printed as one line (``orch: <what is wrong>``) wit
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -66,7 +65,6 @@ def _one_line(error: BaseException) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """orch: meta-learning sweeps on Ray, tuned by Optuna, tracked and registered in MLflow."""
     ctx.obj = {"debug": debug}
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about table creation
 
 
 def tracking_option(function):

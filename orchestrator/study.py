@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from filelock import FileLock
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -32,11 +33,13 @@ def study_name(sweep_name: str, algorithm: str) -> str:
 def storage(url: str) -> RDBStorage:
     """An Optuna storage object for ``url`` (SQLite gets a generous lock timeout: trials on
     several processes write to it at once)."""
-    engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=None)
+    if not url.startswith("sqlite:///"):
+        return RDBStorage(url, heartbeat_interval=None)
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Creating the storage creates its tables: serialise that between sweeps starting at once.
+    with FileLock(f"{path}.lock"):
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=None)
 
 
 def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:

@@ -11,6 +11,7 @@ on the same task fingerprint.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,10 +19,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+# MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 CHAMPION = "champion"
 TAG_SWEEP = "orch.sweep"
@@ -56,8 +61,8 @@ def check_reachable(uri: str) -> None:
 def require_store(uri: str, what: str = "MLflow tracking store") -> str:
     """Refuse a local SQLite store that does not exist: reading it would create an empty one."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise FileNotFoundError(f"no {what} at {uri}; run `orch launch` first, or pass its URL "
-                                "(--tracking-uri / MLFLOW_TRACKING_URI)")
+        raise FileNotFoundError(f"no {what} at {uri}; run `orch launch` first, or pass the URL "
+                                "of the store the sweep used")
     return uri
 
 
@@ -66,7 +71,14 @@ def client(uri: str) -> MlflowClient:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # An explicit client, never mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
     # the environment, which would redirect every later sweep of this process and its children.
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith("sqlite:///"):
+        # Opening a store creates its tables; two sweeps starting at once on a new file would
+        # race to create them. Open both stores (tracking, registry) under a file lock.
+        with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+            mlflow_client.search_experiments(max_results=1)
+            mlflow_client.search_registered_models(max_results=1)
+    return mlflow_client
 
 
 def artifact_location(uri: str, run_dir: Path) -> str | None:
