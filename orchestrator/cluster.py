@@ -175,28 +175,17 @@ class RayFarm:
         results = ray.get([actor.gradient.remote(weights, split, seed, shard)
                            for actor, shard in zip(self.actors, self._shards(indices))])
         total: Params = {}
-        stats: dict[str, float] = {}
-        count = 0
-        for gradient, shard_stats, n in results:
+        for gradient, _, _ in results:
             for name, g in gradient.items():
                 total[name] = total[name] + g if name in total else g
-            for key, value in shard_stats.items():
-                stats[key] = stats.get(key, 0.0) + value
-            count += n
+        stats, count = _sum_statistics([(shard_stats, n) for _, shard_stats, n in results])
         return total, stats, count
 
     def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
                  shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]:
         weights = ray.put(params)
-        results = ray.get([actor.evaluate.remote(weights, split, seed, shard, shots, steps)
-                           for actor, shard in zip(self.actors, self._shards(indices))])
-        stats: dict[str, float] = {}
-        count = 0
-        for shard_stats, n in results:
-            for key, value in shard_stats.items():
-                stats[key] = stats.get(key, 0.0) + value
-            count += n
-        return stats, count
+        return _sum_statistics(ray.get([actor.evaluate.remote(weights, split, seed, shard, shots, steps)
+                                         for actor, shard in zip(self.actors, self._shards(indices))]))
 
     def node_ids(self) -> list[str]:
         return [node for node, _ in ray.get([actor.where.remote() for actor in self.actors])]
@@ -211,3 +200,12 @@ class RayFarm:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def _sum_statistics(results: Sequence[tuple[dict[str, float], int]]) -> tuple[dict[str, float], int]:
+    """Add up shards' summed statistics and task counts."""
+    stats: dict[str, float] = {}
+    for shard_stats, _ in results:
+        for key, value in shard_stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    return stats, sum(n for _, n in results)
