@@ -71,13 +71,14 @@ def client(uri: str) -> MlflowClient:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # An explicit client, never mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
     # the environment, which would redirect every later sweep of this process and its children.
-    mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri.startswith("sqlite:///"):
-        # Opening a store creates its tables; two sweeps starting at once on a new file would
-        # race to create them. Open both stores (tracking, registry) under a file lock.
-        with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
-            mlflow_client.search_experiments(max_results=1)
-            mlflow_client.search_registered_models(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Opening a store creates its tables (the client's constructor already opens the tracking
+    # store); two sweeps starting at once on a new file would race to create them. Open both
+    # stores, tracking and registry, under a file lock.
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow_client.search_registered_models(max_results=1)
     return mlflow_client
 
 
