@@ -4,7 +4,6 @@ middle of an iteration is replaced without changing the result."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

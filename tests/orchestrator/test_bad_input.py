@@ -3,7 +3,6 @@ traceback, and nothing created in the run folder or the stores."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -20,8 +20,8 @@ def test_image_folder_splits_classes_by_seeded_ratio(coded_tree, tmp_path: Path)
     manifest = import_image_folder(root, tmp_path / "a", size=8, grayscale=True, seed=1)
     assert (manifest["classes"], manifest["images"]) == (25, 100)
     assert {s: v["classes"] for s, v in manifest["splits"].items()} == {"train": 16, "val": 4, "test": 5}
-    again = import_image_folder(root, tmp_path / "b", size=8, grayscale=True, seed=1)
-    other = import_image_folder(root, tmp_path / "c", size=8, grayscale=True, seed=2)
+    import_image_folder(root, tmp_path / "b", size=8, grayscale=True, seed=1)
+    import_image_folder(root, tmp_path / "c", size=8, grayscale=True, seed=2)
     names = {}
     for name in "abc":
         rows = pq.read_table(tmp_path / name / "images.parquet", columns=["class_name", "split"]).to_pylist()
