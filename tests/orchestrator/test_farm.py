@@ -39,6 +39,7 @@ def test_two_workers_equal_in_process(ray_local):
             farm.shutdown()
 
 
+@pytest.mark.slow  # ~30 s; tests/learners/test_contract.py checks every learner learns, quickly
 def test_in_process_training_learns():
     """A few hundred MAML iterations beat the un-adapted initialisation on held-out tasks."""
     config = sweep_from_dict({"name": "learn", "workers": {"count": 0},
