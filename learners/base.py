@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -176,15 +176,22 @@ class Learner(abc.ABC):
             outputs.append(output)
         return total, self.summed_statistics(torch.stack(outputs), batch.query_y, torch.stack(losses))
 
+    def adapted_outputs(self, params: Params, support_x: Tensor, support_y: Tensor,
+                        query_x: Tensor, *, steps: int | None = None) -> Tensor:
+        """Outputs for ``query_x`` after adapting to the support set: the one path evaluation,
+        ``orch predict`` and serving share. Works under ``torch.no_grad``: torch.func's inner
+        gradients ignore an outer no_grad."""
+        return self.predict(params, self.adapt(params, support_x, support_y, steps=steps), query_x)
+
     def batch_evaluate(self, params: Params, batch: TaskBatch, *, steps: int | None = None,
                        vectorize: bool = False) -> dict[str, float]:
         """Summed query statistics after adapting to each task of the batch."""
         params = {k: v.detach() for k, v in params.items()}
 
         def outputs_for(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-            return self.predict(params, self.adapt(params, sx, sy, steps=steps), qx)
+            return self.adapted_outputs(params, sx, sy, qx, steps=steps)
 
-        with torch.no_grad():  # torch.func's inner gradients ignore an outer no_grad
+        with torch.no_grad():
             if vectorize:
                 outputs = vmap(outputs_for)(batch.support_x, batch.support_y, batch.query_x)
             else:
@@ -205,7 +212,3 @@ class Learner(abc.ABC):
     def evaluate(self, params: Params, task: Task, *, steps: int | None = None) -> dict[str, float]:
         """Query loss (and accuracy for classification) after adapting on one task."""
         return self.batch_evaluate(params, TaskBatch.stack([task]), steps=steps)
-
-    def describe(self) -> dict[str, Any]:
-        """Plain-data description of this learner, stored with every saved model."""
-        return {"algorithm": self.name, "hparams": self.hparams.model_dump()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-import torch
 from torch import Tensor
 from torch.func import grad
 
@@ -40,20 +39,3 @@ def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
             rate = step_lr[name] if isinstance(step_lr, Mapping) else step_lr
             params[name] = params[name] - rate * g
     return params
-
-
-def add_scaled(target: dict[str, Tensor], source: Mapping[str, Tensor], scale: float = 1.0) -> None:
-    """``target += scale * source`` entry by entry, creating entries that are missing."""
-    for name, value in source.items():
-        if name in target:
-            target[name].add_(value, alpha=scale)
-        else:
-            target[name] = value.detach().clone() * scale if scale != 1.0 else value.detach().clone()
-
-
-def detached(params: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in params.items()}
-
-
-def zeros_like(params: Mapping[str, Tensor]) -> Params:
-    return {k: torch.zeros_like(v) for k, v in params.items()}

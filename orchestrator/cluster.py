@@ -188,7 +188,7 @@ class RayFarm:
                                          for actor, shard in zip(self.actors, self._shards(indices))]))
 
     def node_ids(self) -> list[str]:
-        return [node for node, _ in ray.get([actor.where.remote() for actor in self.actors])]
+        return [node for node, _ in self.processes()]
 
     def processes(self) -> list[tuple[str, int]]:
         return ray.get([actor.where.remote() for actor in self.actors])

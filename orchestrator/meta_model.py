@@ -101,11 +101,9 @@ class MetaModel:
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
                           steps: int | None = None) -> Tensor:
-        with torch.enable_grad():
-            adapted = self.learner.adapt(self.params, support_x, support_y, steps=steps)
         with torch.no_grad():
-            return self.learner.predict(self.params, {k: v.detach() for k, v in adapted.items()},
-                                        query_x)
+            return self.learner.adapted_outputs(self.params, support_x, support_y, query_x,
+                                                steps=steps)
 
     def predict(self, support_inputs: Inputs, support_labels: Sequence[Any] | Tensor,
                 query_inputs: Inputs, *, steps: int | None = None) -> Prediction:

@@ -7,7 +7,6 @@ MLflow (metric curves, the model) and Optuna (intermediate values, pruning) and 
 from __future__ import annotations
 
 import tempfile
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,4 +110,4 @@ def describe_failure(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     message = str(cause).strip().splitlines()
     last = message[-1] if message else ""
-    return f"{type(cause).__name__}: {last}"[:1000] or traceback.format_exc(limit=1)
+    return f"{type(cause).__name__}: {last}"[:1000]
