@@ -6,12 +6,15 @@ orchestrator does -- meta-training, farming task shards to Ray workers, validati
 registered model -- goes through the four verbs below, so a new algorithm is one file.
 
     init_params(seed)                         -> meta-parameters
-    adapt(params, support_x, support_y, ...)  -> adapted state (an opaque dict of tensors)
+    adapt(params, support_x, support_y, ways=...)  -> adapted state (an opaque dict of tensors)
     predict(params, adapted, query_x)         -> outputs (regression values or class logits)
     task_gradient(params, task)               -> this task's contribution to the outer update
 
 ``adapt`` and ``predict`` are pure functions of their arguments (no module state changes), so the
-same code serves training, evaluation and ``orch predict``. ``task_gradient`` defaults to the
+same code serves training, evaluation and ``orch predict``. The number of classes of a
+classification task is read from the task itself -- its support labels are ``0..ways-1``, see
+``task_ways`` -- and handed to ``adapt`` as ``ways``, never taken from how the model was trained:
+a metric learner trained 5-way classifies among the 20 classes of a 20-way support set. ``task_gradient`` defaults to the
 gradient of the query loss through ``adapt``; algorithms whose outer update is not a loss gradient
 (Reptile) override it. Shards of a meta-batch return the *sum* of their tasks' contributions so
 that a driver can add shards from any number of workers and divide once by the task count.
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -81,19 +84,29 @@ def cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    """What a task family asks of a learner: its loss, and whether outputs are class logits."""
+    """What a task family asks of a learner: its loss, and whether outputs are class logits.
+
+    It holds no number of classes on purpose: that is a property of each task (``task_ways``).
+    """
 
     loss: Callable[[Tensor, Tensor], Tensor]
     classification: bool
-    ways: int | None = None
 
     @staticmethod
-    def for_task_kind(kind: str, *, ways: int | None = None) -> "Objective":
+    def for_task_kind(kind: str) -> "Objective":
         if kind == "regression":
             return Objective(loss=mse_loss, classification=False)
         if kind == "classification":
-            return Objective(loss=cross_entropy_loss, classification=True, ways=ways)
+            return Objective(loss=cross_entropy_loss, classification=True)
         raise ValueError(f"unknown task kind {kind!r}; allowed: regression, classification")
+
+
+def task_ways(support_y: Tensor) -> int:
+    """The number of classes of a classification task: its support labels are ``0..ways-1``.
+
+    Reads tensor values, so it runs outside ``vmap``; batch code calls it once per batch (every
+    task of a batch has the same number of classes) and passes the result down as ``ways``."""
+    return int(support_y.max()) + 1
 
 
 class Learner(abc.ABC):
@@ -107,11 +120,20 @@ class Learner(abc.ABC):
     # False for learners whose backbone ends at the embedding (metric-based): ``build_learner``
     # then builds it without the linear output head.
     needs_head: ClassVar[bool] = True
+    # The outer learning-rate schedule the trainer applies: "constant" or "cosine" (MAML++).
+    outer_schedule: ClassVar[str] = "constant"
+    # The default search space: knob -> a fixed value, {low, high, log, int} or {choices: [...]}
+    # in the sweep file's syntax. Optuna searches it for every knob a sweep file leaves out;
+    # ``outer_lr`` and ``meta_batch`` may appear besides the Hyperparameters fields.
+    search_space: ClassVar[dict[str, Any]] = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
         self.objective = objective
         self.hparams = hparams
+        # The fraction of meta-training done, in [0, 1]; ``batch_gradient`` sets it for the
+        # learners whose training anneals (MAML++'s step weights and derivative order).
+        self.progress = 0.0
 
     # -- the four verbs ----------------------------------------------------------------------
 
@@ -124,16 +146,33 @@ class Learner(abc.ABC):
         return {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
 
     @abc.abstractmethod
-    def adapt(
-        self, params: Params, support_x: Tensor, support_y: Tensor, *, steps: int | None = None
-    ) -> Adapted:
-        """Adapt to one task's support set; differentiable with respect to ``params``."""
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+              ways: int | None = None, steps: int | None = None) -> Adapted:
+        """Adapt to one task's support set; differentiable with respect to ``params``.
 
-    @abc.abstractmethod
-    def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        """Outputs for query inputs after adaptation (values, or logits over the task's classes)."""
+        ``ways`` is the task's number of classes (classification; ``task_ways(support_y)`` when
+        None, which needs concrete labels, so code under ``vmap`` passes it). ``steps`` overrides
+        the number of inner steps of learners that take any."""
 
-    def task_gradient(self, params: Params, task: Task) -> tuple[Params, Tensor, Tensor]:
+    def servable_ways(self, params: Params) -> int | None:
+        """The most classes one task may have for these meta-parameters: None for any number
+        (metric, closed-form and model-based learners, gradient learners with an any-way head);
+        the number of rows of a fixed output head otherwise. Read from the weights, not from the
+        module, which may have been built for another task shape. Fewer are always served."""
+        if not self.objective.classification or "head.weight" not in params:
+            return None
+        return params["head.weight"].shape[0]
+
+    def check_ways(self, params: Params, ways: int) -> None:
+        """Refuse a task with more classes than ``servable_ways``, in one line."""
+        most = self.servable_ways(params)
+        if most is not None and ways > most:
+            raise ValueError(f"this {self.name} model has a {most}-way output head; it cannot "
+                             f"tell {ways} classes apart (train it with the any-way head knob, "
+                             f"head: zero or shared, or use a metric learner such as protonet)")
+
+    def task_gradient(self, params: Params, task: Task, *,
+                      ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
         """This task's contribution to the outer update, its query loss and query outputs.
 
         A pure function (``torch.func`` only, no ``.item()``), so ``batch_gradient`` can ``vmap``
@@ -142,7 +181,8 @@ class Learner(abc.ABC):
         """
 
         def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            outputs = self.predict(p, self.adapt(p, task.support_x, task.support_y), task.query_x)
+            adapted = self.adapt(p, task.support_x, task.support_y, ways=ways)
+            outputs = self.predict(p, adapted, task.query_x)
             loss = self.objective.loss(outputs, task.query_y)
             return loss, (loss.detach(), outputs.detach())
 
@@ -151,45 +191,62 @@ class Learner(abc.ABC):
 
     # -- batches of tasks ------------------------------------------------------------------
 
-    def batch_gradient(self, params: Params, batch: TaskBatch, *,
-                       vectorize: bool = False) -> tuple[Params, dict[str, float]]:
+    def batch_gradient(self, params: Params, batch: TaskBatch, *, vectorize: bool = False,
+                       progress: float | None = None) -> tuple[Params, dict[str, float]]:
         """Sum over the batch of each task's contribution, and summed statistics.
 
         ``vectorize`` maps ``task_gradient`` over tasks with ``torch.func.vmap``; the result equals
         the per-task loop (a contract test checks it). Whether it is faster depends on the backbone
-        and device -- measured in benchmarks/vectorize.py -- so the caller decides.
+        and device -- measured in benchmarks/vectorize.py -- so the caller decides. ``progress``
+        (the fraction of meta-training done) is kept for learners that anneal.
         """
+        if progress is not None:
+            self.progress = progress
         params = {k: v.detach() for k, v in params.items()}
+        ways = self.ways_of(batch.support_y)
         if vectorize:
             gradients, losses, outputs = vmap(
-                lambda sx, sy, qx, qy: self.task_gradient(params, Task(sx, sy, qx, qy)))(
+                lambda sx, sy, qx, qy: self.task_gradient(params, Task(sx, sy, qx, qy), ways=ways))(
                 batch.support_x, batch.support_y, batch.query_x, batch.query_y)
             total = {k: g.sum(dim=0) for k, g in gradients.items()}
             return total, self.summed_statistics(outputs, batch.query_y, losses)
         total: Params = {}
         losses, outputs = [], []
         for i in range(len(batch)):
-            gradient, loss, output = self.task_gradient(params, batch[i])
+            gradient, loss, output = self.task_gradient(params, batch[i], ways=ways)
             for name, g in gradient.items():
                 total[name] = total[name] + g if name in total else g
             losses.append(loss)
             outputs.append(output)
         return total, self.summed_statistics(torch.stack(outputs), batch.query_y, torch.stack(losses))
 
+    def ways_of(self, support_y: Tensor, ways: int | None = None) -> int | None:
+        """``ways`` if given, else the number of classes the support labels hold (every task of
+        a batch has the same); None for regression."""
+        if ways is not None or not self.objective.classification:
+            return ways
+        return task_ways(support_y)
+
     def adapted_outputs(self, params: Params, support_x: Tensor, support_y: Tensor,
-                        query_x: Tensor, *, steps: int | None = None) -> Tensor:
+                        query_x: Tensor, *, ways: int | None = None,
+                        steps: int | None = None) -> Tensor:
         """Outputs for ``query_x`` after adapting to the support set: the one path evaluation,
         ``orch predict`` and serving share. Works under ``torch.no_grad``: torch.func's inner
-        gradients ignore an outer no_grad."""
-        return self.predict(params, self.adapt(params, support_x, support_y, steps=steps), query_x)
+        gradients ignore an outer no_grad. Refuses more classes than the learner can serve."""
+        ways = self.ways_of(support_y, ways)
+        if ways is not None:
+            self.check_ways(params, ways)
+        adapted = self.adapt(params, support_x, support_y, ways=ways, steps=steps)
+        return self.predict(params, adapted, query_x)
 
     def batch_evaluate(self, params: Params, batch: TaskBatch, *, steps: int | None = None,
                        vectorize: bool = False) -> dict[str, float]:
         """Summed query statistics after adapting to each task of the batch."""
         params = {k: v.detach() for k, v in params.items()}
+        ways = self.ways_of(batch.support_y)
 
         def outputs_for(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-            return self.adapted_outputs(params, sx, sy, qx, steps=steps)
+            return self.adapted_outputs(params, sx, sy, qx, ways=ways, steps=steps)
 
         with torch.no_grad():
             if vectorize:

@@ -39,3 +39,40 @@ def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
             rate = step_lr[name] if isinstance(step_lr, Mapping) else step_lr
             params[name] = params[name] - rate * g
     return params
+
+
+# The any-way head of the gradient family (``head`` knob), after Ye and Chao (2022), "How to train
+# your MAML to excel in few-shot classification", and the zeroing trick of Kao et al. (2022).
+HEAD_MODES = ("fixed", "zero", "shared")
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+SHARED_HEAD = "head.shared_weight"
+
+
+def meta_head(params: Params, mode: str) -> Params:
+    """Meta-parameters for head ``mode``: ``fixed`` keeps the N-way linear head; ``zero`` drops
+    it (every task starts from a zero head); ``shared`` keeps one learned weight vector that every
+    class's row starts from (the bias is dropped: a bias shared by all classes shifts every logit
+    alike, so it could never change a prediction)."""
+    if mode == "fixed":
+        return params
+    body = {k: v for k, v in params.items() if k not in (HEAD_WEIGHT, HEAD_BIAS)}
+    if mode == "zero":
+        return body
+    return {**body, SHARED_HEAD: params[HEAD_WEIGHT][0].clone()}
+
+
+def task_head(params: Params, mode: str, *, ways: int | None, features: int) -> Params:
+    """The task's starting weights: for ``zero`` and ``shared`` heads, a ``ways``-row head over
+    ``features`` inputs made for this task, so one meta-model serves any number of classes. The
+    expansion is part of the differentiated function, so the shared vector's meta-gradient sums
+    over the rows."""
+    if mode == "fixed":
+        return params
+    if ways is None:
+        raise ValueError(f"head: {mode} is for classification (it needs the task's classes)")
+    body = {k: v for k, v in params.items() if k != SHARED_HEAD}
+    if mode == "zero":
+        weight = next(iter(body.values())).new_zeros(ways, features)
+    else:
+        weight = params[SHARED_HEAD].unsqueeze(0).expand(ways, -1)
+    return {**body, HEAD_WEIGHT: weight, HEAD_BIAS: weight.new_zeros(ways)}

@@ -26,8 +26,8 @@ class ProtoNet(Learner):
         return call(self.backbone, params, x).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
-              steps: int | None = None) -> Adapted:
-        ways = self.objective.ways or int(support_y.max()) + 1
+              ways: int | None = None, steps: int | None = None) -> Adapted:
+        ways = self.ways_of(support_y, ways)
         embeddings = self.embed(params, support_x)
         # One-hot by comparison rather than F.one_hot, so adapt also runs under torch.func.vmap.
         members = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))

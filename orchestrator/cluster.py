@@ -129,8 +129,8 @@ class _ShardActor:
         device = pick_device(device_preference, ray.get_gpu_ids())
         self.worker = ShardWorker(sweep, algorithm, knobs, device=str(device))
 
-    def gradient(self, params, split, seed, indices):
-        return self.worker.gradient(params, split, seed, indices)
+    def gradient(self, params, split, seed, indices, progress=0.0):
+        return self.worker.gradient(params, split, seed, indices, progress=progress)
 
     def evaluate(self, params, split, seed, indices, shots=None, steps=None):
         return self.worker.evaluate(params, split, seed, indices, shots=shots, steps=steps)
@@ -169,10 +169,10 @@ class RayFarm:
             start = end
         return shards
 
-    def gradient(self, params: Params, split: str, seed: int,
-                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]:
+    def gradient(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 progress: float = 0.0) -> tuple[Params, dict[str, float], int]:
         weights = ray.put(params)  # once per iteration, shared by every actor on a node
-        results = ray.get([actor.gradient.remote(weights, split, seed, shard)
+        results = ray.get([actor.gradient.remote(weights, split, seed, shard, progress)
                            for actor, shard in zip(self.actors, self._shards(indices))])
         total: Params = {}
         for gradient, _, _ in results:

@@ -251,6 +251,14 @@ class Sweep(Section):
 
     # -- derived values -------------------------------------------------------------------------
 
+    def space(self, algorithm: str) -> dict[str, Range | Choices | bool | int | float | str]:
+        """What Optuna searches for ``algorithm``: the learner's default search space
+        (``Learner.search_space``) for every knob the file leaves out, the file's knobs as given.
+        An algorithm listed with no knobs is therefore tuned over its defaults."""
+        defaults = {knob: parse_knob(value)
+                    for knob, value in learner_class(algorithm).search_space.items()}
+        return {**defaults, **self.algorithms[algorithm].knobs()}
+
     def run_path(self) -> Path:
         return Path(self.run_dir)
 

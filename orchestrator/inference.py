@@ -318,7 +318,7 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
         outputs = model.adapt_and_predict(task.support_x, task.support_y, task.query_x,
                                           steps=steps)
         if model.classification:
-            correct = outputs[:, :ways].argmax(dim=-1) == task.query_y
+            correct = outputs.argmax(dim=-1) == task.query_y
             scores.append(float(correct.float().mean()))
         else:
             scores.append(float(torch.nn.functional.mse_loss(outputs, task.query_y)))

@@ -101,9 +101,18 @@ class MetaModel:
 
     def adapt_and_predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *,
                           steps: int | None = None) -> Tensor:
+        """Query outputs after adapting to the support set; for classification, logits over
+        exactly the support set's classes (a fixed head trained on more is cut to them)."""
         with torch.no_grad():
-            return self.learner.adapted_outputs(self.params, support_x, support_y, query_x,
-                                                steps=steps)
+            outputs = self.learner.adapted_outputs(self.params, support_x, support_y, query_x,
+                                                   steps=steps)
+        if self.classification:
+            ways = self.learner.ways_of(support_y)
+            if outputs.shape[-1] < ways:
+                raise RuntimeError(f"{self.spec['algorithm']} returned {outputs.shape[-1]} class "
+                                   f"scores for a {ways}-way task")
+            outputs = outputs[..., :ways]
+        return outputs
 
     def predict(self, support_inputs: Inputs, support_labels: Sequence[Any] | Tensor,
                 query_inputs: Inputs, *, steps: int | None = None) -> Prediction:
@@ -127,8 +136,7 @@ class MetaModel:
         self.check_ways(len(classes))
         index = {name: i for i, name in enumerate(classes)}
         targets = torch.tensor([index[str(label)] for label in support_labels])
-        outputs = self.adapt_and_predict(support_x, targets, query_x, steps=steps)
-        return Prediction(outputs[:, :len(classes)], classes)
+        return Prediction(self.adapt_and_predict(support_x, targets, query_x, steps=steps), classes)
 
     def inputs(self, items: Inputs) -> Tensor:
         """A batch of model inputs, checked against the shape the model was trained on."""
@@ -156,14 +164,8 @@ class MetaModel:
         return preprocess_image(item, self.spec["preprocessing"])
 
     def check_ways(self, ways: int) -> None:
-        """Refuse more classes than a learner with a fixed output head was trained for."""
-        trained = self.spec["shape"]["ways"]
-        if self.learner_has_fixed_ways() and trained is not None and ways > trained:
-            raise ValueError(f"this {self.spec['algorithm']} model was trained {trained}-way; "
-                             f"it cannot tell {ways} classes apart (ProtoNet-style models can)")
-
-    def learner_has_fixed_ways(self) -> bool:
-        return getattr(type(self.learner), "needs_head", True)
+        """Refuse, before any work, more classes than the learner can serve (a fixed head)."""
+        self.learner.check_ways(self.params, ways)
 
 
 def _numbers(values: Any) -> Tensor:

@@ -144,7 +144,7 @@ class StudyRunner:
         self.study = studies.create_study(sweep, algorithm, load_if_exists=resume)
         self.parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
         self.summary = AlgorithmSummary(algorithm, sweep.search.metric)
-        self.space = sweep.algorithms[algorithm].knobs()
+        self.space = sweep.space(algorithm)
         self.sweep_dict = sweep.model_dump(mode="json")
         self.running: dict[ray.ObjectRef, _Running] = {}
         self.recover_interrupted()

@@ -55,13 +55,15 @@ def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any],
                   kind: str, input_shape: Sequence[int], output_size: int,
                   ways: int | None = None) -> Learner:
     """The learner ``algorithm`` with resolved ``knobs`` for tasks of this shape. Takes shapes,
-    not a task family, so a saved model can be rebuilt where its training data is absent."""
+    not a task family, so a saved model can be rebuilt where its training data is absent.
+    ``ways`` (the trained number of classes, kept in a model's spec) is not handed to the learner:
+    each task says how many classes it has, and a fixed output head is ``output_size`` wide."""
     cls = learner_class(algorithm)
     hparams = cls.Hyperparameters.model_validate(learner_hparams(algorithm, knobs))
     head = output_size if getattr(cls, "needs_head", True) else None
     backbone = build_backbone(model.backbone, input_shape, head, hidden=model.hidden,
                               filters=model.filters)
-    return cls(backbone, Objective.for_task_kind(kind, ways=ways), hparams)
+    return cls(backbone, Objective.for_task_kind(kind), hparams)
 
 
 def task_shape(family: TaskFamily) -> dict[str, Any]:
@@ -98,12 +100,13 @@ class ShardWorker:
         self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
                                           self.device)
 
-    def gradient(self, params: Params, split: str, seed: int,
-                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]:
-        """Sum over the shard of each task's outer-update contribution, and summed statistics."""
+    def gradient(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 progress: float = 0.0) -> tuple[Params, dict[str, float], int]:
+        """Sum over the shard of each task's outer-update contribution, and summed statistics.
+        ``progress`` is the fraction of meta-training done (for learners that anneal)."""
         batch = self.family.batch(split, seed, indices).to(self.device)
         total, stats = self.learner.batch_gradient(self._on_device(params), batch,
-                                                   vectorize=self.vectorize)
+                                                   vectorize=self.vectorize, progress=progress)
         return {k: v.cpu() for k, v in total.items()}, stats, len(indices)
 
     def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
@@ -127,8 +130,8 @@ def should_vectorize(setting: str, backbone: str, device: torch.device) -> bool:
 class Farm(Protocol):
     """Where a meta-batch is computed: ``LocalFarm`` here, ``cluster.RayFarm`` on Ray actors."""
 
-    def gradient(self, params: Params, split: str, seed: int,
-                 indices: Sequence[int]) -> tuple[Params, dict[str, float], int]: ...
+    def gradient(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
+                 progress: float = 0.0) -> tuple[Params, dict[str, float], int]: ...
 
     def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
                  shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]: ...
@@ -143,8 +146,8 @@ class LocalFarm:
         self.worker = worker
         self._node_id = node_id
 
-    def gradient(self, params, split, seed, indices):
-        return self.worker.gradient(params, split, seed, indices)
+    def gradient(self, params, split, seed, indices, *, progress=0.0):
+        return self.worker.gradient(params, split, seed, indices, progress=progress)
 
     def evaluate(self, params, split, seed, indices, *, shots=None, steps=None):
         return self.worker.evaluate(params, split, seed, indices, shots=shots, steps=steps)
@@ -193,11 +196,13 @@ class MetaTrainer:
     def initial_params(self) -> Params:
         return self.learner.init_params(self.seed)
 
-    def meta_gradient(self, params: Params, iteration: int) -> tuple[Params, dict[str, float]]:
+    def meta_gradient(self, params: Params, iteration: int, *,
+                      progress: float = 0.0) -> tuple[Params, dict[str, float]]:
         """The mean outer-update direction of iteration ``iteration``'s meta-batch."""
         start = iteration * self.meta_batch
         total, stats, count = self.farm.gradient(params, self.train_split, self.seed,
-                                                 range(start, start + self.meta_batch))
+                                                 range(start, start + self.meta_batch),
+                                                 progress=progress)
         return ({k: v / count for k, v in total.items()},
                 {f"train_{k}": v / count for k, v in stats.items()})
 
@@ -214,16 +219,27 @@ class MetaTrainer:
               on_iteration: Callable[[int, dict[str, float]], None] | None = None,
               params: Params | None = None, start_iteration: int = 0,
               time_budget_s: float | None = None) -> TrialOutcome:
-        """Meta-train to ``training.iterations``, or until ``time_budget_s`` seconds have passed
-        (then the iteration in progress is the last one and is validated)."""
+        """Meta-train to ``training.iterations``, or until this process has used ``time_budget_s``
+        seconds of CPU time (then the iteration in progress is the last one and is validated).
+        CPU time, not wall time, so that benchmarks give every learner the same compute however
+        busy the machine is."""
         training = self.sweep.training
         params = {k: v.clone().requires_grad_(True) for k, v in
                   (params or self.initial_params()).items()}
         optimizer = self._outer_optimizer(list(params.values()))
+        base_lr = optimizer.param_groups[0]["lr"]
         outcome = TrialOutcome(params=params)
-        started, tasks = time.perf_counter(), 0
+        started, cpu_started, tasks = time.perf_counter(), time.process_time(), 0
         for iteration in range(start_iteration, training.iterations):
-            gradient, stats = self.meta_gradient(_detached(params), iteration)
+            # The fraction of training done, by iterations or by the time budget, whichever is
+            # further: learners that anneal (MAML++) and the cosine outer schedule read it.
+            progress = iteration / training.iterations
+            if time_budget_s is not None:
+                progress = max(progress, (time.process_time() - cpu_started) / time_budget_s)
+            progress = min(progress, 1.0)
+            if self.learner.outer_schedule == "cosine":
+                optimizer.param_groups[0]["lr"] = cosine(base_lr, progress)
+            gradient, stats = self.meta_gradient(_detached(params), iteration, progress=progress)
             if not all(math.isfinite(v) for v in stats.values()):
                 raise TrialDiverged(f"meta-training loss became {stats.get('train_loss')} at "
                                     f"iteration {iteration}")
@@ -234,7 +250,8 @@ class MetaTrainer:
             tasks += self.meta_batch
             if on_iteration is not None:
                 on_iteration(iteration, stats)
-            out_of_time = time_budget_s is not None and time.perf_counter() - started >= time_budget_s
+            out_of_time = (time_budget_s is not None
+                           and time.process_time() - cpu_started >= time_budget_s)
             last = iteration + 1 == training.iterations or out_of_time
             if (iteration + 1) % training.eval_every == 0 or last:
                 metrics = {**stats, **self.validate(_detached(params))}
@@ -256,6 +273,11 @@ class MetaTrainer:
         if self.sweep.training.outer_optimizer == "sgd":
             return torch.optim.SGD(tensors, lr=lr)
         return torch.optim.Adam(tensors, lr=lr)
+
+
+def cosine(base_lr: float, progress: float, *, floor: float = 0.0) -> float:
+    """Cosine annealing of the outer rate from ``base_lr`` at progress 0 to ``floor`` at 1."""
+    return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def _detached(params: Mapping[str, Tensor]) -> Params:

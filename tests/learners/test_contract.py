@@ -65,7 +65,7 @@ def make(name: str) -> tuple[Learner, TaskFamily]:
         objective = Objective.for_task_kind("regression")
     else:
         family = Clusters()
-        objective = Objective.for_task_kind("classification", ways=family.ways)
+        objective = Objective.for_task_kind("classification")
     head = family.output_size() if cls.needs_head else None
     backbone = build_backbone("mlp", family.input_shape(), head, hidden=(40, 40))
     # A larger inner step than the paper's 0.01, so one step adapts visibly within a short test.
@@ -148,3 +148,12 @@ def test_learns_on_a_tiny_task(learner_and_family):
     assert after["loss"] < 0.7 * before["loss"]
     if learner.objective.classification:
         assert after["accuracy"] > before["accuracy"] + 0.1
+
+
+def test_default_search_space_is_valid(learner_and_family):
+    """Every knob of a learner's default search space is one the sweep file accepts."""
+    from orchestrator.config import sweep_from_dict
+
+    learner, _ = learner_and_family
+    sweep = sweep_from_dict({"name": "space", "algorithms": {learner.name: dict(learner.search_space)}})
+    assert sweep.space(learner.name).keys() == learner.search_space.keys()

@@ -12,14 +12,14 @@ from learners.protonet import ProtoNet
 from pipelines.episodes import EpisodeFamily
 
 
-def make(input_shape, *, ways: int = 5, filters: int = 32) -> ProtoNet:
+def make(input_shape, *, filters: int = 32) -> ProtoNet:
     backbone = build_backbone("conv4", input_shape, None, filters=filters)
-    return ProtoNet(backbone, Objective.for_task_kind("classification", ways=ways),
+    return ProtoNet(backbone, Objective.for_task_kind("classification"),
                     ProtoNet.Hyperparameters())
 
 
 def test_prototypes_are_class_means_and_logits_negative_squared_distances():
-    learner = make((1, 28, 28), ways=3, filters=8)
+    learner = make((1, 28, 28), filters=8)
     params = learner.init_params(0)
     support_x, query_x = torch.randn(6, 1, 28, 28), torch.randn(4, 1, 28, 28)
     support_y = torch.tensor([2, 0, 1, 0, 2, 1])

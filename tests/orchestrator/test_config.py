@@ -35,7 +35,7 @@ def test_quickstart_example_is_valid():
     ({"algorithms": {"maml": {"inner_lr": {"low": 0, "high": 0.1, "log": True}}}},
      "algorithms.maml.inner_lr: a log range needs low > 0"),
     ({"algorithms": {"maml": {"outer_lr": -0.1}}}, "algorithms.maml.outer_lr: learning rates must be > 0"),
-    ({"algorithms": {"maml": {"inner_lrr": 0.1}}}, "algorithms.maml.inner_lrr: unknown knob; allowed: inner_lr"),
+    ({"algorithms": {"maml": {"inner_lrr": 0.1}}}, "algorithms.maml.inner_lrr: unknown knob; allowed: head, inner_lr"),
     ({"algorithms": {"maml": {"inner_steps": "x"}}}, "algorithms.maml.inner_steps: Input should be a valid integer"),
     ({"algorithms": {"maml": {"inner_steps": {"low": 0, "high": 3, "int": True}}}},
      "algorithms.maml.inner_steps: Input should be greater than or equal to 1"),
