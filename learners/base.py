@@ -120,6 +120,9 @@ class Learner(abc.ABC):
     # False for learners whose backbone ends at the embedding (metric-based): ``build_learner``
     # then builds it without the linear output head.
     needs_head: ClassVar[bool] = True
+    # The task kinds the method is defined for: a sweep pairing it with another kind of data
+    # fails at load time.
+    task_kinds: ClassVar[tuple[str, ...]] = ("regression", "classification")
     # The outer learning-rate schedule the trainer applies: "constant" or "cosine" (MAML++).
     outer_schedule: ClassVar[str] = "constant"
     # The default search space: knob -> a fixed value, {low, high, log, int} or {choices: [...]}

@@ -21,6 +21,7 @@ class ProtoNet(Learner):
     name = "protonet"
     needs_head = False
     uses_inner_steps = False
+    task_kinds = ("classification",)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, params, x).flatten(start_dim=1)

@@ -244,6 +244,12 @@ class Sweep(Section):
                 _check_knob(where, knob, value)
                 if knob in hparams.model_fields:
                     _check_against_field(where, hparams, knob, value)
+        kind = "regression" if self.data.family == "sinusoid" else "classification"
+        for algorithm in self.algorithms:
+            if kind not in learner_class(algorithm).task_kinds:
+                raise _KeyError(("algorithms", algorithm),
+                                f"is for {' and '.join(learner_class(algorithm).task_kinds)}; "
+                                f"data.family {self.data.family} is {kind}")
         if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
             raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
                             "sinusoid is regression: use val_loss")
