@@ -155,5 +155,7 @@ def test_default_search_space_is_valid(learner_and_family):
     from orchestrator.config import sweep_from_dict
 
     learner, _ = learner_and_family
-    sweep = sweep_from_dict({"name": "space", "algorithms": {learner.name: dict(learner.search_space)}})
+    data = {"family": "sinusoid"} if "regression" in learner.task_kinds else {"path": "unread"}
+    sweep = sweep_from_dict({"name": "space", "data": data,
+                             "algorithms": {learner.name: dict(learner.search_space)}})
     assert sweep.space(learner.name).keys() == learner.search_space.keys()
