@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from learners.registry import LEARNERS
 from orchestrator.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
 from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
@@ -12,31 +13,39 @@ from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
 KNOBS = {"inner_lr": 0.01, "inner_steps": 2}
 
 
-def sweep(algorithm: str, count: int):
+def sweep(algorithm: str, count: int, data: dict | None = None):
+    """Sinusoid with the MLP for learners that do regression, else tiny Conv-4 on Omniglot."""
+    model = {"backbone": "mlp"} if data is None else {"backbone": "conv4", "filters": 4}
     return sweep_from_dict({"name": "farm", "workers": {"count": count, "cpus": 0.5, "driver_cpus": 0.5},
+                            "data": data or {"family": "sinusoid"}, "model": model,
                             "training": {"meta_batch": 7}, "algorithms": {algorithm: {}}})
 
 
-def test_two_workers_equal_in_process(ray_local):
-    for algorithm in ("maml", "reptile"):
-        config = sweep(algorithm, 2)
-        local = MetaTrainer(config, algorithm, KNOBS,
-                            LocalFarm(ShardWorker(config.model_dump(), algorithm, KNOBS)))
-        farm = RayFarm(config.model_dump(), algorithm, KNOBS, config.workers)
-        try:
-            remote = MetaTrainer(config, algorithm, KNOBS, farm)
-            params = local.initial_params()
-            # 7 tasks over 2 workers: unequal shards (4 + 3) must still average correctly.
-            expected, expected_stats = local.meta_gradient(params, iteration=3)
-            actual, actual_stats = remote.meta_gradient(params, iteration=3)
-            for name in expected:
-                torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
-            assert abs(actual_stats["train_loss"] - expected_stats["train_loss"]) < 1e-5
-            assert len(farm.processes()) == 2 and len({pid for _, pid in farm.processes()}) == 2
-            assert remote.validate(params, tasks=9)["val_loss"] == pytest.approx(
-                local.validate(params, tasks=9)["val_loss"], rel=1e-6)
-        finally:
-            farm.shutdown()
+@pytest.mark.parametrize("algorithm", sorted(LEARNERS))
+def test_two_workers_equal_in_process(ray_local, omniglot_dir, algorithm):
+    """Every registered learner's outer update is the same with 0 and 2 Ray workers."""
+    data = None
+    if "regression" not in LEARNERS[algorithm].task_kinds:
+        data = {"path": str(omniglot_dir), "ways": 5, "shots": 1, "queries": 2}
+    config = sweep(algorithm, 2, data)
+    local = MetaTrainer(config, algorithm, KNOBS,
+                        LocalFarm(ShardWorker(config.model_dump(), algorithm, KNOBS)))
+    farm = RayFarm(config.model_dump(), algorithm, KNOBS, config.workers)
+    try:
+        remote = MetaTrainer(config, algorithm, KNOBS, farm)
+        params = local.initial_params()
+        # 7 tasks over 2 workers: unequal shards (4 + 3) must still average correctly.
+        expected, expected_stats = local.meta_gradient(params, iteration=3, progress=0.5)
+        actual, actual_stats = remote.meta_gradient(params, iteration=3, progress=0.5)
+        assert expected.keys() == params.keys() == actual.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
+        assert abs(actual_stats["train_loss"] - expected_stats["train_loss"]) < 1e-5
+        assert len(farm.processes()) == 2 and len({pid for _, pid in farm.processes()}) == 2
+        assert remote.validate(params, tasks=9)["val_loss"] == pytest.approx(
+            local.validate(params, tasks=9)["val_loss"], rel=1e-5)
+    finally:
+        farm.shutdown()
 
 
 @pytest.mark.slow  # ~30 s; tests/learners/test_contract.py checks every learner learns, quickly

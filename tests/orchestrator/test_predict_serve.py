@@ -224,6 +224,40 @@ def test_evaluate_reports_mean_and_interval_and_tags_the_version(trained):
     assert tags["orch.eval.test.5way1shot.tasks"] == "40"
 
 
+def test_fixed_head_refuses_more_classes_on_every_path_and_records_nothing(trained, tmp_path):
+    """MAML's 5-way head cannot tell 20 classes apart: evaluate, predict and the served pyfunc
+    refuse in one line, and no evaluation tag is written."""
+    client = MlflowClient(tracking_uri=trained.uri, registry_uri=trained.uri)
+    before = client.get_model_version("orch-maml", "1").tags
+    refused = CliRunner().invoke(evaluate, [
+        "--model", "models:/orch-maml@champion", "--data", str(trained.data), "--split", "test",
+        "--ways", "20", "--tasks", "5", "--tracking-uri", trained.uri])
+    assert refused.exit_code != 0
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "5-way output head; it cannot tell 20 classes apart" in refused.output
+    assert client.get_model_version("orch-maml", "1").tags == before
+
+    support = tmp_path / "support20"  # the 4 tasks' 5 classes each: 20 classes
+    for task in trained.tasks:
+        for image in task.support.glob("*/*.png"):
+            (support / image.parent.name).mkdir(parents=True, exist_ok=True)
+            (support / image.parent.name / image.name).write_bytes(image.read_bytes())
+    assert len(list(support.iterdir())) == 20
+    result = run_predict(trained, "models:/orch-maml@champion", support=support)
+    assert result.exit_code != 0 and "cannot tell 20 classes apart" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+    import pandas as pd
+
+    rows = [{"role": "support", "input": _base64(p), "label": p.parent.name}
+            for p in sorted(support.glob("*/*.png"))]
+    rows += [{"role": "query", "input": _base64(p)} for p in sorted(trained.query.iterdir())]
+    with pytest.raises(Exception, match="cannot tell 20 classes apart"):
+        load_pyfunc(trained, "orch-maml").predict(pd.DataFrame(rows))
+    served = load_pyfunc(trained, "orch-protonet").predict(pd.DataFrame(rows))
+    assert len(json.loads(served["scores"][0])) == 20  # a metric learner serves all 20
+
+
 def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
     folder = sine_model().save(tmp_path / "sine")
     result = CliRunner().invoke(evaluate, ["--model", str(folder), "--tasks", "20"])
