@@ -1,0 +1,126 @@
+"""ALPaCA: Bayesian linear regression on learned features (Harrison, Sharma and Pavone, 2018).
+
+The meta-parameters are the feature network phi (a backbone without a head), the prior over the
+last layer -- mean ``K0`` [features, outputs] and precision ``Lambda0 = L L^T + eps I`` -- and a
+diagonal noise variance ``Sigma_eps`` (log-parameterised). ``adapt`` solves the posterior in closed
+form: ``Lambda_n = Phi^T Phi + Lambda0`` (returned as its Cholesky factor) and
+``K_n = Lambda_n^-1 (Phi^T Y + Lambda0 K0)``. A query's prediction is Gaussian, mean
+``K_n^T phi`` and variance ``(1 + phi^T Lambda_n^-1 phi) Sigma_eps``; meta-training minimises the
+exact negative log-likelihood of the query targets under it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.func import grad
+
+from learners.backbones import call
+from learners.base import Adapted, Hyperparameters, Learner, Params
+from pipelines.base import Task
+
+PRIOR_MEAN, PRIOR_FACTOR, LOG_NOISE = "prior.mean", "prior.factor", "noise.log_variance"
+OWN_KEYS = (PRIOR_MEAN, PRIOR_FACTOR, LOG_NOISE)
+# Added to L L^T so the prior precision stays positive definite whatever L becomes.
+JITTER = 1e-3
+
+
+class ALPaCAHyperparameters(Hyperparameters):
+    variable_context: bool = Field(
+        True, description="meta-train on every prefix of the support set (0..K points), the "
+        "expected loss of the paper's context size drawn uniformly from 0..K, so one model "
+        "serves any K; false: only the whole support set")
+
+
+class ALPaCA(Learner):
+    """ALPaCA with a learned prior, learned diagonal noise and the exact predictive likelihood."""
+
+    name = "alpaca"
+    Hyperparameters = ALPaCAHyperparameters
+    needs_head = False
+    uses_inner_steps = False
+    task_kinds = ("regression",)
+
+    def init_params(self, seed: int) -> Params:
+        params = super().init_params(seed)
+        if self.output_size is None:
+            raise ValueError("alpaca needs the width of the targets: set learner.output_size "
+                             "(build_learner does)")
+        features = self.backbone.feature_size
+        generator = torch.Generator().manual_seed(seed)
+        # As the authors' code: a Glorot-scaled prior mean; the prior precision starts at I.
+        params[PRIOR_MEAN] = torch.randn(features, self.output_size, generator=generator) * \
+            math.sqrt(2.0 / (features + self.output_size))
+        params[PRIOR_FACTOR] = torch.eye(features)
+        params[LOG_NOISE] = torch.zeros(self.output_size)
+        return params
+
+    def features(self, params: Params, x: Tensor) -> Tensor:
+        body = {k: v for k, v in params.items() if k not in OWN_KEYS}
+        return call(self.backbone, body, x).flatten(start_dim=1)
+
+    def posterior(self, params: Params, gram: Tensor, cross: Tensor) -> Adapted:
+        """The posterior from the support statistics ``Phi^T Phi`` and ``Phi^T Y`` (any leading
+        dimensions): the Cholesky factor of ``Lambda_n`` and the mean ``K_n``."""
+        factor = params[PRIOR_FACTOR]
+        prior = factor @ factor.mT + JITTER * torch.eye(len(factor), dtype=factor.dtype,
+                                                         device=factor.device)
+        cholesky = torch.linalg.cholesky(gram + prior)
+        mean = torch.cholesky_solve(cross + prior @ params[PRIOR_MEAN], cholesky)
+        return {"mean": mean, "cholesky": cholesky}
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+              ways: int | None = None, steps: int | None = None) -> Adapted:
+        phi = self.features(params, support_x)
+        return self.posterior(params, phi.mT @ phi, phi.mT @ support_y)
+
+    def predictive(self, params: Params, adapted: Adapted, query_x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance ``[queries, outputs]`` (with the leading dimensions of ``adapted``)."""
+        phi = self.features(params, query_x)
+        mean = phi @ adapted["mean"]
+        cholesky = adapted["cholesky"]
+        # phi^T Lambda_n^-1 phi = |C^-1 phi|^2 for Lambda_n = C C^T.
+        whitened = torch.linalg.solve_triangular(
+            cholesky, phi.mT.expand(*cholesky.shape[:-2], *phi.mT.shape), upper=False)
+        spread = 1 + whitened.square().sum(dim=-2)
+        return mean, spread.unsqueeze(-1) * params[LOG_NOISE].exp()
+
+    def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
+        return self.predictive(params, adapted, query_x)[0]
+
+    def predict_distribution(self, params: Params, adapted: Adapted,
+                             query_x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, variance = self.predictive(params, adapted, query_x)
+        return mean, variance.sqrt()
+
+    def task_gradient(self, params: Params, task: Task, *,
+                      ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
+        """The gradient of the queries' negative log-likelihood (the loss statistic is it too);
+        outputs are the predictive means after the whole support set."""
+
+        def query_nll(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            phi = self.features(p, task.support_x)
+            if self.hparams.variable_context:
+                # Support statistics of the first n points, n = 0..K.
+                outer = phi.unsqueeze(-1) * phi.unsqueeze(-2)
+                cross = phi.unsqueeze(-1) * task.support_y.unsqueeze(-2)
+                gram = torch.cat([torch.zeros_like(outer[:1]), outer.cumsum(dim=0)])
+                cross = torch.cat([torch.zeros_like(cross[:1]), cross.cumsum(dim=0)])
+            else:
+                gram, cross = (phi.mT @ phi).unsqueeze(0), (phi.mT @ task.support_y).unsqueeze(0)
+            mean, variance = self.predictive(p, self.posterior(p, gram, cross), task.query_x)
+            loss = gaussian_nll(mean, variance, task.query_y)
+            return loss, (loss.detach(), mean[-1].detach())
+
+        gradient, (loss, outputs) = grad(query_nll, has_aux=True)(params)
+        return gradient, loss, outputs
+
+
+def gaussian_nll(mean: Tensor, variance: Tensor, targets: Tensor) -> Tensor:
+    """Negative log-density of ``targets`` under independent normals, summed over the output
+    dimension and averaged over queries (and any leading dimensions)."""
+    terms = torch.log(2 * math.pi * variance) + (targets - mean).square() / variance
+    return 0.5 * terms.sum(dim=-1).mean()
