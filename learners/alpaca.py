@@ -25,7 +25,8 @@ from pipelines.base import Task
 PRIOR_MEAN, PRIOR_FACTOR, LOG_NOISE = "prior.mean", "prior.factor", "noise.log_variance"
 OWN_KEYS = (PRIOR_MEAN, PRIOR_FACTOR, LOG_NOISE)
 # Added to L L^T so the prior precision stays positive definite whatever L becomes.
-JITTER = 1e-3
+JITTER = 1e-6
+SOLVE_DTYPE = torch.float64
 
 
 class ALPaCAHyperparameters(Hyperparameters):
@@ -64,13 +65,17 @@ class ALPaCA(Learner):
 
     def posterior(self, params: Params, gram: Tensor, cross: Tensor) -> Adapted:
         """The posterior from the support statistics ``Phi^T Phi`` and ``Phi^T Y`` (any leading
-        dimensions): the Cholesky factor of ``Lambda_n`` and the mean ``K_n``."""
-        factor = params[PRIOR_FACTOR]
-        prior = factor @ factor.mT + JITTER * torch.eye(len(factor), dtype=factor.dtype,
+        dimensions): the Cholesky factor of ``Lambda_n`` (in double precision) and the mean
+        ``K_n``."""
+        # Solved in double precision: on noiseless tasks the learned noise variance falls to the
+        # feature misfit and the prior precision with it, far below what float32 can factor.
+        factor = params[PRIOR_FACTOR].to(SOLVE_DTYPE)
+        prior = factor @ factor.mT + JITTER * torch.eye(len(factor), dtype=SOLVE_DTYPE,
                                                          device=factor.device)
-        cholesky = torch.linalg.cholesky(gram + prior)
-        mean = torch.cholesky_solve(cross + prior @ params[PRIOR_MEAN], cholesky)
-        return {"mean": mean, "cholesky": cholesky}
+        cholesky = torch.linalg.cholesky(gram.to(SOLVE_DTYPE) + prior)
+        mean = torch.cholesky_solve(
+            cross.to(SOLVE_DTYPE) + prior @ params[PRIOR_MEAN].to(SOLVE_DTYPE), cholesky)
+        return {"mean": mean.to(cross.dtype), "cholesky": cholesky}
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -84,8 +89,9 @@ class ALPaCA(Learner):
         cholesky = adapted["cholesky"]
         # phi^T Lambda_n^-1 phi = |C^-1 phi|^2 for Lambda_n = C C^T.
         whitened = torch.linalg.solve_triangular(
-            cholesky, phi.mT.expand(*cholesky.shape[:-2], *phi.mT.shape), upper=False)
-        spread = 1 + whitened.square().sum(dim=-2)
+            cholesky, phi.mT.to(cholesky.dtype).expand(*cholesky.shape[:-2], *phi.mT.shape),
+            upper=False)
+        spread = 1 + whitened.square().sum(dim=-2).to(phi.dtype)
         return mean, spread.unsqueeze(-1) * params[LOG_NOISE].exp()
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
