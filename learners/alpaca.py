@@ -108,21 +108,50 @@ class ALPaCA(Learner):
         outputs are the predictive means after the whole support set."""
 
         def query_nll(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            phi = self.features(p, task.support_x)
-            if self.hparams.variable_context:
-                # Support statistics of the first n points, n = 0..K.
-                outer = phi.unsqueeze(-1) * phi.unsqueeze(-2)
-                cross = phi.unsqueeze(-1) * task.support_y.unsqueeze(-2)
-                gram = torch.cat([torch.zeros_like(outer[:1]), outer.cumsum(dim=0)])
-                cross = torch.cat([torch.zeros_like(cross[:1]), cross.cumsum(dim=0)])
-            else:
-                gram, cross = (phi.mT @ phi).unsqueeze(0), (phi.mT @ task.support_y).unsqueeze(0)
-            mean, variance = self.predictive(p, self.posterior(p, gram, cross), task.query_x)
+            mean, variance = self.prefix_predictive(p, task)
+            if not self.hparams.variable_context:
+                mean, variance = mean[-1:], variance[-1:]
             loss = gaussian_nll(mean, variance, task.query_y)
             return loss, (loss.detach(), mean[-1].detach())
 
         gradient, (loss, outputs) = grad(query_nll, has_aux=True)(params)
         return gradient, loss, outputs
+
+    def prefix_predictive(self, params: Params, task: Task) -> tuple[Tensor, Tensor]:
+        """The queries' predictive mean and variance after each prefix of the support set,
+        ``[K + 1, queries, outputs]`` for 0..K points, from one K x K Cholesky factorisation.
+
+        The same posterior as ``adapt``, in its kernel form: with prior covariance
+        ``S = Lambda0^-1`` and ``k(a, b) = phi(a)^T S phi(b)``, the mean is
+        ``phi^T K0 + k_qn (I + K_nn)^-1 (Y - Phi K0)`` and the variance factor
+        ``1 + k_qq - k_qn (I + K_nn)^-1 k_nq``. The Cholesky factor of every leading block of
+        ``I + K_nn`` is the leading block of its factor, and forward substitution solves the
+        first n rows with the first n rows alone, so prefix n sums the first n terms.
+        """
+        phi_s = self.features(params, task.support_x)
+        phi_q = self.features(params, task.query_x)
+        prior_mean = params[PRIOR_MEAN]
+        factor = params[PRIOR_FACTOR].to(SOLVE_DTYPE)
+        eye = torch.eye(len(factor), dtype=SOLVE_DTYPE, device=factor.device)
+        prior = torch.linalg.cholesky(factor @ factor.mT + JITTER * eye)
+        # S^1/2 phi for support and queries: k(a, b) is the dot product of their columns.
+        w_s = torch.linalg.solve_triangular(prior, phi_s.mT.to(SOLVE_DTYPE), upper=False)
+        w_q = torch.linalg.solve_triangular(prior, phi_q.mT.to(SOLVE_DTYPE), upper=False)
+        shots = w_s.shape[-1]
+        kernel = torch.eye(shots, dtype=SOLVE_DTYPE, device=factor.device) + w_s.mT @ w_s
+        cholesky = torch.linalg.cholesky(kernel)
+        z = torch.linalg.solve_triangular(cholesky, w_s.mT @ w_q, upper=False)  # [K, queries]
+        residual = (task.support_y - phi_s @ prior_mean).to(SOLVE_DTYPE)
+        u = torch.linalg.solve_triangular(cholesky, residual, upper=False)  # [K, outputs]
+
+        def prefix_sums(terms: Tensor) -> Tensor:
+            return torch.cat([torch.zeros_like(terms[:1]), terms.cumsum(dim=0)])
+
+        correction = prefix_sums(z.unsqueeze(-1) * u.unsqueeze(-2)).to(phi_q.dtype)
+        mean = phi_q @ prior_mean + correction
+        spread = 1 + w_q.square().sum(dim=0) - prefix_sums(z.square())
+        variance = spread.to(phi_q.dtype).unsqueeze(-1) * params[LOG_NOISE].exp()
+        return mean, variance
 
 
 def gaussian_nll(mean: Tensor, variance: Tensor, targets: Tensor) -> Tensor:
