@@ -6,7 +6,10 @@ diagonal noise variance ``Sigma_eps`` (log-parameterised). ``adapt`` solves the 
 form: ``Lambda_n = Phi^T Phi + Lambda0`` (returned as its Cholesky factor) and
 ``K_n = Lambda_n^-1 (Phi^T Y + Lambda0 K0)``. A query's prediction is Gaussian, mean
 ``K_n^T phi`` and variance ``(1 + phi^T Lambda_n^-1 phi) Sigma_eps``; meta-training minimises the
-exact negative log-likelihood of the query targets under it.
+exact negative log-likelihood of the query targets under it. As in the paper, training sees every
+context size 0..K (here deterministically: the loss averages over all prefixes of the support set
+instead of drawing one size per task). Not from the paper: the jitter ``eps`` and solving in
+double precision (numerical safety); ``Sigma_eps`` starts at 1 and ``L`` at the identity.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ALPaCA(Learner):
     needs_head = False
     uses_inner_steps = False
     task_kinds = ("regression",)
+    search_space = {"outer_lr": {"low": 0.0003, "high": 0.01, "log": True}}
 
     def init_params(self, seed: int) -> Params:
         params = super().init_params(seed)
@@ -52,7 +56,7 @@ class ALPaCA(Learner):
                              "(build_learner does)")
         features = self.backbone.feature_size
         generator = torch.Generator().manual_seed(seed)
-        # As the authors' code: a Glorot-scaled prior mean; the prior precision starts at I.
+        # A Glorot-scaled prior mean as in the authors' code; the prior precision starts at I.
         params[PRIOR_MEAN] = torch.randn(features, self.output_size, generator=generator) * \
             math.sqrt(2.0 / (features + self.output_size))
         params[PRIOR_FACTOR] = torch.eye(features)
