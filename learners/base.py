@@ -8,6 +8,7 @@ registered model -- goes through the four verbs below, so a new algorithm is one
     init_params(seed)                         -> meta-parameters
     adapt(params, support_x, support_y, ways=...)  -> adapted state (an opaque dict of tensors)
     predict(params, adapted, query_x)         -> outputs (regression values or class logits)
+    predict_distribution(params, adapted, query_x) -> (mean, std), or None without uncertainty
     task_gradient(params, task)               -> this task's contribution to the outer update
 
 ``adapt`` and ``predict`` are pure functions of their arguments (no module state changes), so the
@@ -137,6 +138,9 @@ class Learner(abc.ABC):
         # The fraction of meta-training done, in [0, 1]; ``batch_gradient`` sets it for the
         # learners whose training anneals (MAML++'s step weights and derivative order).
         self.progress = 0.0
+        # The width of a task's targets (regression) or the trained ways; ``build_learner`` sets
+        # it, for learners that size parameters by it without an output head (ALPaCA's prior).
+        self.output_size: int | None = None
 
     # -- the four verbs ----------------------------------------------------------------------
 
@@ -156,6 +160,13 @@ class Learner(abc.ABC):
         ``ways`` is the task's number of classes (classification; ``task_ways(support_y)`` when
         None, which needs concrete labels, so code under ``vmap`` passes it). ``steps`` overrides
         the number of inner steps of learners that take any."""
+
+    def predict_distribution(self, params: Params, adapted: Adapted,
+                             query_x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Regression learners whose predictions are Gaussian (ALPaCA): the predictive mean,
+        shaped like ``predict``'s outputs, and standard deviation. None (the default) for
+        learners whose predictions carry no uncertainty."""
+        return None
 
     def servable_ways(self, params: Params) -> int | None:
         """The most classes one task may have for these meta-parameters: None for any number
@@ -236,11 +247,22 @@ class Learner(abc.ABC):
         """Outputs for ``query_x`` after adapting to the support set: the one path evaluation,
         ``orch predict`` and serving share. Works under ``torch.no_grad``: torch.func's inner
         gradients ignore an outer no_grad. Refuses more classes than the learner can serve."""
+        return self.adapted_prediction(params, support_x, support_y, query_x, ways=ways,
+                                       steps=steps)[0]
+
+    def adapted_prediction(self, params: Params, support_x: Tensor, support_y: Tensor,
+                           query_x: Tensor, *, ways: int | None = None,
+                           steps: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``adapted_outputs`` and the predictive standard deviation beside them (None for
+        learners without uncertainty, see ``predict_distribution``)."""
         ways = self.ways_of(support_y, ways)
         if ways is not None:
             self.check_ways(params, ways)
         adapted = self.adapt(params, support_x, support_y, ways=ways, steps=steps)
-        return self.predict(params, adapted, query_x)
+        distribution = self.predict_distribution(params, adapted, query_x)
+        if distribution is not None:
+            return distribution
+        return self.predict(params, adapted, query_x), None
 
     def batch_evaluate(self, params: Params, batch: TaskBatch, *, steps: int | None = None,
                        vectorize: bool = False) -> dict[str, float]:

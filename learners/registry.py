@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from learners.alpaca import ALPaCA
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, ALPaCA)}
 
 
 def learner_class(name: str) -> type[Learner]:

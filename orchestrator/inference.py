@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -215,18 +215,73 @@ def predict_folders(model: MetaModel, support: str | os.PathLike[str],
                     ) -> tuple[list[Path], Prediction]:
     """Adapt ``model`` on the support folder and predict every image of the query folder."""
     if not model.classification:
-        raise InferenceError(f"this {model.spec['algorithm']} model does regression; folders of "
-                             "images are for image classification models")
+        raise InferenceError(f"this {model.spec['algorithm']} model does regression; give the "
+                             "support and query sets as CSV files of numbers, not folders")
     paths, labels = read_support_folder(support)
     queries = read_query_folder(query)
     return queries, model.predict(paths, labels, queries, steps=steps)
 
 
+# -- CSV files of numbers (regression) -----------------------------------------------------------
+
+def read_number_rows(path: str | os.PathLike[str], columns: int, what: str) -> list[list[float]]:
+    """The rows of the CSV file ``path``, each of ``columns`` numbers; a first row that is not
+    all numbers is a header and skipped."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"{path}: no such {what} file (a regression model reads CSV files)")
+    with path.open(newline="") as handle:
+        lines = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    rows = []
+    for number, row in enumerate(lines, start=1):
+        try:
+            values = [float(cell) for cell in row]
+        except ValueError:
+            if number == 1:
+                continue  # a header
+            raise InferenceError(f"{path}, line {number}: not a row of numbers") from None
+        if len(values) != columns:
+            raise InferenceError(f"{path}, line {number}: {len(values)} columns, the {what} "
+                                 f"rows of this model have {columns}")
+        rows.append(values)
+    if not rows:
+        raise InferenceError(f"{path}: no rows of numbers")
+    return rows
+
+
+def predict_rows(model: MetaModel, support: str | os.PathLike[str],
+                 query: str | os.PathLike[str], *, steps: int | None = None
+                 ) -> tuple[list[list[float]], Prediction]:
+    """Adapt a regression ``model`` on the support CSV file (each row: the input values, then
+    the target values) and predict every row (input values) of the query CSV file."""
+    if model.classification:
+        raise InferenceError(f"this {model.spec['algorithm']} model classifies images; give the "
+                             "support and query sets as folders of images")
+    width = int(np.prod(model.spec["shape"]["input_shape"]))
+    outputs = int(model.spec["shape"]["output_size"])
+    support_rows = read_number_rows(support, width + outputs, "support")
+    queries = read_number_rows(query, width, "query")
+    prediction = model.predict([row[:width] for row in support_rows],
+                               [row[width:] for row in support_rows], queries, steps=steps)
+    return queries, prediction
+
+
 # -- evaluation on episodes ---------------------------------------------------------------------
+
+# The 97.5% quantile of the standard normal: mean +- Z95 std is a 95% predictive interval.
+Z95 = 1.959963984540054
+
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-task scores of a model on ``len(per_task)`` tasks of one split."""
+    """Per-task scores of a model on ``len(per_task)`` tasks of one split.
+
+    Regression models whose predictions carry a standard deviation (ALPaCA) are also scored by
+    ``uncertainty``: per task, ``log_likelihood`` (mean over queries of the log predictive density
+    of the target, summed over output dimensions) and ``coverage95`` (the fraction of query
+    target values inside the 95% predictive interval, mean +- 1.96 std)."""
 
     metric: str  # "accuracy" (classification) or "mse" (regression)
     per_task: list[float]
@@ -235,6 +290,7 @@ class Evaluation:
     queries: int
     ways: int | None = None
     steps: int | None = None
+    uncertainty: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -243,7 +299,12 @@ class Evaluation:
     @property
     def ci95(self) -> float:
         """Half-width of the 95% interval of the mean: 1.96 sigma / sqrt(tasks)."""
-        return 1.96 * float(np.std(self.per_task)) / math.sqrt(len(self.per_task))
+        return _ci95(self.per_task)
+
+    def uncertainty_means(self) -> dict[str, tuple[float, float]]:
+        """Each uncertainty score's (mean, 95% interval half-width) over tasks."""
+        return {name: (float(np.mean(values)), _ci95(values))
+                for name, values in self.uncertainty.items()}
 
     @property
     def setting(self) -> str:
@@ -255,8 +316,24 @@ class Evaluation:
     def tags(self) -> dict[str, str]:
         """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``."""
         prefix = f"orch.eval.{self.split}.{self.setting}"
-        return {f"{prefix}.{self.metric}": repr(self.mean), f"{prefix}.ci95": repr(self.ci95),
+        tags = {f"{prefix}.{self.metric}": repr(self.mean), f"{prefix}.ci95": repr(self.ci95),
                 f"{prefix}.tasks": str(len(self.per_task))}
+        for name, (mean, _) in self.uncertainty_means().items():
+            tags[f"{prefix}.{name}"] = repr(mean)
+        return tags
+
+
+def _ci95(values: list[float]) -> float:
+    return 1.96 * float(np.std(values)) / math.sqrt(len(values))
+
+
+def uncertainty_scores(mean: torch.Tensor, std: torch.Tensor,
+                       targets: torch.Tensor) -> dict[str, float]:
+    """One task's ``log_likelihood`` and ``coverage95`` (see ``Evaluation``)."""
+    log_density = torch.distributions.Normal(mean, std).log_prob(targets)
+    inside = (targets - mean).abs() <= Z95 * std
+    return {"log_likelihood": float(log_density.sum(dim=-1).mean()),
+            "coverage95": float(inside.float().mean())}
 
 
 def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None = None,
@@ -303,31 +380,36 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
              seed: int = 0, steps: int | None = None,
              on_task: Callable[[int], None] | None = None) -> Evaluation:
     """Adapt to ``tasks`` tasks of ``split`` (task ``i`` is the family's ``(split, seed, i)``)
-    and score each one's queries: accuracy, or mean squared error for regression."""
+    and score each one's queries: accuracy, or mean squared error for regression (and, for
+    models with predictive uncertainty, the queries' log-likelihood and 95%-interval coverage)."""
     if tasks < 1:
         raise InferenceError(f"--tasks must be at least 1, got {tasks}")
     if not type(model.learner).uses_inner_steps:
         steps = None  # nothing to override: the result is the same as without it
     ways = family.ways
     scores: list[float] = []
+    uncertainty: dict[str, list[float]] = {}
     for index in range(tasks):
         try:
             task = family.task(split, seed, index)
         except ValueError as error:  # an unknown split, or too few classes or images in it
             raise InferenceError(str(error)) from None
-        outputs = model.adapt_and_predict(task.support_x, task.support_y, task.query_x,
-                                          steps=steps)
+        outputs, std = model.adapt_and_predict_with_std(task.support_x, task.support_y,
+                                                        task.query_x, steps=steps)
         if model.classification:
             correct = outputs.argmax(dim=-1) == task.query_y
             scores.append(float(correct.float().mean()))
         else:
             scores.append(float(torch.nn.functional.mse_loss(outputs, task.query_y)))
+            if std is not None:
+                for name, value in uncertainty_scores(outputs, std, task.query_y).items():
+                    uncertainty.setdefault(name, []).append(value)
         if on_task is not None:
             on_task(index + 1)
     shots = len(task.support_y) // (ways or 1)
     queries = len(task.query_y) // (ways or 1)
     return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
-                      queries, ways, steps)
+                      queries, ways, steps, uncertainty)
 
 
 def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:

@@ -37,10 +37,13 @@ Inputs = Tensor | Sequence[Any]
 
 @dataclass
 class Prediction:
-    """Outputs for the query inputs: values (regression) or class names with scores."""
+    """Outputs for the query inputs: values (regression) or class names with scores; ``std``
+    is the predictive standard deviation beside the values, for regression learners whose
+    predictions carry one (ALPaCA), else None."""
 
     outputs: Tensor
     classes: list[str] | None = None
+    std: Tensor | None = None
 
     @property
     def labels(self) -> list[str] | None:
@@ -103,16 +106,22 @@ class MetaModel:
                           steps: int | None = None) -> Tensor:
         """Query outputs after adapting to the support set; for classification, logits over
         exactly the support set's classes (a fixed head trained on more is cut to them)."""
+        return self.adapt_and_predict_with_std(support_x, support_y, query_x, steps=steps)[0]
+
+    def adapt_and_predict_with_std(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                                   *, steps: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``adapt_and_predict`` and the predictive standard deviation of each output (None
+        for learners without uncertainty)."""
         with torch.no_grad():
-            outputs = self.learner.adapted_outputs(self.params, support_x, support_y, query_x,
-                                                   steps=steps)
+            outputs, std = self.learner.adapted_prediction(self.params, support_x, support_y,
+                                                           query_x, steps=steps)
         if self.classification:
             ways = self.learner.ways_of(support_y)
             if outputs.shape[-1] < ways:
                 raise RuntimeError(f"{self.spec['algorithm']} returned {outputs.shape[-1]} class "
                                    f"scores for a {ways}-way task")
             outputs = outputs[..., :ways]
-        return outputs
+        return outputs, std
 
     def predict(self, support_inputs: Inputs, support_labels: Sequence[Any] | Tensor,
                 query_inputs: Inputs, *, steps: int | None = None) -> Prediction:
@@ -129,7 +138,8 @@ class MetaModel:
             raise ValueError(f"{len(support_x)} support inputs but {len(support_labels)} labels")
         if not self.classification:
             targets = _numbers(support_labels).reshape(len(support_x), -1)
-            return Prediction(self.adapt_and_predict(support_x, targets, query_x, steps=steps))
+            outputs, std = self.adapt_and_predict_with_std(support_x, targets, query_x, steps=steps)
+            return Prediction(outputs, std=std)
         classes = sorted({str(label) for label in support_labels})
         if len(classes) < 2:
             raise ValueError(f"the support set needs at least 2 classes, got {len(classes)}")

@@ -2,13 +2,17 @@
 
     orch predict --model models:/orch-protonet@champion --support support/ --query query/
     orch predict --model models:/orch-maml/2 --support support/ --query query/ --steps 5 --format csv
+    orch predict --model models:/orch-alpaca@champion --support support.csv --query query.csv
     orch evaluate --model models:/orch-protonet@champion --data data/omniglot --split test \\
         --ways 5 --shots 1 --tasks 600
 
 SUPPORT holds one sub-folder per class (its name is the class) with a few PNG/JPEG images of any
 size; QUERY holds the images to classify. Images get the preprocessing recorded when the model's
-training data was imported. ``evaluate`` prints the mean accuracy (MSE for regression) with its
-95% interval and records them as tags on the registered model version.
+training data was imported. A regression model takes CSV files instead (support rows: inputs
+then targets; query rows: inputs) and prints predicted values, with a ``std`` column when its
+predictions carry uncertainty (ALPaCA). ``evaluate`` prints the mean accuracy (MSE for
+regression; plus query log-likelihood and 95%-interval coverage with uncertainty) with its 95%
+interval and records them as tags on the registered model version.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ _steps = click.option("--steps", type=click.IntRange(0, 1000), default=None,
 @click.command()
 @_model
 @click.option("--support", required=True, type=click.Path(path_type=Path),
-              help="Folder with one sub-folder of images per class.")
+              help="Folder with one sub-folder of images per class; for a regression model, a "
+                   "CSV file whose rows are the input values, then the target values.")
 @click.option("--query", required=True, type=click.Path(path_type=Path),
-              help="Folder of images to classify.")
+              help="Folder of images to classify; for a regression model, a CSV file of input "
+                   "rows.")
 @click.option("--format", "output", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="How to print the predictions.")
 @_steps
@@ -56,11 +62,19 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
 
     The queries are classified together, as in training: Conv-4's BatchNorm normalises with the
     batch's own statistics, so give it a batch of queries (a few per class), not a single image.
+
+    A regression model reads CSV files of numbers instead and prints each query's inputs and
+    predicted values, and a std column (the predictive standard deviation) for models whose
+    predictions carry one (ALPaCA).
     """
-    from orchestrator.inference import load, predict_folders, resolve
+    from orchestrator.inference import load, predict_folders, predict_rows, resolve
 
     with _one_line_errors():
         model = load(resolve(model_uri, tracking_uri=tracking_uri))
+        if not model.classification:
+            inputs, values = predict_rows(model, support, query, steps=steps)
+            _print_values(model_uri, inputs, values, output)
+            return
         files, prediction = predict_folders(model, support, query, steps=steps)
     classes = prediction.classes or []
     scores = prediction.scores.tolist()
@@ -85,6 +99,32 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
         Console(width=max(80, sum(widths) + 3 * len(widths) + 1)).print(table)
 
 
+def _print_values(model_uri: str, inputs: list[list[float]], prediction, output: str) -> None:
+    """A regression model's predictions: one row per query with its inputs, predicted values and,
+    when the model has uncertainty, their standard deviations."""
+    groups = {"input": inputs, "prediction": prediction.outputs.tolist()}
+    if prediction.std is not None:
+        groups["std"] = prediction.std.tolist()
+    if output == "json":
+        click.echo(json.dumps([dict(zip(groups, row)) for row in zip(*groups.values())], indent=1))
+        return
+    columns = [name if len(values[0]) == 1 else f"{name}{i}"
+               for name, values in groups.items() for i in range(len(values[0]))]
+    rows = [[value for group in row for value in group] for row in zip(*groups.values())]
+    if output == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([f"{value:.6g}" for value in row])
+        return
+    table = Table(title=f"{model_uri}: {len(rows)} queries")
+    for column in columns:
+        table.add_column(column, no_wrap=True, justify="right")
+    for row in rows:
+        table.add_row(*(f"{value:.4g}" for value in row))
+    Console(width=max(80, 12 * len(columns))).print(table)
+
+
 @click.command()
 @_model
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -107,7 +147,9 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
              queries: int | None, tasks: int, seed: int, steps: int | None,
              tracking_uri: str) -> None:
     """Mean accuracy (MSE for regression) of a model over new episodes, with a 95% interval
-    (1.96 sigma / sqrt(tasks)); recorded as tags on the registered model version."""
+    (1.96 sigma / sqrt(tasks)); recorded as tags on the registered model version. Regression
+    models with predictive uncertainty (ALPaCA) also get the queries' mean log-likelihood and the
+    fraction of query targets inside their 95% predictive intervals."""
     from orchestrator.inference import (evaluate as run_evaluation, evaluation_family, load,
                                         record_evaluation, resolve)
 
@@ -129,6 +171,13 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
              else f"{result.mean:.4f} +- {result.ci95:.4f}")
     click.echo(f"{model_uri} on {split}, {result.setting}, {len(result.per_task)} tasks: "
                f"{what} {value} (95% interval)")
+    scores = result.uncertainty_means()
+    if scores:
+        likelihood, likelihood_ci = scores["log_likelihood"]
+        coverage, coverage_ci = scores["coverage95"]
+        click.echo(f"query log-likelihood {likelihood:.4f} +- {likelihood_ci:.4f}; 95% "
+                   f"predictive interval holds {100 * coverage:.2f}% +- {100 * coverage_ci:.2f}% "
+                   "of query targets")
     if recorded:
         click.echo(f"recorded on {source.name} version {source.version}: "
                    f"{', '.join(sorted(result.tags()))}")

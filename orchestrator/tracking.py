@@ -310,7 +310,9 @@ def pyfunc_signature():
 
     inputs = Schema([ColSpec("string", "role"), ColSpec("string", "input"),
                      ColSpec("string", "label", required=False)])
-    outputs = Schema([ColSpec("string", "prediction"), ColSpec("string", "scores")])
+    # ``std``: only for regression models whose predictions carry uncertainty (ALPaCA).
+    outputs = Schema([ColSpec("string", "prediction"), ColSpec("string", "scores"),
+                      ColSpec("string", "std", required=False)])
     # ``steps``: inner steps for gradient-based learners (default: as trained).
     return ModelSignature(inputs=inputs, outputs=outputs,
                           params=ParamSchema([ParamSpec("steps", "long", None)]))
@@ -323,7 +325,9 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
     (regression inputs) or a base64-encoded image file (PNG/JPEG, any size: the training data's
     preprocessing is applied); ``label`` is the support row's class name or JSON target.
     Output, one row per query: ``prediction`` (class name, or JSON array of values) and
-    ``scores`` (JSON object class -> probability, or the values again).
+    ``scores`` (JSON object class -> probability, or the values again); regression models whose
+    predictions carry uncertainty (ALPaCA) add ``std``, the JSON array of predictive standard
+    deviations of the values.
     """
 
     # Skip MLflow's type-hint validation: the input is a DataFrame of rows with roles, described
@@ -354,4 +358,7 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
         targets = [json.loads(label) for label in support["label"]]
         result = self.model.predict(support_x, targets, query_x, steps=steps)
         values = [json.dumps(row) for row in result.outputs.tolist()]
-        return pd.DataFrame({"prediction": values, "scores": values})
+        columns = {"prediction": values, "scores": values}
+        if result.std is not None:
+            columns["std"] = [json.dumps(row) for row in result.std.tolist()]
+        return pd.DataFrame(columns)

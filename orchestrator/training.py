@@ -63,7 +63,9 @@ def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any],
     head = output_size if getattr(cls, "needs_head", True) else None
     backbone = build_backbone(model.backbone, input_shape, head, hidden=model.hidden,
                               filters=model.filters)
-    return cls(backbone, Objective.for_task_kind(kind), hparams)
+    learner = cls(backbone, Objective.for_task_kind(kind), hparams)
+    learner.output_size = output_size
+    return learner
 
 
 def task_shape(family: TaskFamily) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Learners with an output head are checked on sinusoid regression with the paper's MLP; metric
 learners (``needs_head = False``) on a small synthetic classification family whose classes differ
 in four of sixteen input dimensions, so an embedding has something to learn (ignore the rest).
+Regression-only learners without a head (ALPaCA's feature map) are checked on sinusoids.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Clusters(TaskFamily):
 
 def make(name: str) -> tuple[Learner, TaskFamily]:
     cls = LEARNERS[name]
-    if cls.needs_head:
+    # Regression-only learners without a head (ALPaCA's features) are checked on sinusoids too.
+    if cls.needs_head or "classification" not in cls.task_kinds:
         family: TaskFamily = Sinusoid(shots=10, queries=10)
         objective = Objective.for_task_kind("regression")
     else:
@@ -70,7 +72,9 @@ def make(name: str) -> tuple[Learner, TaskFamily]:
     backbone = build_backbone("mlp", family.input_shape(), head, hidden=(40, 40))
     # A larger inner step than the paper's 0.01, so one step adapts visibly within a short test.
     hparams = {k: v for k, v in {"inner_lr": 0.05}.items() if k in cls.Hyperparameters.model_fields}
-    return cls(backbone, objective, cls.Hyperparameters(**hparams)), family
+    learner = cls(backbone, objective, cls.Hyperparameters(**hparams))
+    learner.output_size = family.output_size()  # as build_learner does
+    return learner, family
 
 
 @pytest.fixture(params=sorted(LEARNERS))

@@ -422,3 +422,126 @@ def post(port: int, body: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
+
+
+# -- predictive uncertainty (ALPaCA) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def alpaca_folder(tmp_path_factory) -> Path:
+    """A tiny ALPaCA sinusoid model (MLP 1-16-16) meta-trained for 100 iterations of 4 tasks
+    through MetaTrainer and a LocalFarm, saved as a model folder."""
+    from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+
+    sweep = {"name": "alpaca", "data": {"family": "sinusoid", "shots": 5, "queries": 10},
+             "model": {"backbone": "mlp", "hidden": [16, 16]},
+             "training": {"meta_batch": 4, "iterations": 100, "eval_every": 100, "eval_tasks": 10},
+             "algorithms": {"alpaca": {}}}
+    config = sweep_from_dict(sweep)
+    knobs = {"outer_lr": 0.01}
+    trainer = MetaTrainer(config, "alpaca", knobs,
+                          LocalFarm(ShardWorker(config.model_dump(), "alpaca", knobs)))
+    threads = torch.get_num_threads()  # module fixtures run before conftest's single_thread
+    torch.set_num_threads(1)
+    try:
+        outcome = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    model = MetaModel.build(sweep, "alpaca", knobs, outcome.params)
+    return model.save(tmp_path_factory.mktemp("alpaca") / "model")
+
+
+def sine_csv(folder: Path, *, shots: int = 5, queries: int = 4) -> tuple[Path, Path]:
+    """support.csv (x, y rows of one sinusoid, with a header) and query.csv (x rows)."""
+    xs = np.linspace(-4, 4, shots + queries)
+    support, query = folder / "support.csv", folder / "query.csv"
+    support.write_text("x,y\n" + "".join(f"{x},{2 * math.sin(x - 1)}\n" for x in xs[::2][:shots]))
+    query.write_text("".join(f"{x}\n" for x in xs[1::2][:queries]))
+    return support, query
+
+
+def test_predict_and_pyfunc_return_std_for_alpaca_and_not_for_maml(alpaca_folder, tmp_path):
+    import pandas as pd
+
+    from orchestrator.tracking import PyfuncMetaModel
+
+    support, query = sine_csv(tmp_path)
+    as_json = CliRunner().invoke(predict, ["--model", str(alpaca_folder), "--support",
+                                           str(support), "--query", str(query), "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.output)
+    assert len(rows) == 4 and all(set(row) == {"input", "prediction", "std"} for row in rows)
+    assert all(row["std"][0] > 0 for row in rows)
+    as_csv = CliRunner().invoke(predict, ["--model", str(alpaca_folder), "--support",
+                                          str(support), "--query", str(query), "--format", "csv"])
+    assert as_csv.output.splitlines()[0] == "input,prediction,std"
+    table = CliRunner().invoke(predict, ["--model", str(alpaca_folder), "--support", str(support),
+                                         "--query", str(query)])
+    assert table.exit_code == 0 and "std" in table.output
+
+    served = PyfuncMetaModel()
+    served.model = MetaModel.load(alpaca_folder)
+    frame = pd.DataFrame([("support", line.split(",")[0], line.split(",")[1])
+                          for line in support.read_text().splitlines()[1:]] +
+                         [("query", line, None) for line in query.read_text().splitlines()],
+                         columns=["role", "input", "label"])
+    out = served.predict(None, frame)
+    assert list(out.columns) == ["prediction", "scores", "std"]
+    for answer, row in zip(out.to_dict(orient="records"), rows):
+        assert json.loads(answer["prediction"]) == pytest.approx(row["prediction"], abs=1e-5)
+        assert json.loads(answer["std"]) == pytest.approx(row["std"], abs=1e-5)
+
+    maml = sine_model().save(tmp_path / "maml")
+    maml_csv = CliRunner().invoke(predict, ["--model", str(maml), "--support", str(support),
+                                            "--query", str(query), "--format", "csv"])
+    assert maml_csv.exit_code == 0, maml_csv.output
+    assert maml_csv.output.splitlines()[0] == "input,prediction"
+    served.model = MetaModel.load(maml)
+    assert list(served.predict(None, frame).columns) == ["prediction", "scores"]
+
+
+def test_served_alpaca_pyfunc_keeps_the_std_column(alpaca_folder, tmp_path):
+    """Through mlflow.pyfunc save/load with orch's signature, as ``mlflow models serve`` runs it."""
+    import mlflow.pyfunc
+
+    from orchestrator.tracking import PyfuncMetaModel, pip_requirements, pyfunc_signature
+
+    model = MetaModel.load(alpaca_folder)
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=PyfuncMetaModel(),
+                             artifacts={"meta_model": str(alpaca_folder)},
+                             pip_requirements=pip_requirements(), signature=pyfunc_signature(),
+                             input_example=input_example(model))
+    out = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(input_example(model))
+    assert list(out.columns) == ["prediction", "scores", "std"] and json.loads(out["std"][0])[0] > 0
+
+
+def test_uncertainty_scores_on_a_known_case():
+    from orchestrator.inference import uncertainty_scores
+
+    mean, std = torch.zeros(4, 1), torch.tensor([[1.0], [1.0], [1.0], [2.0]])
+    targets = torch.tensor([[0.0], [1.95], [1.97], [-3.0]])  # inside, inside, outside, inside
+    scores = uncertainty_scores(mean, std, targets)
+    assert scores["coverage95"] == pytest.approx(0.75)
+    densities = [-0.5 * math.log(2 * math.pi * s ** 2) - 0.5 * (t / s) ** 2
+                 for t, s in [(0.0, 1.0), (1.95, 1.0), (1.97, 1.0), (-3.0, 2.0)]]
+    assert scores["log_likelihood"] == pytest.approx(float(np.mean(densities)))
+
+
+def test_evaluate_reports_likelihood_and_coverage_for_alpaca_only(alpaca_folder, tmp_path):
+    result = CliRunner().invoke(evaluate, ["--model", str(alpaca_folder), "--tasks", "30"])
+    assert result.exit_code == 0, result.output
+    assert "query log-likelihood" in result.output and "95% predictive interval" in result.output
+    model = MetaModel.load(alpaca_folder)
+    episodes = evaluate_episodes(model, evaluation_family(model), split="test", tasks=30)
+    assert set(episodes.uncertainty) == {"log_likelihood", "coverage95"}
+    coverage = np.array(episodes.uncertainty["coverage95"])
+    assert len(coverage) == 30 and ((0 <= coverage) & (coverage <= 1)).all()
+    assert coverage.mean() > 0.8  # trained on the predictive likelihood: roughly calibrated
+    tags = episodes.tags()
+    assert float(tags["orch.eval.test.5shot.coverage95"]) == pytest.approx(coverage.mean())
+    assert "orch.eval.test.5shot.log_likelihood" in tags
+    plain = evaluate_episodes(sine_model(), evaluation_family(sine_model()), tasks=5)
+    assert plain.uncertainty == {} and set(plain.tags()) == {
+        "orch.eval.test.5shot.mse", "orch.eval.test.5shot.ci95", "orch.eval.test.5shot.tasks"}
+    maml = CliRunner().invoke(evaluate, ["--model", str(sine_model().save(tmp_path / "m")),
+                                         "--tasks", "5"])
+    assert maml.exit_code == 0 and "log-likelihood" not in maml.output
