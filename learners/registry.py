@@ -5,10 +5,13 @@ from __future__ import annotations
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.meta_lstm import MetaLSTM
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
+from learners.sca import SCA
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet,
+                                                                 MetaLSTM, SCA)}
 
 
 def learner_class(name: str) -> type[Learner]:
