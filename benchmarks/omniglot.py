@@ -74,6 +74,16 @@ SETTINGS: dict[str, Setting] = {
                                   "head": "zero"}, test_steps=3, target=None,
                            paper="MAML with a zero head per task (Kao et al. 2022; "
                                  "Ye and Chao 2022)"),
+    "sca": Setting(ways=5, queries=5, filters=32, meta_batch=4,
+                   knobs={"inner_lr": 0.4, "inner_steps": 1, "critic_steps": 1, "critic_lr": 0.1,
+                          "outer_lr": 0.003}, test_steps=3, target=None,
+                   paper="62.9% 5-way on mini-ImageNet (Antoniou and Storkey 2019; no Omniglot "
+                         "figure); target: at or above MAML's accuracy in the same run"),
+    "meta_lstm": Setting(ways=5, queries=5, filters=32, meta_batch=4,
+                         knobs={"inner_steps": 5, "initial_lr": 0.1, "outer_lr": 0.003},
+                         target=0.80,
+                         paper="43.4% 5-way on mini-ImageNet (Ravi and Larochelle 2017; no "
+                               "Omniglot figure)"),
 }
 ALGORITHM = {"maml-anyway": "maml"}  # benchmark rows that are a knob setting of a learner
 

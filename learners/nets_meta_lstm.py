@@ -64,12 +64,14 @@ class MetaLearnerLSTM(nn.Module):
         nn.init.uniform_(self.input_bias, centre - 0.5, centre + 0.5)
 
 
-State = tuple[Tensor, Tensor, Tensor, Tensor]  # (h, c) of the first layer, previous f and i gates
+# (h, c) of the first layer, [hidden, coordinates], and the previous f and i gates, [coordinates].
+# Coordinates last, so that each gate's block of the first layer is contiguous in memory.
+State = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def initial_state(weights: Tensor, hidden: int) -> State:
     """Zero LSTM state and gates for ``weights`` coordinates (the cell state is the weights)."""
-    zeros = weights.new_zeros(weights.shape[0], hidden)
+    zeros = weights.new_zeros(hidden, weights.shape[0])
     gate = weights.new_zeros(weights.shape[0])
     return zeros, zeros, gate, gate
 
@@ -79,14 +81,20 @@ def step(params: dict[str, Tensor], weights: Tensor, state: State, loss: Tensor,
     """One update of the flattened learner ``weights`` (the cell state) from its support ``loss``
     and ``gradient``; ``params`` holds the ``lstm.*`` entries. Returns (new weights, new state)."""
     h, c, f_prev, i_prev = state
-    inputs = torch.cat([preprocess(loss).expand(gradient.shape[0], 2), preprocess(gradient)], dim=-1)
-    gates = (inputs @ params["lstm.weight_ih"].T + params["lstm.bias_ih"]
-             + h @ params["lstm.weight_hh"].T + params["lstm.bias_hh"])
-    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=-1)
+    hidden = h.shape[0]
+    w_ih = params["lstm.weight_ih"]
+    # The loss is the same for every coordinate: its share of the gates is one column, broadcast.
+    shared = w_ih[:, :2] @ preprocess(loss) + params["lstm.bias_ih"] + params["lstm.bias_hh"]
+    gates = (w_ih[:, 2:] @ preprocess(gradient).T + params["lstm.weight_hh"] @ h
+             + shared.unsqueeze(-1))
+    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=0)  # nn.LSTMCell's order
     c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
     h = torch.sigmoid(out_gate) * torch.tanh(c)
-    f = torch.sigmoid(torch.cat([h, weights.unsqueeze(-1), f_prev.unsqueeze(-1)], dim=-1)
-                      @ params["lstm.forget_weight"] + params["lstm.forget_bias"])
-    i = torch.sigmoid(torch.cat([h, weights.unsqueeze(-1), i_prev.unsqueeze(-1)], dim=-1)
-                      @ params["lstm.input_weight"] + params["lstm.input_bias"])
+    # The meta-learner gates: W . [h, c_{t-1}, previous gate] + b, for W_F and W_I at once.
+    w_f, w_i = params["lstm.forget_weight"], params["lstm.input_weight"]
+    both = torch.stack([w_f[:hidden], w_i[:hidden]]) @ h
+    f = torch.sigmoid(both[0] + weights * w_f[hidden] + f_prev * w_f[hidden + 1]
+                      + params["lstm.forget_bias"])
+    i = torch.sigmoid(both[1] + weights * w_i[hidden] + i_prev * w_i[hidden + 1]
+                      + params["lstm.input_bias"])
     return f * weights - i * gradient, (h, c, f, i)
