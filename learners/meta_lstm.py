@@ -25,7 +25,7 @@ PREFIX = "lstm."
 
 
 class MetaLSTMHyperparameters(HeadKnob):
-    inner_steps: int = Field(5, ge=1, le=100, description="T: LSTM updates of the learner's "
+    inner_steps: int = Field(3, ge=1, le=100, description="T: LSTM updates of the learner's "
                              "weights on the support set (each on the whole support set)")
     hidden_size: int = Field(20, ge=1, le=256, description="units of the first, coordinate-wise "
                              "LSTM layer (the paper's 20)")

@@ -32,17 +32,18 @@ class Critic(nn.Module):
         return self.layers(pairs).squeeze(-1)
 
 
-def task_summary(embeddings: Tensor, targets: Tensor, ways: int | None) -> Tensor:
+def task_summary(embeddings: Tensor, targets: Tensor, units: int | None) -> Tensor:
     """The support set seen by the critic: row 0 the task embedding (mean support embedding),
-    then one row per output unit -- a class's mean embedding (classification), or the
-    target-weighted mean embedding (regression, one row per output)."""
-    if ways is None:
+    then one row per output unit -- a class's mean embedding (classification, ``units`` classes:
+    zero for those of a wider fixed head that the task lacks), or the target-weighted mean
+    embedding (regression, ``units`` None, one row per output)."""
+    if units is None:
         weights = targets.reshape(len(targets), -1) / len(targets)
     else:
         # One-hot by comparison, so this runs under vmap.
-        members = (targets.unsqueeze(-1) == torch.arange(ways, device=targets.device))
+        members = (targets.unsqueeze(-1) == torch.arange(units, device=targets.device))
         members = members.to(embeddings.dtype)
-        weights = members / members.sum(dim=0)
+        weights = members / members.sum(dim=0).clamp(min=1)
     prototypes = weights.transpose(0, 1) @ embeddings
     return torch.cat([embeddings.mean(dim=0, keepdim=True), prototypes])
 

@@ -13,6 +13,8 @@ Predictions are transductive: the critic adapts to the batch of queries ``predic
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -25,7 +27,8 @@ from learners.maml import MAML, HeadKnob
 from learners.nets_sca import Critic, critic_loss, task_summary
 
 PREFIX = "critic."
-SUMMARY = "task.summary"  # the adapted state's support summary, beside the fast weights
+SUMMARY = "task.summary"
+HEAD = ("head.weight", "head.bias")  # the adapted state's support summary, beside the fast weights
 
 
 class SCAHyperparameters(HeadKnob):
@@ -40,6 +43,10 @@ class SCAHyperparameters(HeadKnob):
     first_order: bool = Field(False, description="treat the support-step gradients as constants "
                               "(the critic steps are always differentiated: the critic learns "
                               "through them)")
+    critic_adapts: Literal["all", "head"] = Field(
+        "all", description="which fast weights the critic steps refine: 'all' (the paper) or "
+        "only the output 'head' (the query embeddings are then computed once: a critic step "
+        "costs almost nothing)")
 
 
 class SCA(MAML):
@@ -76,18 +83,28 @@ class SCA(MAML):
                               lr=self.hparams.inner_lr,
                               steps=self.hparams.inner_steps if steps is None else steps,
                               first_order=self.hparams.first_order)
-        return {**fast, SUMMARY: task_summary(self.embed(fast, support_x), support_y, ways)}
+        # One summary row per output unit: a fixed head may have more classes than the task.
+        units = fast["head.weight"].shape[0] if ways is not None else None
+        return {**fast, SUMMARY: task_summary(self.embed(fast, support_x), support_y, units)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         critic = {k: v for k, v in params.items() if k.startswith(PREFIX)}
+        fast = {k: v for k, v in adapted.items() if k != SUMMARY}
+
+        def head(weights: Params, embeddings: Tensor) -> Tensor:
+            return torch.nn.functional.linear(embeddings, weights["head.weight"],
+                                              weights["head.bias"])
 
         def critic_score(weights: Params, x: Tensor, summary: Tensor) -> Tensor:
-            embeddings = self.embed(weights, x)
-            outputs = torch.nn.functional.linear(embeddings, weights["head.weight"],
-                                                 weights["head.bias"])
-            return critic_loss(self.critic, critic, outputs, embeddings, summary)
+            embeddings = self.embed(weights, x) if self.hparams.critic_adapts == "all" else x
+            return critic_loss(self.critic, critic, head(weights, embeddings), embeddings, summary)
 
-        fast = {k: v for k, v in adapted.items() if k != SUMMARY}
-        fast = gradient_steps(critic_score, fast, query_x, adapted[SUMMARY],
-                              lr=self.hparams.critic_lr, steps=self.hparams.critic_steps)
-        return call(self.backbone, fast, query_x)
+        if self.hparams.critic_adapts == "all":
+            fast = gradient_steps(critic_score, fast, query_x, adapted[SUMMARY],
+                                  lr=self.hparams.critic_lr, steps=self.hparams.critic_steps)
+            return call(self.backbone, fast, query_x)
+        embeddings = self.embed(fast, query_x)
+        fast = gradient_steps(critic_score, {k: fast[k] for k in HEAD}, embeddings,
+                              adapted[SUMMARY], lr=self.hparams.critic_lr,
+                              steps=self.hparams.critic_steps)
+        return head(fast, embeddings)
