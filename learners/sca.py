@@ -9,6 +9,8 @@ the fast weights, and the refined model predicts. The outer loss is the labelled
 those steps, differentiated through the critic steps (always: that is how the critic learns) and,
 unless ``first_order``, through the support steps (second order, the default, as the paper).
 Predictions are transductive: the critic adapts to the batch of queries ``predict`` is given.
+Not from the paper: its learned per-layer, per-step inner rates (MAML++'s LSLR) and the annealed
+mix of pre- and post-critic query losses; the outer loss here is the post-critic one alone.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from learners.maml import MAML, HeadKnob
 from learners.nets_sca import Critic, critic_loss, task_summary
 
 PREFIX = "critic."
-SUMMARY = "task.summary"
-HEAD = ("head.weight", "head.bias")  # the adapted state's support summary, beside the fast weights
+SUMMARY = "task.summary"  # the adapted state's support summary, beside the fast weights
+HEAD = ("head.weight", "head.bias")
 
 
 class SCAHyperparameters(HeadKnob):
