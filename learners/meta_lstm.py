@@ -6,6 +6,8 @@ and the weights of a coordinate-wise two-layer LSTM (``lstm.*``, see ``learners.
 ``inner_steps`` (T) times from the preprocessed support loss and gradient; it returns the final
 cell state, unflattened: the task's weights. As in the paper, the learner's loss and gradients are
 constants of the outer gradient (``first_order``) and BatchNorm uses batch statistics at test time.
+Unlike the paper, each update sees the whole support set (no mini-batches), and the input gate
+starts at ``initial_lr`` (default 0.1; the paper about 0.01) so that few updates suffice.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def paper_preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     rows = []
     for v in x.tolist():
         if abs(v) >= math.exp(-p):
-            rows.append([math.log(abs(v)) / p, math.copysign(1.0, v) if v else 0.0])
+            rows.append([math.log(abs(v)) / p, math.copysign(1.0, v)])
         else:
             rows.append([-1.0, math.exp(p) * v])
     return torch.tensor(rows, dtype=x.dtype)
@@ -115,7 +115,7 @@ def test_initial_cell_state_is_the_learners_initial_weights():
 
 def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     """40 meta-iterations of 5-way 1-shot on the small Omniglot set (Conv-4 with 8 filters), scored
-    on the held-out test alphabet. Measured: 0.49 before (5 steps of SGD at 0.1), 0.60 after."""
+    on the held-out test alphabet. Measured: 0.43 before (3 steps of SGD at 0.1), 0.52 after."""
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=5)
     learner = MetaLSTM(build_backbone("conv4", family.input_shape(), 5, filters=8),
                        Objective.for_task_kind("classification"), MetaLSTM.Hyperparameters())
