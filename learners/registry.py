@@ -6,10 +6,19 @@ from learners.alpaca import ALPaCA
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.meta_lstm import MetaLSTM
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
+from learners.sca import SCA
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, ALPaCA)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
+    # gradient-based and learned optimisers
+    MAML, FOMAML, Reptile, MetaLSTM, SCA,
+    # metric-based
+    ProtoNet,
+    # closed-form heads
+    ALPaCA,
+)}
 
 
 def learner_class(name: str) -> type[Learner]:
