@@ -5,10 +5,11 @@ from __future__ import annotations
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.metaoptnet import MetaOptNet
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, MetaOptNet)}
 
 
 def learner_class(name: str) -> type[Learner]:
