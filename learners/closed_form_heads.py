@@ -38,8 +38,9 @@ def svm_dual(support: Tensor, onehot: Tensor, *, c: float, steps: int) -> Tensor
     ``alpha = 0`` with step ``1 / lambda_max(K)``, ``K`` the support Gram matrix."""
     gram = support @ support.transpose(0, 1)
     # The dual objective's gradient is (K alpha - onehot) and its Lipschitz constant K's largest
-    # eigenvalue; eigvalsh's derivative needs no eigenvalue gaps, so it stays in the graph.
-    step = 1 / torch.linalg.eigvalsh(gram)[-1].clamp(min=1e-12)
+    # eigenvalue; eigvalsh's derivative needs no eigenvalue gaps, so it stays in the graph. LAPACK
+    # refuses NaN, so a diverged embedding yields a NaN loss (the trainer stops) and no crash.
+    step = 1 / torch.linalg.eigvalsh(gram.nan_to_num())[-1].clamp(min=1e-12)
     bound = c * onehot
     # Iterate on beta = bound - alpha, whose rows live on the simplex {beta >= 0, sum = C}: a
     # gradient step on alpha is the affine map beta -> A beta + b, precomputed once.
