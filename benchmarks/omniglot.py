@@ -88,6 +88,15 @@ SETTINGS: dict[str, Setting] = {
                          target=0.80,
                          paper="43.4% 5-way on mini-ImageNet (Ravi and Larochelle 2017; no "
                                "Omniglot figure)"),
+    # Conv-4, not the paper's ResNet-12: ResNet-12 on one CPU core buys too few iterations in
+    # 10 minutes. Trained 20-way like ProtoNet (the SVM head serves any number of classes). 2-CPU-
+    # minute runs, 5-way/20-way: defaults with outer rate 0.001 91.7/73.8%; rate 0.003 93.6/78.4%;
+    # 50 solver steps 93.0/78.7%; both 94.6/83.4% (the solver costs little beside Conv-4-64);
+    # C = 1 90.0/69.6%.
+    "metaoptnet": Setting(ways=20, queries=5, filters=64, meta_batch=1,
+                          knobs={"outer_lr": 0.003, "svm_steps": 50}, target=0.93,
+                          paper="62.6% mini-ImageNet 5-way 1-shot, MetaOptNet-SVM with ResNet-12 "
+                                "(Lee et al. 2019); no Omniglot figure"),
 }
 ALGORITHM = {"maml-anyway": "maml"}  # benchmark rows that are a knob setting of a learner
 

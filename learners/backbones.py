@@ -13,7 +13,7 @@ from typing import Sequence
 from torch import Tensor, nn
 from torch.func import functional_call
 
-BACKBONES = ("mlp", "conv4")
+BACKBONES = ("mlp", "conv4", "resnet12")
 
 
 class MLP(nn.Module):
@@ -64,18 +64,71 @@ class Conv4(nn.Module):
         return self.head(self.body(x))
 
 
+class ResidualBlock(nn.Module):
+    """One ResNet-12 block: three 3x3 conv-BN-LeakyReLU(0.1) layers (the third's activation after
+    the addition) beside a 1x1 conv-BN shortcut, then a 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        def conv(i: int, o: int, k: int = 3) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, k, padding=k // 2, bias=False),
+                    nn.BatchNorm2d(o, track_running_stats=False)]
+
+        self.body = nn.Sequential(*conv(in_channels, out_channels), nn.LeakyReLU(0.1),
+                                  *conv(out_channels, out_channels), nn.LeakyReLU(0.1),
+                                  *conv(out_channels, out_channels))
+        self.shortcut = nn.Sequential(*conv(in_channels, out_channels, 1))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+# ResNet-12's block widths relative to the first: 64 filters give the papers' 64-160-320-640.
+RESNET12_WIDTHS = (1.0, 2.5, 5.0, 10.0)
+
+
+class ResNet12(nn.Module):
+    """The ResNet-12 of TADAM, MetaOptNet and most later few-shot work: four residual blocks of
+    ``filters`` x 1, 2.5, 5 and 10 channels, each ending in a 2x2 max-pool, flattened (no average
+    pooling, as MetaOptNet); an optional linear head for gradient-based learners. DropBlock is
+    left out."""
+
+    def __init__(self, input_shape: Sequence[int], out_features: int | None, filters: int = 64):
+        super().__init__()
+        channels, height, width = input_shape
+        widths = [max(1, round(filters * scale)) for scale in RESNET12_WIDTHS]
+        blocks: list[nn.Module] = []
+        for out_channels in widths:
+            blocks.append(ResidualBlock(channels, out_channels))
+            channels, height, width = out_channels, height // 2, width // 2
+        if height < 1 or width < 1:
+            raise ValueError(f"backbone 'resnet12' pools four times; inputs of "
+                             f"{tuple(input_shape[1:])} pixels are too small (at least 16x16)")
+        self.body = nn.Sequential(*blocks, nn.Flatten())
+        self.feature_size = channels * height * width
+        self.head = nn.Linear(self.feature_size, out_features) if out_features else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
 def build_backbone(name: str, input_shape: Sequence[int], out_features: int | None, *,
                    hidden: Sequence[int] = (40, 40), filters: int = 64) -> nn.Module:
     """The backbone ``name`` for inputs of ``input_shape``; ``out_features=None`` drops the head."""
     if name == "mlp":
         if len(input_shape) != 1:
             raise ValueError(f"backbone 'mlp' needs flat inputs, got shape {tuple(input_shape)}; "
-                             "use 'conv4' for images")
+                             "use 'conv4' or 'resnet12' for images")
         return MLP(input_shape[0], out_features, hidden)
     if name == "conv4":
         if len(input_shape) != 3:
             raise ValueError(f"backbone 'conv4' needs [C, H, W] inputs, got shape {tuple(input_shape)}")
         return Conv4(input_shape, out_features, filters)
+    if name == "resnet12":
+        if len(input_shape) != 3:
+            raise ValueError(f"backbone 'resnet12' needs [C, H, W] inputs, got shape {tuple(input_shape)}")
+        return ResNet12(input_shape, out_features, filters)
     raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
 
 

@@ -7,6 +7,7 @@ from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
 from learners.meta_lstm import MetaLSTM
+from learners.metaoptnet import MetaOptNet
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
 from learners.sca import SCA
@@ -17,7 +18,7 @@ LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
     # metric-based
     ProtoNet,
     # closed-form heads
-    ALPaCA,
+    MetaOptNet, ALPaCA,
 )}
 
 

@@ -97,7 +97,8 @@ class ModelSection(Section):
     backbone: str = "mlp"
     # Hidden widths of the MLP backbone (the MAML paper: 40, 40).
     hidden: list[int] = Field(default_factory=lambda: [40, 40])
-    # Filters per conv block of the Conv-4 backbone.
+    # Filters per conv block of the Conv-4 backbone; the first block's width of ResNet-12, whose
+    # later blocks are 2.5x, 5x and 10x as wide (64: the papers' 64-160-320-640).
     filters: int = Field(64, ge=1)
 
     @field_validator("backbone")

@@ -51,7 +51,7 @@ def sweep_cases(tiny: Path, tmp: Path) -> dict[str, tuple[object, str]]:
         "unknown key": ({**GOOD, "trainig": {}}, "trainig: unknown key; allowed:"),
         "wrong type": ({**GOOD, "training": {"meta_batch": "lots"}}, "training.meta_batch: Input should be a valid integer"),
         "unknown algorithm": ({**GOOD, "algorithms": {"mammal": {}}}, "algorithms.mammal: unknown algorithm; allowed:"),
-        "unknown backbone": ({**GOOD, "model": {"backbone": "vgg"}}, "model.backbone: unknown backbone 'vgg'; allowed: mlp, conv4"),
+        "unknown backbone": ({**GOOD, "model": {"backbone": "vgg"}}, "model.backbone: unknown backbone 'vgg'; allowed: mlp, conv4, resnet12"),
         "low > high": ({**GOOD, "algorithms": {"maml": {"inner_lr": {"low": 0.1, "high": 0.01}}}},
                        "algorithms.maml.inner_lr: low (0.1) must not exceed high (0.01)"),
         "log range at 0": ({**GOOD, "algorithms": {"maml": {"outer_lr": {"low": 0, "high": 0.1, "log": True}}}},

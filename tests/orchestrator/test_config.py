@@ -39,7 +39,7 @@ def test_quickstart_example_is_valid():
     ({"algorithms": {"maml": {"inner_steps": "x"}}}, "algorithms.maml.inner_steps: Input should be a valid integer"),
     ({"algorithms": {"maml": {"inner_steps": {"low": 0, "high": 3, "int": True}}}},
      "algorithms.maml.inner_steps: Input should be greater than or equal to 1"),
-    ({"model": {"backbone": "resnet"}}, "model.backbone: unknown backbone 'resnet'; allowed: mlp, conv4"),
+    ({"model": {"backbone": "resnet"}}, "model.backbone: unknown backbone 'resnet'; allowed: mlp, conv4, resnet12"),
     ({"search": {"trials": 0}}, "search.trials: Input should be greater than or equal to 1"),
     ({"data": {"family": "foo"}}, "data.family: unknown family 'foo'; allowed: sinusoid, images"),
     ({"data": {"family": "sinusoid", "path": "x"}}, "data.path: unknown key; allowed: eval_shots, family"),
