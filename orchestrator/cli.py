@@ -105,8 +105,8 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
                                   connect_timeout=connect_timeout)
     except KeyboardInterrupt:
         raise click.ClickException(
-            f"interrupted; finished trials are kept: orch launch {sweep_file} --resume "
-            "continues the sweep") from None
+            f"interrupted; finished trials are kept in the stores (continue with: orch launch "
+            f"{sweep_file} --resume)") from None
     table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
     for column in ("algorithm", "best trial", sweep.search.metric, "complete/pruned/failed",
                    "registered", "champion"):
@@ -152,7 +152,8 @@ class _progress_display:
         return None if self.quiet else self.update
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        if self.bars:  # stopping a display never started prints an empty line before the error
+            self.progress.stop()
 
     def update(self, algorithm: str, counts: dict[str, int], running: int, best: float | None,
                total: int) -> None:
@@ -248,7 +249,14 @@ cli.add_command(evaluate)
 
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    cli(prog_name="orch")
+    try:
+        cli(prog_name="orch")
+    except SystemExit as done:
+        if addresses.join_abandoned():  # nothing written yet; skip Ray's seconds-long teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_me
         finally:
             done.set()
 
-    threading.Thread(target=init, name="orch-ray-init", daemon=True).start()
+    threading.Thread(target=init, name=addresses.JOIN_THREAD, daemon=True).start()
     # Waiting on an Event keeps this thread in Python: a SIGINT/SIGTERM handler runs at once.
     if not done.wait(timeout_s):
         raise ConfigError(timeout_message)
