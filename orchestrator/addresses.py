@@ -10,7 +10,6 @@ loopback address. Ray reads that variable once, when it is imported, so ``orch l
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 # Ray's documented switch (for clusters on Windows and macOS): 0 keeps Ray on the loopback.
@@ -19,14 +18,6 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CLIENT_SCHEME = "ray://"
 # Joining a cluster that does not answer fails after this long (Ray itself retries for minutes).
 CONNECT_TIMEOUT_S = 30.0
-# The thread that runs ray.init; alive after a timeout or interrupt while Ray's C++ core retries.
-JOIN_THREAD = "orch-ray-join"
-
-
-def join_abandoned() -> bool:
-    """Whether a join of a Ray cluster was given up while Ray still retries it: Python's
-    finalisation would then wait seconds for Ray's C++ threads, so the CLI ends at once."""
-    return any(thread.name == JOIN_THREAD for thread in threading.enumerate())
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ Errors a user can act on are printed as one line (``orch: <what is wrong>``) wit
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import signal
 import subprocess
@@ -249,14 +251,25 @@ cli.add_command(evaluate)
 
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    exit_code: list[int] = []
+    # Registered before Ray, MLflow or torch are imported, so it runs after their exit handlers
+    # (Ray's shutdown, MLflow's flush): the stores are closed by then, and what it skips --
+    # Python's teardown of those libraries, or of a Ray join still retrying -- takes seconds that
+    # a Ctrl-C or SIGTERM should not wait for.
+    atexit.register(_end_now, exit_code)
     try:
         cli(prog_name="orch")
     except SystemExit as done:
-        if addresses.join_abandoned():  # nothing written yet; skip Ray's seconds-long teardown
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(done.code if isinstance(done.code, int) else 1)
+        exit_code.append(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
         raise
+
+
+def _end_now(exit_code: list[int]) -> None:
+    if exit_code:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ does not change.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -78,12 +79,16 @@ def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_me
         finally:
             done.set()
 
-    threading.Thread(target=init, name=addresses.JOIN_THREAD, daemon=True).start()
+    threading.Thread(target=init, name="orch-ray-init", daemon=True).start()
     # Waiting on an Event keeps this thread in Python: a SIGINT/SIGTERM handler runs at once.
     if not done.wait(timeout_s):
         raise ConfigError(timeout_message)
     if failure:
         raise failure[0]
+    if threading.current_thread() is threading.main_thread():
+        # Ray's C++ core replaced the SIGTERM handler with its own (a stack dump, then an abort
+        # in its teardown); give SIGTERM back to the Python handler the caller had set.
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 def check_reachable(address: str, resolved: addresses.Address | None = None, seen_as: str = "") -> None:
