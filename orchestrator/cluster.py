@@ -35,7 +35,7 @@ ACTOR_RESTARTS = 3
 def connect(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Start Ray in this process (``address`` None) or join a cluster by address.
 
-    ``ray.init`` runs in a helper thread while this one waits, so that joining is bounded by
+    A cluster is joined in a helper thread while this one waits, so that joining is bounded by
     ``timeout_s`` and SIGINT/SIGTERM still reach Python while Ray retries in C++ (which keeps
     the thread that calls it, and its signal handlers, blocked for minutes)."""
     if ray.is_initialized():
@@ -44,8 +44,11 @@ def connect(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Non
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                    configure_logging=True, logging_level="ERROR")
     if address is None:
-        # "local": a new Ray here, never a cluster some `ray start` on this machine recorded.
-        _init_in_thread(dict(address="local", **options), None, "")
+        # Here, not in a helper thread: Ray ties its processes' lives to the thread that starts
+        # them (PR_SET_PDEATHSIG). "local": a new Ray, never one some `ray start` recorded.
+        handler = signal.getsignal(signal.SIGTERM)
+        ray.init(address="local", **options)
+        _restore_sigterm(handler)
         return
     target = addresses.parse(address)
     resolved = _resolved(target) if target is not None else None
@@ -85,10 +88,14 @@ def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_me
         raise ConfigError(timeout_message)
     if failure:
         raise failure[0]
-    if threading.current_thread() is threading.main_thread():
-        # Ray's C++ core replaced the SIGTERM handler with its own (a stack dump, then an abort
-        # in its teardown); give SIGTERM back to the Python handler the caller had set.
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    _restore_sigterm(signal.getsignal(signal.SIGTERM))
+
+
+def _restore_sigterm(handler: Any) -> None:
+    """Ray replaces the SIGTERM handler (in C++: a stack dump, then an abort in its teardown;
+    in Python: ``sys.exit``); give SIGTERM back to the handler the caller had set."""
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def check_reachable(address: str, resolved: addresses.Address | None = None, seen_as: str = "") -> None:
