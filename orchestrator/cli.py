@@ -8,6 +8,7 @@
     orch evaluate --model models:/orch-protonet@champion --split test --ways 5 --shots 1
     orch data import omniglot images_background.zip --out data/omniglot
     orch ui                                   # MLflow's UI on 127.0.0.1
+    orch cluster up --nodes 2                 # a real 2-node Ray cluster on 127.0.0.1
 
 Errors a user can act on are printed as one line (``orch: <what is wrong>``) with a non-zero exit;
 ``--debug`` shows the traceback instead.
@@ -15,18 +16,24 @@ Errors a user can act on are printed as one line (``orch: <what is wrong>``) wit
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from orchestrator import addresses
 from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, ConfigError, load_sweep
+from orchestrator.cluster_cli import cluster
 from orchestrator.data_cli import data
 from orchestrator.model_cli import evaluate, predict
 
@@ -80,18 +87,28 @@ def tracking_option(function):
 @click.option("--address", default=None,
               help="Ray cluster: auto, HOST:6379 or ray://HOST:10001; default: the sweep's "
                    "ray.address, else Ray in this process.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=addresses.CONNECT_TIMEOUT_S, show_default=True,
+              help="Seconds to join the Ray cluster before giving up.")
 @click.option("--resume", is_flag=True, help="Continue a sweep of the same name; finished trials are kept.")
 @click.option("--quiet", is_flag=True, help="No progress display; the summary table only.")
-def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, resume: bool,
-           quiet: bool) -> None:
+def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, connect_timeout: float,
+           resume: bool, quiet: bool) -> None:
     """Run the sweep in SWEEP_FILE: one Optuna study per algorithm, trials on Ray, everything
     tracked in MLflow, the best model per algorithm registered."""
+    sweep = load_sweep(sweep_file)
+    addresses.prepare_environment(address or sweep.ray.address)  # before anything imports Ray
     from orchestrator.sweep import launch as run_sweep
 
-    sweep = load_sweep(sweep_file)
-    with _progress_display(quiet) as progress:
-        summaries = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume,
-                              progress=progress, source=str(sweep_file))
+    try:
+        with _sigterm_interrupts(), _progress_display(quiet) as progress:
+            summaries = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume,
+                                  progress=progress, source=str(sweep_file),
+                                  connect_timeout=connect_timeout)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted; finished trials are kept in the stores (continue with: orch launch "
+            f"{sweep_file} --resume)") from None
     table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
     for column in ("algorithm", "best trial", sweep.search.metric, "complete/pruned/failed",
                    "registered", "champion"):
@@ -109,6 +126,20 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, resu
         console.print(f"inspect: mlflow ui --backend-store-uri {uri}   (or: orch ui)")
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a launch as Ctrl-C does (KeyboardInterrupt): the stores stay as ``--resume``
+    expects, running trials are rerun. Python's default for SIGTERM would skip that unwinding."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _progress_display:
     """A rich progress bar per algorithm: trials done, running, pruned, failed, best so far."""
 
@@ -123,7 +154,8 @@ class _progress_display:
         return None if self.quiet else self.update
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        if self.bars:  # stopping a display never started prints an empty line before the error
+            self.progress.stop()
 
     def update(self, algorithm: str, counts: dict[str, int], running: int, best: float | None,
                total: int) -> None:
@@ -212,13 +244,32 @@ def ui(tracking_uri: str, host: str, port: int) -> None:
 
 
 cli.add_command(data)
+cli.add_command(cluster)
 cli.add_command(predict)
 cli.add_command(evaluate)
 
 
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    cli(prog_name="orch")
+    exit_code: list[int] = []
+    # Registered before Ray, MLflow or torch are imported, so it runs after their exit handlers
+    # (Ray's shutdown, MLflow's flush): the stores are closed by then, and what it skips --
+    # Python's teardown of those libraries, or of a Ray join still retrying -- takes seconds that
+    # a Ctrl-C or SIGTERM should not wait for.
+    atexit.register(_end_now, exit_code)
+    try:
+        cli(prog_name="orch")
+    except SystemExit as done:
+        exit_code.append(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
+        raise
+
+
+def _end_now(exit_code: list[int]) -> None:
+    if exit_code:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

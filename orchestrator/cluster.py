@@ -11,7 +11,9 @@ does not change.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import ray
@@ -19,42 +21,98 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.base import Params
+from orchestrator import addresses
 from orchestrator.config import ConfigError, Workers
 from orchestrator.training import ShardWorker, pick_device
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = addresses.CONNECT_TIMEOUT_S
+# A TCP connection to the address must open this fast; nothing listening fails at once.
+REACH_TIMEOUT_S = 5.0
 # A worker process that dies is restarted this many times per trial, and each shard call retried.
 ACTOR_RESTARTS = 3
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Start Ray in this process (``address`` None) or join a cluster by address.
 
-    An address that does not answer fails within ``CONNECT_TIMEOUT_S`` (Ray itself keeps retrying
-    for minutes)."""
+    A cluster is joined in a helper thread while this one waits, so that joining is bounded by
+    ``timeout_s`` and SIGINT/SIGTERM still reach Python while Ray retries in C++ (which keeps
+    the thread that calls it, and its signal handlers, blocked for minutes)."""
     if ray.is_initialized():
         return
-    if address not in (None, "auto", "local"):
-        check_reachable(address)
+    address = addresses.effective(address)
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                    configure_logging=True, logging_level="ERROR")
     if address is None:
-        ray.init(**options)
-    else:
-        ray.init(address=address, **options)
+        # Here, not in a helper thread: Ray ties its processes' lives to the thread that starts
+        # them (PR_SET_PDEATHSIG). "local": a new Ray, never one some `ray start` recorded.
+        handler = signal.getsignal(signal.SIGTERM)
+        ray.init(address="local", **options)
+        _restore_sigterm(handler)
+        return
+    target = addresses.parse(address)
+    resolved = _resolved(target) if target is not None else None
+    seen_as = f" (Ray resolves it to {resolved})" if resolved and str(resolved) != address else ""
+    if resolved is not None:
+        check_reachable(address, resolved, seen_as)
+    _init_in_thread(dict(address=address, **options), timeout_s,
+                    f"cannot join the Ray cluster at {address}{seen_as} within {timeout_s:g} s; "
+                    f"check that it runs Ray {ray.__version__} and is reachable from here, or "
+                    "raise --connect-timeout")
 
 
-def check_reachable(address: str) -> None:
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    default_port = 10001 if address.startswith("ray://") else 6379
-    host, port_number = (host, int(port)) if port.isdigit() else (address.removeprefix("ray://"), default_port)
+def _resolved(target: addresses.Address) -> addresses.Address:
+    """The address Ray will dial: a loopback host becomes the machine's outward IP unless Ray
+    was imported under ``addresses.LOOPBACK_ENV`` (the Ray client keeps the host as given)."""
+    if target.client or not target.loopback:
+        return target
+    return addresses.Address(ray.util.get_node_ip_address(), target.port)
+
+
+def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_message: str) -> None:
+    """``ray.init(**options)``; raises ConfigError(timeout_message) after ``timeout_s``."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(**options)
+        except BaseException as error:  # noqa: BLE001 -- handed to the waiting thread
+            failure.append(error)
+        finally:
+            done.set()
+
+    threading.Thread(target=init, name="orch-ray-init", daemon=True).start()
+    # Waiting on an Event keeps this thread in Python: a SIGINT/SIGTERM handler runs at once.
+    if not done.wait(timeout_s):
+        raise ConfigError(timeout_message)
+    if failure:
+        raise failure[0]
+    _restore_sigterm(signal.getsignal(signal.SIGTERM))
+
+
+def _restore_sigterm(handler: Any) -> None:
+    """Ray replaces the SIGTERM handler (in C++: a stack dump, then an abort in its teardown;
+    in Python: ``sys.exit``); give SIGTERM back to the handler the caller had set."""
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def check_reachable(address: str, resolved: addresses.Address | None = None, seen_as: str = "") -> None:
+    """Fail at once, in one line, where nothing listens at the address Ray will dial."""
+    target = resolved or addresses.parse(address)
+    if target is None:
+        return
     try:
-        with socket.create_connection((host, port_number), timeout=CONNECT_TIMEOUT_S):
+        with socket.create_connection((target.host, target.port), timeout=REACH_TIMEOUT_S):
             pass
     except OSError as error:
-        raise ConfigError(f"cannot reach the Ray cluster at {address} ({error.strerror or error}); "
-                          "check ray.address / --address, or leave it unset for Ray in this "
-                          "process") from None
+        hint = ("; the cluster listens on the loopback only: set "
+                + " ".join(f"{k}={v}" for k, v in addresses.LOOPBACK_ENV.items())
+                + " before Ray is imported (orch launch does)") if seen_as else ""
+        raise ConfigError(f"cannot reach the Ray cluster at {address}{seen_as}: "
+                          f"{error.strerror or error}; check ray.address / --address and that the "
+                          f"cluster runs, or leave it unset for Ray in this process{hint}") from None
 
 
 def alive_nodes() -> list[dict[str, Any]]:
@@ -209,3 +267,27 @@ def _sum_statistics(results: Sequence[tuple[dict[str, float], int]]) -> tuple[di
         for key, value in shard_stats.items():
             stats[key] = stats.get(key, 0.0) + value
     return stats, sum(n for _, n in results)
+
+
+def start_loopback_cluster(nodes: int, *, cpus: float, port: int, temp_dir: str) -> tuple[Any, list[str]]:
+    """Start ``nodes`` real Ray nodes on 127.0.0.1 in this process's care; return the cluster
+    (``.address``, ``.shutdown()``) and the node ids.
+
+    ``ray.cluster_utils.Cluster`` is what Ray's own multi-node tests use on one machine: every
+    node has its own raylet, object store and CPUs, and all its processes are children of this
+    one, so stopping is ``shutdown()`` and never ``ray stop`` (which ends every Ray here). Run
+    under ``addresses.LOOPBACK_ENV`` so that the nodes keep 127.0.0.1 instead of the outward IP."""
+    from ray.cluster_utils import Cluster
+
+    # Ports other than the GCS's are left to the OS, so that clusters side by side never clash.
+    node = dict(node_ip_address="127.0.0.1", num_cpus=cpus, temp_dir=temp_dir,
+                dashboard_agent_listen_port=None, include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, gcs_server_port=port))
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**node)
+        ids = [cluster.head_node.node_id] + [worker.node_id for worker in cluster.worker_nodes]
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster, ids

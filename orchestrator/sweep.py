@@ -51,15 +51,15 @@ def resolve_paths(sweep: Sweep) -> Sweep:
 
 
 def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
-           resume: bool = False, progress: Progress | None = None,
-           source: str = "sweep") -> list[AlgorithmSummary]:
+           resume: bool = False, progress: Progress | None = None, source: str = "sweep",
+           connect_timeout: float = cluster.CONNECT_TIMEOUT_S) -> list[AlgorithmSummary]:
     """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
     sweep = resolve_paths(sweep)
     validate_data(sweep, source)
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
-    cluster.connect(address or sweep.ray.address)
+    cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url)
     mlflow_client = tracking.client(uri)
     experiment_id = _experiment(mlflow_client, sweep, uri, storage_url, resume)

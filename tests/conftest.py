@@ -14,7 +14,7 @@ SMALL_ZIPS = [SHARED_DATA / "omniglot" / "images_background_small1.zip",
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Keep in-process Ray on 127.0.0.1 (by default it binds the machine's outward address), and let
-# tests join the loopback cluster of cluster/local-cluster.sh.
+# this process join the loopback cluster of `orch cluster up` (orch launch sets it by itself).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,33 +1,24 @@
-"""The cluster/ folder: launcher YAML, KubeRay manifest and the loopback cluster script.
+"""The cluster/ folder: launcher YAML and KubeRay manifest.
 
 The YAML files are checked against Ray's own cluster-launcher schema and against the versions
 pinned in pyproject.toml (Ray, torch, Python), so a version bump cannot leave them behind. The
-slow test starts a real two-node Ray cluster on 127.0.0.1 with cluster/local-cluster.sh, runs a
-task on each node from a separate driver and checks that `stop` ends exactly its own processes.
+loopback cluster (`orch cluster up`) is tested in test_multinode.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 import tomllib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-SCRIPT = CLUSTER / "local-cluster.sh"
 
 # name[extras]==version, as in pyproject dependencies and pip command lines.
 PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([0-9][A-Za-z0-9.*+!-]*)")
@@ -120,14 +111,18 @@ def _uncommented_keys(text: str) -> list[str]:
 def test_aws_yaml_passes_ray_launcher_validation():
     jsonschema = pytest.importorskip("jsonschema")
     import ray.autoscaler
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.sdk import fillout_defaults
 
     config = _load("aws.yaml")
-    # The file as written: Ray's JSON schema (no unknown keys, right types) ...
     with open(Path(ray.autoscaler.__file__).parent / "ray-schema.json") as f:
-        jsonschema.validate(config, json.load(f))
-    # ... and as `ray up` sees it: merged with the provider defaults, then validated.
-    validate_config(prepare_config(copy.deepcopy(config)))
+        schema = json.load(f)
+    # The file as written: Ray's JSON schema (no unknown keys, right types) ...
+    jsonschema.validate(config, schema)
+    # ... and as `ray up` sees it: merged with the provider defaults (Ray's public SDK), validated
+    # again, with the head type among the node types (what `ray up` checks beyond the schema).
+    filled = fillout_defaults(copy.deepcopy(config))
+    jsonschema.validate(filled, schema)
+    assert filled["head_node_type"] in filled["available_node_types"]
 
 
 def test_aws_yaml_versions_match_pyproject(project_pins, python_tag):
@@ -214,178 +209,3 @@ def test_kuberay_versions_match_pyproject(project_pins, python_tag):
 
 def test_kuberay_every_key_commented():
     assert _uncommented_keys((CLUSTER / "kuberay.yaml").read_text()) == []
-
-
-# ---------------------------------------------------------------------------------------------
-# cluster/local-cluster.sh
-# ---------------------------------------------------------------------------------------------
-
-
-def _script_env(tmp_path: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ORCH_LOCAL_CLUSTER_ID")}
-    env.update(ORCH_PYTHON=sys.executable, ORCH_RAY_PORT=str(port), ORCH_CLUSTER_STATE=str(tmp_path / "state"),
-               ORCH_RAY_TEMP_DIR=f"/tmp/orch-test-{port}", ORCH_STOP_GRACE="3")
-    return env
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_base(nodes: int) -> int:
-    """A base port in 20000-29999 (clear of Ray's default worker ports 10002-19999 and of the
-    ephemeral range) whose whole block, as the script lays it out, is free."""
-    for base in range(20000 + (os.getpid() % 50) * 190, 30000, 190):
-        ports = [base, base + 1, base + 2] + [base + 10 + 100 * i + p for i in range(nodes) for p in range(6)]
-        try:
-            for p in ports:
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("", p))
-        except OSError:
-            continue
-        return base
-    pytest.skip("no free port block in 20000-29999")
-
-
-def test_script_syntax_and_usage(tmp_path):
-    assert os.access(SCRIPT, os.X_OK)
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    env = _script_env(tmp_path, 6390)
-    assert _run(["status"], env).returncode == 3          # nothing recorded
-    stop = _run(["stop"], env)
-    assert stop.returncode == 0 and "nothing to stop" in stop.stdout
-    bad = _run(["start", "0"], env)
-    assert bad.returncode != 0 and "N must be" in bad.stderr
-    assert _run(["frobnicate"], env).returncode == 2
-
-
-def test_start_refuses_a_busy_port(tmp_path):
-    port = _free_base(1)
-    env = _script_env(tmp_path, port)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", port))
-        held.listen()
-        result = _run(["start", "1"], env)
-    assert result.returncode != 0 and f"in use: {port}" in result.stderr
-    assert not (tmp_path / "state" / "cluster.env").exists()
-
-
-def _start_time(pid: int) -> str | None:
-    """Start time of a live, non-zombie process (field 22 of /proc/PID/stat), else None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-    found, frontier = [], {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found += sorted(frontier)
-    return found
-
-
-DRIVER = textwrap.dedent("""
-    import json, sys
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-
-    @ray.remote(num_cpus=1)
-    def where():
-        return ray.get_runtime_context().get_node_id()
-
-    ran_on = ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                      .remote() for n in nodes], timeout=60)
-    print(json.dumps({"alive": [[n["NodeID"], n["NodeManagerAddress"]] for n in nodes], "ran_on": ran_on}))
-    ray.shutdown()
-""")
-
-OTHER_RAY = textwrap.dedent("""
-    import sys, time
-    import ray
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
-    print("ready", flush=True)
-    time.sleep(600)
-""")
-
-
-@pytest.fixture
-def other_ray(tmp_path) -> Iterator[subprocess.Popen]:
-    """An unrelated Ray (ray.init() in another python) that `stop` must leave alone."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-c", OTHER_RAY, f"/tmp/orch-other-{os.getpid()}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)   # its own session: only what the fixture started
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", f"/tmp/orch-other-{os.getpid()}"])
-
-
-@pytest.mark.slow
-def test_local_cluster_two_nodes_start_connect_stop(tmp_path, other_ray):
-    port = _free_base(2)
-    env = _script_env(tmp_path, port)
-    started_at = time.monotonic()
-    start = _run(["start", "2"], env, timeout=150)
-    recorded: list[tuple[int, str]] = []
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        address = start.stdout.strip().splitlines()[-1]
-        assert address == f"127.0.0.1:{port}"
-        for line in (tmp_path / "state" / "pids").read_text().splitlines():
-            pid, start_time = line.split()[0].split(":")
-            recorded.append((int(pid), start_time))
-        assert len(recorded) >= 4    # at least GCS and two raylets and more
-
-        # A driver in its own process (this one may hold a Ray session already); `env` gives the
-        # variables a driver needs for a loopback cluster.
-        exports = dict(line.removeprefix("export ").split("=", 1) for line in _run(["env"], env).stdout.split("\n") if line)
-        assert exports["RAY_ADDRESS"] == address
-        probe = subprocess.run([sys.executable, "-c", DRIVER, address], env=env | exports,
-                               capture_output=True, text=True, timeout=120)
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        result = json.loads(probe.stdout.strip().splitlines()[-1])
-        node_ids = [node_id for node_id, _ in result["alive"]]
-        assert len(node_ids) == 2 and len(set(node_ids)) == 2
-        assert {ip for _, ip in result["alive"]} == {"127.0.0.1"}
-        assert sorted(result["ran_on"]) == sorted(node_ids)
-
-        status = _run(["status"], env)
-        assert status.returncode == 0 and status.stdout.count("ALIVE") == 2
-        assert other_ray.stdout.readline().strip() == "ready"
-        other = {pid: _start_time(pid) for pid in [other_ray.pid, *_descendants(other_ray.pid)]}
-        assert len(other) >= 3     # the python, its GCS and raylet at least
-    finally:
-        stop = _run(["stop"], env, timeout=90)
-    assert stop.returncode == 0, stop.stderr
-
-    deadline = time.monotonic() + 10
-    left = recorded
-    while left and time.monotonic() < deadline:
-        left = [(pid, st) for pid, st in recorded if _start_time(pid) == st]
-        time.sleep(0.2)
-    assert left == [], f"still running after stop: {left}"
-    assert not (tmp_path / "state" / "cluster.env").exists()
-    assert not Path(f"/tmp/orch-test-{port}").exists()
-    # The unrelated Ray is untouched.
-    assert other_ray.poll() is None
-    assert {pid: _start_time(pid) for pid in other} == other
-    assert time.monotonic() - started_at < 120
