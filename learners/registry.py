@@ -5,10 +5,14 @@ from __future__ import annotations
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.matching import Matching
 from learners.protonet import ProtoNet
+from learners.relation import Relation
 from learners.reptile import Reptile
+from learners.siamese import Siamese
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {
+    cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, Matching, Relation, Siamese)}
 
 
 def learner_class(name: str) -> type[Learner]:
