@@ -74,6 +74,16 @@ SETTINGS: dict[str, Setting] = {
                                   "head": "zero"}, test_steps=3, target=None,
                            paper="MAML with a zero head per task (Kao et al. 2022; "
                                  "Ye and Chao 2022)"),
+    "matching": Setting(ways=20, queries=5, filters=64, meta_batch=1,
+                        knobs={"outer_lr": 0.001, "fce": True}, target=0.93,
+                        paper="98.1% 5-way, 93.8% 20-way (Vinyals et al. 2016, full Omniglot)"),
+    "relation": Setting(ways=20, queries=5, filters=64, meta_batch=1, knobs={"outer_lr": 0.001},
+                        target=0.93,
+                        paper="99.6% 5-way, 97.6% 20-way (Sung et al. 2018, full Omniglot)"),
+    "siamese": Setting(ways=20, queries=5, filters=64, meta_batch=1, knobs={"outer_lr": 0.001},
+                       target=0.88,
+                       paper="92.0% 20-way (Koch et al. 2015, full Omniglot, verification "
+                             "training)"),
 }
 ALGORITHM = {"maml-anyway": "maml"}  # benchmark rows that are a knob setting of a learner
 
