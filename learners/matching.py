@@ -6,6 +6,8 @@ an attention LSTM that reads the encoded support set ``fce_steps`` times for eac
 ``adapt`` embeds (and encodes) the support set; ``predict`` attends over it with a softmax of
 cosine similarities and returns the log of the attention-weighted sum of the support labels, so
 cross-entropy on the outputs is the paper's training loss. There is no inner loop.
+Where the paper is silent: f's LSTM state starts at the query embedding, and K (``fce_steps``)
+defaults to 3.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The meta-parameters are an embedding module's weights and a relation module's (`
 class's into one; ``predict`` concatenates every query's features with every class's and scores
 the pair with the relation module, a relation score in [0, 1]. Training regresses the scores on
 one-hot targets with mean squared error, as the paper does. There is no inner loop.
+Unlike the authors' code: PyTorch's default initialisation, no gradient clipping, and Conv-4's
+pooled last maps (1x1 for 28x28 images) where their encoder keeps 5x5 maps.
 """
 
 from __future__ import annotations

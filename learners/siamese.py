@@ -6,6 +6,8 @@ distance between their encodings. Training is verification, not classification: 
 training episode's images (support and queries) is a same/different example, trained with binary
 cross-entropy. ``adapt`` encodes the support set; ``predict`` gives each query, for each class,
 the highest same-logit over that class's support images, so the argmax is Koch's one-shot rule.
+Unlike the paper: the backbone (Conv-4) is the twin, without Koch's 4096-unit sigmoid layer, and
+pairs come from each training episode rather than a fixed set of distorted pairs.
 """
 
 from __future__ import annotations
