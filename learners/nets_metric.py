@@ -133,6 +133,6 @@ def relation_module(feature_shape: Sequence[int], hidden: int) -> nn.Sequential:
                          nn.ReLU(), nn.Linear(hidden, 1))
 
 
-def call(module: nn.Module, params: Params, x: Tensor) -> Tensor:
+def call_module(module: nn.Module, params: Params, x: Tensor) -> Tensor:
     """Run ``module`` with ``params`` (its own entries, prefix removed) in place of its weights."""
     return functional_call(module, params, (x,))

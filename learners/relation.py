@@ -17,8 +17,8 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import class_members, entries, fresh_params, relation_module, without
-from learners.nets_metric import call as call_module
+from learners.nets_metric import (call_module, class_members, entries, fresh_params,
+                                  relation_module, without)
 
 RELATION = "relation"
 

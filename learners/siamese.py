@@ -17,9 +17,8 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from learners.backbones import call
-from learners.base import Adapted, Learner, Objective, Params
-from learners.nets_metric import class_members, entries, fresh_params, without
-from learners.nets_metric import call as call_module
+from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
+from learners.nets_metric import call_module, class_members, entries, fresh_params, without
 from pipelines.base import Task
 
 VERIFY = "verify"
@@ -33,7 +32,7 @@ class Siamese(Learner):
     uses_inner_steps = False
     task_kinds = ("classification",)
 
-    def __init__(self, backbone, objective: Objective, hparams):
+    def __init__(self, backbone, objective: Objective, hparams: Hyperparameters):
         super().__init__(backbone, objective, hparams)
         # sum_j alpha_j |h1_j - h2_j| + bias: one linear unit on the L1 distance.
         self.verify = nn.Linear(backbone.feature_size, 1)
