@@ -82,7 +82,7 @@ SETTINGS: dict[str, Setting] = {
     "relation": Setting(ways=20, queries=5, filters=64, meta_batch=1, knobs={"outer_lr": 0.003},
                         target=0.93,
                         paper="99.6% 5-way, 97.6% 20-way (Sung et al. 2018, full Omniglot)"),
-    "siamese": Setting(ways=20, queries=5, filters=64, meta_batch=1, knobs={"outer_lr": 0.001},
+    "siamese": Setting(ways=20, queries=5, filters=64, meta_batch=1, knobs={"outer_lr": 0.003},
                        target=0.88,
                        paper="92.0% 20-way (Koch et al. 2015, full Omniglot, verification "
                              "training)"),
