@@ -29,6 +29,7 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features) if out_features else nn.Identity()
         self.feature_size = width
+        self.feature_shape: tuple[int, ...] = (width,)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
@@ -57,6 +58,9 @@ class Conv4(nn.Module):
             conv_block(filters, filters), conv_block(filters, filters), nn.Flatten())
         for _ in range(4):
             height, width = height // 2, width // 2
+        # The last block's feature maps, [C, H, W], before flattening (Relation Networks compare
+        # maps rather than vectors).
+        self.feature_shape: tuple[int, ...] = (filters, max(height, 1), max(width, 1))
         self.feature_size = filters * max(height, 1) * max(width, 1)
         self.head = nn.Linear(self.feature_size, out_features) if out_features else nn.Identity()
 

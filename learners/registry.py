@@ -6,17 +6,20 @@ from learners.alpaca import ALPaCA
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.matching import Matching
 from learners.meta_lstm import MetaLSTM
 from learners.metaoptnet import MetaOptNet
 from learners.protonet import ProtoNet
+from learners.relation import Relation
 from learners.reptile import Reptile
 from learners.sca import SCA
+from learners.siamese import Siamese
 
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
     # gradient-based and learned optimisers
     MAML, FOMAML, Reptile, MetaLSTM, SCA,
     # metric-based
-    ProtoNet,
+    ProtoNet, Matching, Relation, Siamese,
     # closed-form heads
     MetaOptNet, ALPaCA,
 )}
