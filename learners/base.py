@@ -129,6 +129,9 @@ class Learner(abc.ABC):
     # in the sweep file's syntax. Optuna searches it for every knob a sweep file leaves out;
     # ``outer_lr`` and ``meta_batch`` may appear besides the Hyperparameters fields.
     search_space: ClassVar[dict[str, Any]] = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+    # How far running statistics among the meta-parameters (``is_statistic``) move toward the
+    # meta-batch's values per iteration.
+    statistics_momentum: ClassVar[float] = 0.1
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
@@ -156,6 +159,14 @@ class Learner(abc.ABC):
         ``ways`` is the task's number of classes (classification; ``task_ways(support_y)`` when
         None, which needs concrete labels, so code under ``vmap`` passes it). ``steps`` overrides
         the number of inner steps of learners that take any."""
+
+    def is_statistic(self, name: str) -> bool:
+        """Whether meta-parameter ``name`` is a running statistic rather than a weight (MAML++'s
+        per-step BatchNorm statistics). For a statistic, ``task_gradient`` returns its value minus
+        the task's, and the trainer moves it by ``statistics_momentum`` times the meta-batch mean
+        of that, outside the outer optimiser: a moving average, the same on any number of
+        workers."""
+        return False
 
     def servable_ways(self, params: Params) -> int | None:
         """The most classes one task may have for these meta-parameters: None for any number

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from learners.anil import ANIL
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.mamlpp import MAMLPlusPlus
+from learners.metasgd import MetaSGD
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, MetaSGD,
+                                                                ANIL, MAMLPlusPlus)}
 
 
 def learner_class(name: str) -> type[Learner]:
