@@ -10,19 +10,28 @@ task, so a model trained 5-way serves any number of classes.
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor
 from torch.nn.functional import linear
 
 from learners.backbones import call
 from learners.base import Adapted, Params
 from learners.functional import HEAD_BIAS, HEAD_WEIGHT, gradient_steps
-from learners.maml import MAML
+from learners.maml import MAML, HeadKnob
+
+
+class ANILHyperparameters(HeadKnob):
+    inner_lr: float = Field(0.01, gt=0, description="step size of the head's inner gradient "
+                            "descent")
+    inner_steps: int = Field(1, ge=1, le=100, description="inner gradient steps on the head per "
+                             "task")
 
 
 class ANIL(MAML):
     """MAML with the inner loop restricted to the output head."""
 
     name = "anil"
+    Hyperparameters = ANILHyperparameters
     search_space = {"inner_lr": {"low": 0.01, "high": 1.0, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 

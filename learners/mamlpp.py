@@ -101,14 +101,14 @@ class MAMLPlusPlus(MAML):
         start = self.task_params({k: v for k, v in params.items() if not k.startswith(RATE)},
                                  ways)
         rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
-        last = self.hparams.inner_steps - 1
 
         def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
             return self.objective.loss(self.outputs(p, x, row=step, running=running), y)
 
         return gradient_trajectory(
             support_loss, start, support_x, support_y, steps=steps, first_order=first_order,
-            lr=lambda step: {k: r[min(step, last)] for k, r in rates.items()},
+            # Steps beyond the trained ones (evaluation) reuse the last step's rates.
+            lr=lambda step: {k: r[min(step, len(r) - 1)] for k, r in rates.items()},
             adapt_keys=frozenset(rates), with_step=True)
 
     def outputs(self, params: Params, x: Tensor, *, row: int, running: bool = False,

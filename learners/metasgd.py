@@ -11,19 +11,28 @@ Every rate starts at ``inner_lr``; the paper draws them at random in [0.005, 0.1
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from learners.base import Adapted, Params
 from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_steps
-from learners.maml import MAML
+from learners.maml import MAML, HeadKnob
 
 RATE = "lr."
+
+
+class MetaSGDHyperparameters(HeadKnob):
+    inner_lr: float = Field(0.01, gt=0, description="initial value of every learned per-weight "
+                            "inner learning rate")
+    inner_steps: int = Field(1, ge=1, le=100, description="inner gradient steps per task (the "
+                             "paper: one)")
 
 
 class MetaSGD(MAML):
     """Second-order MAML with a learned rate for every weight entry."""
 
     name = "metasgd"
+    Hyperparameters = MetaSGDHyperparameters
     search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 
