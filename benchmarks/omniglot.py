@@ -90,7 +90,9 @@ SETTINGS: dict[str, Setting] = {
                     paper="20-way 1-shot 96.2% vs their MAML 93.7% (Raghu et al. 2020, "
                           "Table 2; no 5-way figure)"),
     # MAML++ with 2 inner steps (the authors use 5 with 64 filters on a GPU): per-step rates start
-    # at MAML's 0.4; first-order for the first third of the budget, cosine outer rate.
+    # at MAML's 0.4 (0.2 did worse in a 1-minute run); first-order for the first third of the
+    # budget, cosine outer rate. A meta-step costs about twice MAML's, so it runs half the
+    # iterations; 1 inner step with 3 at test did far worse (the learned rates overshoot).
     "mamlpp": Setting(ways=5, queries=5, filters=32, meta_batch=4,
                       knobs={"inner_lr": 0.4, "inner_steps": 2, "outer_lr": 0.003},
                       test_steps=None, target=0.85, versus_maml=0.0,
