@@ -130,6 +130,9 @@ class Learner(abc.ABC):
     # in the sweep file's syntax. Optuna searches it for every knob a sweep file leaves out;
     # ``outer_lr`` and ``meta_batch`` may appear besides the Hyperparameters fields.
     search_space: ClassVar[dict[str, Any]] = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+    # How far running statistics among the meta-parameters (``is_statistic``) move toward the
+    # meta-batch's values per iteration.
+    statistics_momentum: ClassVar[float] = 0.1
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
@@ -167,6 +170,14 @@ class Learner(abc.ABC):
         shaped like ``predict``'s outputs, and standard deviation. None (the default) for
         learners whose predictions carry no uncertainty."""
         return None
+
+    def is_statistic(self, name: str) -> bool:
+        """Whether meta-parameter ``name`` is a running statistic rather than a weight (MAML++'s
+        per-step BatchNorm statistics). For a statistic, ``task_gradient`` returns its value minus
+        the task's, and the trainer moves it by ``statistics_momentum`` times the meta-batch mean
+        of that, outside the outer optimiser: a moving average, the same on any number of
+        workers."""
+        return False
 
     def servable_ways(self, params: Params) -> int | None:
         """The most classes one task may have for these meta-parameters: None for any number

@@ -1,7 +1,8 @@
 """The inner loop shared by every gradient-based learner: pure functions over parameter dicts.
 
 ``gradient_steps`` is used for meta-training, validation and ``orch predict`` alike, so there is
-exactly one implementation of "adapt by gradient descent" in orch.
+exactly one implementation of "adapt by gradient descent" in orch (``gradient_trajectory`` is the
+same loop, keeping every step's weights).
 """
 
 from __future__ import annotations
@@ -18,19 +19,34 @@ LossFn = Callable[[Params, Tensor, Tensor], Tensor]
 def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
                    lr: float | Mapping[str, Tensor] | Callable[[int], float | Mapping[str, Tensor]],
                    steps: int, first_order: bool = False,
-                   adapt_keys: frozenset[str] | None = None) -> Params:
+                   adapt_keys: frozenset[str] | None = None, with_step: bool = False) -> Params:
     """``steps`` of gradient descent on ``loss_fn(params, x, y)``, starting from ``params``.
 
-    ``lr`` is a scalar, a per-parameter dict (Meta-SGD) or a function of the step index (MAML++).
-    With ``first_order`` the inner gradients are treated as constants, so the outer gradient is
-    the query gradient at the adapted weights (FOMAML); otherwise the graph through every step is
-    kept and the outer gradient is the exact second-order one (``torch.func.grad`` composes with
-    the caller's autograd). ``adapt_keys`` restricts adaptation to some entries (ANIL's head).
+    ``lr`` is a scalar, a per-parameter dict (Meta-SGD; a rate broadcasts against its weight) or
+    a function of the step index (MAML++). With ``first_order`` the inner gradients are treated
+    as constants, so the outer gradient is the query gradient at the adapted weights (FOMAML);
+    otherwise the graph through every step is kept and the outer gradient is the exact second-
+    order one (``torch.func.grad`` composes with the caller's autograd). ``adapt_keys`` restricts
+    adaptation to some entries (ANIL's head). ``with_step`` calls ``loss_fn(params, x, y, step)``
+    for networks with per-step layers (MAML++'s BatchNorm).
     """
+    return gradient_trajectory(loss_fn, params, x, y, lr=lr, steps=steps, first_order=first_order,
+                               adapt_keys=adapt_keys, with_step=with_step)[-1]
+
+
+def gradient_trajectory(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
+                        lr: float | Mapping[str, Tensor] | Callable[[int], float | Mapping[str, Tensor]],
+                        steps: int, first_order: bool = False,
+                        adapt_keys: frozenset[str] | None = None,
+                        with_step: bool = False) -> list[Params]:
+    """The weights before and after each of ``gradient_steps``' steps (``steps + 1`` dicts), for
+    losses on every step's weights (MAML++'s multi-step loss)."""
+    trajectory = [params]
     for step in range(steps):
         fast = {k: v for k, v in params.items() if adapt_keys is None or k in adapt_keys}
         frozen = {k: v for k, v in params.items() if k not in fast}
-        grads = grad(lambda f: loss_fn({**frozen, **f}, x, y))(fast)
+        extra = (step,) if with_step else ()
+        grads = grad(lambda f: loss_fn({**frozen, **f}, x, y, *extra))(fast)
         step_lr = lr(step) if callable(lr) else lr
         params = dict(params)
         for name, g in grads.items():
@@ -38,7 +54,8 @@ def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
                 g = g.detach()
             rate = step_lr[name] if isinstance(step_lr, Mapping) else step_lr
             params[name] = params[name] - rate * g
-    return params
+        trajectory.append(params)
+    return trajectory
 
 
 # The any-way head of the gradient family (``head`` knob), after Ye and Chao (2022), "How to train

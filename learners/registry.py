@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from learners.alpaca import ALPaCA
+from learners.anil import ANIL
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.mamlpp import MAMLPlusPlus
 from learners.matching import Matching
 from learners.meta_lstm import MetaLSTM
 from learners.metaoptnet import MetaOptNet
+from learners.metasgd import MetaSGD
 from learners.protonet import ProtoNet
 from learners.relation import Relation
 from learners.reptile import Reptile
@@ -17,7 +20,7 @@ from learners.siamese import Siamese
 
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
     # gradient-based and learned optimisers
-    MAML, FOMAML, Reptile, MetaLSTM, SCA,
+    MAML, FOMAML, Reptile, MetaSGD, ANIL, MAMLPlusPlus, MetaLSTM, SCA,
     # metric-based
     ProtoNet, Matching, Relation, Siamese,
     # closed-form heads

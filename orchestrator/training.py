@@ -228,7 +228,8 @@ class MetaTrainer:
         training = self.sweep.training
         params = {k: v.clone().requires_grad_(True) for k, v in
                   (params or self.initial_params()).items()}
-        optimizer = self._outer_optimizer(list(params.values()))
+        statistics = {k for k in params if self.learner.is_statistic(k)}
+        optimizer = self._outer_optimizer([p for k, p in params.items() if k not in statistics])
         base_lr = optimizer.param_groups[0]["lr"]
         outcome = TrialOutcome(params=params)
         started, cpu_started, tasks = time.perf_counter(), time.process_time(), 0
@@ -249,6 +250,9 @@ class MetaTrainer:
             for name, p in params.items():
                 p.grad = gradient[name].to(p.device)
             optimizer.step()
+            with torch.no_grad():
+                for name in statistics:  # a moving average, not a loss gradient
+                    params[name] -= self.learner.statistics_momentum * params[name].grad
             tasks += self.meta_batch
             if on_iteration is not None:
                 on_iteration(iteration, stats)

@@ -1,0 +1,176 @@
+"""MAML++ (Antoniou, Edwards and Storkey, 2019, "How to train your MAML").
+
+MAML with the paper's fixes: a multi-step loss (the query loss after every inner step, weighted,
+the weights annealed toward the last step's), a learned inner rate per layer and per step
+(``lr.<weight>``, one entry per step), BatchNorm weights, biases and running statistics per step
+(see ``learners.nets_mamlpp``), first-order meta-gradients for the first part of training and
+second-order after, and a cosine-annealed outer rate. The meta-parameters are the backbone's
+initial weights with per-step BatchNorm rows, the per-step rates and the running statistics;
+``adapt`` returns the fast weights after ``inner_steps`` steps, with the BatchNorm row for that
+many steps. BatchNorm weights are learned by the outer loop only (the authors' setting).
+
+Running statistics: the authors' code gathers per-step running statistics but calls batch_norm
+in training mode, so it always normalises with the batch's own statistics. Here meta-training
+also normalises with batch statistics, and each task's ``task_gradient`` returns, for each
+statistic, the running value minus the mean of that row's batch moments on the task (support and
+query passes that used the row); the trainer moves the statistics by ``statistics_momentum`` (0.1,
+PyTorch's) times the meta-batch mean of that, outside the optimiser: an exponential moving average
+that is deterministic and the same on any number of workers. ``bn_statistics`` says whether
+evaluation and serving normalise with these running statistics or, like the authors' code,
+with each batch's own (the default: on a short Omniglot run, evaluation with the running
+statistics was near chance, since the weights were meta-trained with per-task normalisation).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.func import grad
+
+from learners.base import Adapted, Objective, Params
+from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_trajectory
+from learners.maml import MAML, HeadKnob
+from learners.nets_mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
+from pipelines.base import Task
+
+RATE = "lr."
+
+
+class MAMLPlusPlusHyperparameters(HeadKnob):
+    inner_lr: float = Field(0.1, gt=0, description="initial value of every per-layer, per-step "
+                            "inner learning rate (learned afterwards); the authors' Omniglot 0.1")
+    inner_steps: int = Field(2, ge=1, le=20, description="inner gradient steps per task, also "
+                             "the number of per-step rates (and BatchNorm rows, one more); the "
+                             "authors take 5 on a GPU, 2 fits a CPU budget")
+    msl_fraction: float = Field(0.1, ge=0, le=1, description="fraction of meta-training over "
+                                "which the multi-step loss weights anneal from uniform toward "
+                                "the last step; after it only the last step's query loss counts "
+                                "(authors' Omniglot: 10 of 100 epochs)")
+    first_order_fraction: float = Field(1 / 3, ge=0, le=1, description="fraction of meta-"
+                                        "training done with first-order meta-gradients before "
+                                        "switching to second order (the paper: 50 of 150 epochs)")
+    bn_statistics: Literal["batch", "running"] = Field(
+        "batch", description="what BatchNorm normalises with at evaluation and serving: 'batch' "
+        "(each forward pass's own statistics, as in meta-training and the authors' code) or "
+        "'running' (the per-step running statistics gathered during meta-training)")
+
+
+class MAMLPlusPlus(MAML):
+    """MAML with multi-step loss, per-step rates and BatchNorm, and annealed derivative order."""
+
+    name = "mamlpp"
+    Hyperparameters = MAMLPlusPlusHyperparameters
+    outer_schedule = "cosine"
+    search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
+                    "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+
+    def __init__(self, backbone, objective: Objective, hparams: MAMLPlusPlusHyperparameters):
+        super().__init__(backbone, objective, hparams)
+        self.layers = norm_layers(backbone)
+        self.statistics = {layer + key for layer in self.layers for key in (MEAN, VAR)}
+
+    def is_statistic(self, name: str) -> bool:
+        return name in self.statistics
+
+    def init_params(self, seed: int) -> Params:
+        steps, rate = self.hparams.inner_steps, self.hparams.inner_lr
+        weights = per_step(super().init_params(seed), self.layers, steps + 1)
+        norms = {layer + key for layer in self.layers for key in ("weight", "bias")}
+        adapted = [k for k in weights if k not in norms | self.statistics and k != SHARED_HEAD]
+        if self.hparams.head != "fixed":
+            adapted += [HEAD_WEIGHT, HEAD_BIAS]  # made per task; their rates are meta-parameters
+        first = next(iter(weights.values()))
+        return {**weights, **{RATE + k: first.new_full((steps,), rate) for k in adapted}}
+
+    def loss_weights(self, progress: float) -> list[float]:
+        """The multi-step loss's weight per step (the authors' schedule): uniform at the start,
+        non-final steps decaying linearly to 0.03 / steps over ``msl_fraction`` of training while
+        the last step's grows, then the last step's loss alone."""
+        steps, span = self.hparams.inner_steps, self.hparams.msl_fraction
+        if steps == 1 or progress >= span:
+            return [0.0] * (steps - 1) + [1.0]
+        done, floor = progress / span, 0.03 / steps
+        early = max(1 / steps - done / steps, floor)
+        last = min(1 / steps + done * (steps - 1) / steps, 1 - (steps - 1) * floor)
+        return [early] * (steps - 1) + [last]
+
+    def trajectory(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+                   ways: int | None, steps: int, first_order: bool, running: bool) -> list[Params]:
+        """The fast weights before and after each inner step (per-step rows still whole)."""
+        start = self.task_params({k: v for k, v in params.items() if not k.startswith(RATE)},
+                                 ways)
+        rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
+
+        def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
+            return self.objective.loss(self.outputs(p, x, row=step, running=running), y)
+
+        return gradient_trajectory(
+            support_loss, start, support_x, support_y, steps=steps, first_order=first_order,
+            # Steps beyond the trained ones (evaluation) reuse the last step's rates.
+            lr=lambda step: {k: r[min(step, len(r) - 1)] for k, r in rates.items()},
+            adapt_keys=frozenset(rates), with_step=True)
+
+    def outputs(self, params: Params, x: Tensor, *, row: int, running: bool = False,
+                moments: dict | None = None) -> Tensor:
+        return forward(self.backbone, row_view(params, self.layers, row), x, running=running,
+                       moments=moments)
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+              ways: int | None = None, steps: int | None = None) -> Adapted:
+        steps = self.hparams.inner_steps if steps is None else steps
+        fast = self.trajectory(params, support_x, support_y, ways=self.ways_of(support_y, ways),
+                               steps=steps, first_order=False,
+                               running=self.hparams.bn_statistics == "running")[-1]
+        return row_view(fast, self.layers, steps)
+
+    def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
+        return forward(self.backbone, adapted, query_x,
+                       running=self.hparams.bn_statistics == "running")
+
+    def task_gradient(self, params: Params, task: Task, *,
+                      ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
+        steps, ways = self.hparams.inner_steps, self.ways_of(task.support_y, ways)
+        weights = self.loss_weights(self.progress)
+        first_order = self.progress < self.hparams.first_order_fraction
+        statistics = {k: params[k] for k in self.statistics}
+
+        def query_loss(p: Params):
+            path = self.trajectory({**p, **statistics}, task.support_x, task.support_y,
+                                   ways=ways, steps=steps, first_order=first_order, running=False)
+            total = 0.0
+            for step, weight in enumerate(weights):
+                if weight > 0:
+                    outputs = self.outputs(path[step + 1], task.query_x, row=step + 1)
+                    loss = self.objective.loss(outputs, task.query_y)
+                    total = total + weight * loss
+            detached = [{k: v.detach() for k, v in fast.items()} for fast in path]
+            return total, (loss.detach(), outputs.detach(), detached)
+
+        learned = {k: v for k, v in params.items() if k not in self.statistics}
+        gradient, (loss, outputs, path) = grad(query_loss, has_aux=True)(learned)
+        return {**gradient, **self.statistics_update(path, task, weights)}, loss, outputs
+
+    def statistics_update(self, path: list[Params], task: Task,
+                          weights: list[float]) -> Params:
+        """Per running statistic: its value minus the mean batch moment of the passes that used
+        its row on this task (the inner steps' support passes, the weighted query passes)."""
+        seen: dict[int, list[dict]] = {}
+        for step in range(len(weights)):
+            passes = [(path[step], task.support_x, step)]
+            if weights[step] > 0:
+                passes.append((path[step + 1], task.query_x, step + 1))
+            for fast, x, row in passes:
+                moments: dict = {}
+                self.outputs(fast, x, row=row, moments=moments)
+                seen.setdefault(row, []).append(moments)
+        update = {}
+        for layer in self.layers:
+            for index, key in enumerate((MEAN, VAR)):
+                running = path[0][layer + key]
+                batch = [torch.stack([m[layer][index] for m in seen[row]]).mean(dim=0)
+                         if row in seen else running[row] for row in range(len(running))]
+                update[layer + key] = running - torch.stack(batch)
+        return update
