@@ -74,6 +74,9 @@ SETTINGS: dict[str, Setting] = {
                                   "head": "zero"}, test_steps=3, target=None,
                            paper="MAML with a zero head per task (Kao et al. 2022; "
                                  "Ye and Chao 2022)"),
+    "snail": Setting(ways=5, queries=5, filters=32, meta_batch=4,
+                     knobs={"max_ways": 5, "max_support": 5, "outer_lr": 0.001}, target=0.85,
+                     paper="99.07% 5-way (Mishra et al. 2018, full Omniglot)"),
 }
 ALGORITHM = {"maml-anyway": "maml"}  # benchmark rows that are a knob setting of a learner
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from learners.base import Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
+from learners.metanet import MetaNet
 from learners.protonet import ProtoNet
 from learners.reptile import Reptile
+from learners.snail import SNAIL
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet)}
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ProtoNet, SNAIL, MetaNet)}
 
 
 def learner_class(name: str) -> type[Learner]:

@@ -60,7 +60,9 @@ class Clusters(TaskFamily):
 
 def make(name: str) -> tuple[Learner, TaskFamily]:
     cls = LEARNERS[name]
-    if cls.needs_head:
+    # Classification-only learners with an output head (MetaNet's base learner) take the
+    # classification family too.
+    if cls.needs_head and "regression" in cls.task_kinds:
         family: TaskFamily = Sinusoid(shots=10, queries=10)
         objective = Objective.for_task_kind("regression")
     else:
