@@ -72,6 +72,12 @@ class MetaNet(Learner):
             params.update({prefix + k: p.detach().clone() for k, p in net.named_parameters()})
         return params
 
+    def check_ways(self, params: Params, ways: int) -> None:
+        most = self.servable_ways(params)
+        if most is not None and ways > most:
+            raise ValueError(f"this metanet model's base learner has a {most}-way output layer; "
+                             f"it cannot tell {ways} classes apart (train it on {ways}-way tasks)")
+
     @staticmethod
     def part(params: Params, prefix: str) -> Params:
         return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
