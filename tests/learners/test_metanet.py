@@ -61,7 +61,7 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
     optimizer = torch.optim.Adam(params.values(), lr=0.003)
     meta_batch = 4
-    for iteration in range(60):
+    for iteration in range(40):
         batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
         gradient, _ = learner.batch_gradient(params, batch)
         for name, p in params.items():
@@ -69,5 +69,5 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
         optimizer.step()
     tests = 100
     accuracy = learner.batch_evaluate(params, family.batch("test", 1, range(tests)))["accuracy"]
-    print(f"metanet 5-way 1-shot on held-out alphabets after 60 iterations: {accuracy / tests:.3f}")
-    assert accuracy / tests > 0.4
+    print(f"metanet 5-way 1-shot on held-out alphabets after 40 iterations: {accuracy / tests:.3f}")
+    assert accuracy / tests > 0.3
