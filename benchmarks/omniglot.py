@@ -98,7 +98,8 @@ def sweep(algorithm: str, data: Path, setting: Setting, *, ways: int, queries: i
                      "eval_tasks": 20, "device": "cpu"},
         "workers": {"count": 0},
         "search": {"metric": "val_accuracy", "direction": "maximize"},
-        "algorithms": {algorithm: {}},
+        # The knobs are checked at load time against the task shape (SNAIL's max_ways).
+        "algorithms": {algorithm: dict(setting.knobs)},
     })
 
 

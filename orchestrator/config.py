@@ -290,6 +290,9 @@ class _KeyError(ValueError):
         self.where = where
         self.message = message
 
+    def __reduce__(self):  # picklable, so an error in a worker process reaches its parent
+        return type(self), (self.where, self.message)
+
 
 def _check_knob(where: tuple[str, ...], knob: str, value: Any) -> None:
     numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
