@@ -188,6 +188,12 @@ class Learner(abc.ABC):
             return None
         return params["head.weight"].shape[0]
 
+    @classmethod
+    def check_task_shape(cls, hparams: Hyperparameters, *, ways: int, support: int) -> None:
+        """Refuse, in one line naming the knob, a task shape that a model built with ``hparams``
+        cannot serve (``ways`` classes, ``support`` examples in the support set). A classmethod,
+        so a sweep file is checked at load time, before any learner is built. Default: any."""
+
     def check_ways(self, params: Params, ways: int) -> None:
         """Refuse a task with more classes than ``servable_ways``, in one line."""
         most = self.servable_ways(params)

@@ -10,6 +10,7 @@ from learners.maml import MAML
 from learners.mamlpp import MAMLPlusPlus
 from learners.matching import Matching
 from learners.meta_lstm import MetaLSTM
+from learners.metanet import MetaNet
 from learners.metaoptnet import MetaOptNet
 from learners.metasgd import MetaSGD
 from learners.protonet import ProtoNet
@@ -17,6 +18,7 @@ from learners.relation import Relation
 from learners.reptile import Reptile
 from learners.sca import SCA
 from learners.siamese import Siamese
+from learners.snail import SNAIL
 
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
     # gradient-based and learned optimisers
@@ -25,6 +27,8 @@ LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
     ProtoNet, Matching, Relation, Siamese,
     # closed-form heads
     MetaOptNet, ALPaCA,
+    # model-based
+    SNAIL, MetaNet,
 )}
 
 

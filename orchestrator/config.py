@@ -251,6 +251,9 @@ class Sweep(Section):
                 raise _KeyError(("algorithms", algorithm),
                                 f"is for {' and '.join(learner_class(algorithm).task_kinds)}; "
                                 f"data.family {self.data.family} is {kind}")
+        if isinstance(self.data, ImageData):
+            for algorithm in self.algorithms:
+                _check_task_shape(algorithm, self.space(algorithm), self.data)
         if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
             raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
                             "sinusoid is regression: use val_loss")
@@ -288,6 +291,9 @@ class _KeyError(ValueError):
         self.where = where
         self.message = message
 
+    def __reduce__(self):  # picklable, so an error in a worker process reaches its parent
+        return type(self), (self.where, self.message)
+
 
 def _check_knob(where: tuple[str, ...], knob: str, value: Any) -> None:
     numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
@@ -301,21 +307,44 @@ def _check_knob(where: tuple[str, ...], knob: str, value: Any) -> None:
         raise _KeyError(where, "must be finite")
 
 
+def _candidates(value: Range | Choices | bool | int | float | str) -> list[Any]:
+    """The values a knob can take that bound what it may do: both ends of a range, every choice."""
+    if isinstance(value, Range):
+        return [int(value.low), int(value.high)] if value.int else [value.low, value.high]
+    if isinstance(value, Choices):
+        return list(value.choices)
+    return [value]
+
+
 def _check_against_field(where: tuple[str, ...], hparams: type[BaseModel], knob: str,
                          value: Any) -> None:
     """Validate a fixed value, both ends of a range, or every choice against the learner's field."""
-    if isinstance(value, Range):
-        candidates = [int(value.low), int(value.high)] if value.int else [value.low, value.high]
-    elif isinstance(value, Choices):
-        candidates = list(value.choices)
-    else:
-        candidates = [value]
-    for candidate in candidates:
+    for candidate in _candidates(value):
         try:
             hparams.model_validate({knob: candidate})
         except ValidationError as error:
             problem = error.errors()[0]
             raise _KeyError(where, f"{problem['msg']} (got {candidate!r})") from None
+
+
+def _check_task_shape(algorithm: str, space: dict[str, Any], data: ImageData) -> None:
+    """Refuse an algorithm whose knobs build a model that cannot serve the data's episodes (SNAIL's
+    label width and sequence length): each searched knob is checked at every candidate value,
+    the others at their fixed value or default."""
+    cls = learner_class(algorithm)
+    fixed = {k: v for k, v in space.items()
+             if k in cls.Hyperparameters.model_fields and not isinstance(v, (Range, Choices))}
+    settings = [fixed] + [{**fixed, knob: candidate}
+                          for knob, value in space.items()
+                          if knob in cls.Hyperparameters.model_fields
+                          and isinstance(value, (Range, Choices))
+                          for candidate in _candidates(value)]
+    for setting in settings:
+        try:
+            cls.check_task_shape(cls.Hyperparameters.model_validate(setting), ways=data.ways,
+                                 support=data.ways * data.shots)
+        except ValueError as error:
+            raise _KeyError(("algorithms", algorithm), str(error)) from None
 
 
 def load_sweep(path: str | os.PathLike[str]) -> Sweep:

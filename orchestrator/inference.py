@@ -362,10 +362,10 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
 
     section = ImageData.model_validate(recorded)
     path = Path(data if data is not None else section.path)
-    ways = ways or section.ways
-    model.check_ways(ways)
+    ways, shots = ways or section.ways, shots or section.shots
+    model.check_ways(ways, support=ways * shots)
     try:
-        family = EpisodeFamily(path, ways=ways, shots=shots or section.shots,
+        family = EpisodeFamily(path, ways=ways, shots=shots,
                                queries=queries or section.queries)
     except ValueError as error:  # DatasetError is one; so is ways < 2
         raise InferenceError(str(error)) from None

@@ -143,7 +143,7 @@ class MetaModel:
         classes = sorted({str(label) for label in support_labels})
         if len(classes) < 2:
             raise ValueError(f"the support set needs at least 2 classes, got {len(classes)}")
-        self.check_ways(len(classes))
+        self.check_ways(len(classes), support=len(support_x))
         index = {name: i for i, name in enumerate(classes)}
         targets = torch.tensor([index[str(label)] for label in support_labels])
         return Prediction(self.adapt_and_predict(support_x, targets, query_x, steps=steps), classes)
@@ -173,9 +173,12 @@ class MetaModel:
 
         return preprocess_image(item, self.spec["preprocessing"])
 
-    def check_ways(self, ways: int) -> None:
-        """Refuse, before any work, more classes than the learner can serve (a fixed head)."""
+    def check_ways(self, ways: int, *, support: int | None = None) -> None:
+        """Refuse, before any work, more classes than the learner can serve (a fixed head), or a
+        task shape its knobs rule out (``Learner.check_task_shape``: SNAIL's sequence length)."""
         self.learner.check_ways(self.params, ways)
+        if support is not None:
+            type(self.learner).check_task_shape(self.learner.hparams, ways=ways, support=support)
 
 
 def _numbers(values: Any) -> Tensor:

@@ -1,0 +1,103 @@
+"""SNAIL, a Simple Neural Attentive Meta-Learner (Mishra, Rohaninejad, Chen and Abbeel, 2018).
+
+The meta-parameters are an embedding network's weights (a backbone without a head) and a causal
+sequence model's (``learners.nets_snail``: TC blocks and key-value attention, ``snail.*``). An
+episode is a sequence: each support example as (embedding, one-hot label), then the query with a
+zero label; the query's class is read at its position. There is no inner loop: ``adapt`` embeds
+the support set and returns it with its one-hot labels; ``predict`` runs the sequence model.
+
+Several queries share one pass: every query sits right after the whole support set and sees the
+support and itself, never another query (the same as one sequence per query). The label width
+(``max_ways``) and the sequence length the TC blocks cover (``max_support``) are fixed when the
+model is built; a task beyond either is refused (``check_task_shape``). As in the paper, the
+support order is the episode's and the loss is the query's cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.func import functional_call
+
+from learners.backbones import call
+from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
+from learners.nets_snail import SequenceModel
+
+PREFIX = "snail."
+
+
+class SNAILHyperparameters(Hyperparameters):
+    max_ways: int = Field(5, ge=2, le=1000, description="most classes a task may have: the width "
+                          "of the one-hot label input and of the output layer")
+    max_support: int = Field(25, ge=1, le=10000, description="longest support set served: the TC "
+                             "blocks get ceil(log2(max_support + 1)) dense layers to cover it")
+    filters: int = Field(128, ge=1, description="filters of each dense layer of the TC blocks "
+                         "(paper: 128)")
+    key_size: int = Field(64, ge=1, description="key and query width of the attention blocks")
+    value_size: int = Field(32, ge=1, description="value width of the attention blocks")
+
+
+class SNAIL(Learner):
+    """SNAIL with the paper's attention/TC/attention/TC/attention stack over embeddings."""
+
+    name = "snail"
+    Hyperparameters = SNAILHyperparameters
+    needs_head = False
+    uses_inner_steps = False
+    task_kinds = ("classification",)
+    search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+
+    def __init__(self, backbone, objective: Objective, hparams: SNAILHyperparameters):
+        super().__init__(backbone, objective, hparams)
+        self.sequence = SequenceModel(backbone.feature_size + hparams.max_ways, hparams.max_ways,
+                                      length=hparams.max_support + 1, filters=hparams.filters,
+                                      key_size=hparams.key_size, value_size=hparams.value_size)
+
+    def init_params(self, seed: int) -> Params:
+        params = super().init_params(seed)
+        for module in self.sequence.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return {**params, **{PREFIX + name: p.detach().clone()
+                             for name, p in self.sequence.named_parameters()}}
+
+    @classmethod
+    def check_task_shape(cls, hparams: SNAILHyperparameters, *, ways: int, support: int) -> None:
+        if ways > hparams.max_ways:
+            raise ValueError(f"snail with max_ways {hparams.max_ways} cannot serve {ways}-way "
+                             f"tasks: its one-hot label input is {hparams.max_ways} wide; set "
+                             f"max_ways to at least {ways}")
+        if support > hparams.max_support:
+            raise ValueError(f"snail with max_support {hparams.max_support} cannot serve a "
+                             f"support set of {support} examples: its temporal convolutions "
+                             f"cover {hparams.max_support}; set max_support to at least {support}")
+
+    def servable_ways(self, params: Params) -> int | None:
+        return self.hparams.max_ways
+
+    def check_ways(self, params: Params, ways: int) -> None:
+        self.check_task_shape(self.hparams, ways=ways, support=0)
+
+    def embed(self, params: Params, x: Tensor) -> Tensor:
+        body = {k: v for k, v in params.items() if not k.startswith(PREFIX)}
+        return call(self.backbone, body, x).flatten(start_dim=1)
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
+              ways: int | None = None, steps: int | None = None) -> Adapted:
+        ways = self.ways_of(support_y, ways)
+        self.check_task_shape(self.hparams, ways=ways, support=support_x.shape[0])
+        embeddings = self.embed(params, support_x)
+        # One-hot over the task's classes (comparison, so it runs under vmap); predict pads it.
+        labels = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
+        return {"support": embeddings, "labels": labels.to(embeddings.dtype)}
+
+    def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
+        support, labels = adapted["support"], adapted["labels"]
+        ways, width = labels.shape[-1], self.hparams.max_ways
+        sequence = torch.cat([support, torch.nn.functional.pad(labels, (0, width - ways))], dim=-1)
+        queries = self.embed(params, query_x)
+        queries = torch.cat([queries, queries.new_zeros(queries.shape[0], width)], dim=-1)
+        weights = {k.removeprefix(PREFIX): v for k, v in params.items() if k.startswith(PREFIX)}
+        _, logits = functional_call(self.sequence, weights, (sequence, queries))
+        return logits[:, :ways]  # the task's classes only
