@@ -83,7 +83,7 @@ def quickstart(path: Path, run_dir: Path, *, strategy: str, only: str | None = N
 
 def launch(args: list[str], cwd: Path) -> None:
     result = subprocess.run(orch("launch", *args, "--quiet"), env=user_env(), cwd=cwd,
-                            capture_output=True, text=True, timeout=400)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
