@@ -96,10 +96,12 @@ def trial_runs(run_dir: Path) -> dict[str, object]:
 def test_quickstart_runs_on_both_nodes_at_the_printed_address(loopback_cluster, tmp_path):
     address, node_ids, _ = loopback_cluster
     cluster_runs, local_runs = tmp_path / "cluster-runs", tmp_path / "local-runs"
-    launch([str(quickstart(tmp_path / "c.yaml", cluster_runs, strategy="SPREAD")), "--address", address],
-           tmp_path)
+    # MAML's trial of the quickstart only: the other two algorithms take the same path and would
+    # add two minutes to CI.
+    launch([str(quickstart(tmp_path / "c.yaml", cluster_runs, strategy="SPREAD", only="maml")),
+            "--address", address], tmp_path)
     on_cluster = trial_runs(cluster_runs)
-    assert set(on_cluster) == {"maml", "fomaml", "reptile"}
+    assert set(on_cluster) == {"maml"}
     for algorithm, run in on_cluster.items():
         assert set(run.data.tags[tracking.TAG_NODES].split(",")) == set(node_ids), algorithm
     # The same trial in one process (Ray on this machine, no cluster) reaches the same metric.
