@@ -35,10 +35,27 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+class ConvBlock(nn.Sequential):
+    """Conv 3x3, BatchNorm, ReLU, 2x2 max-pool: the modules in the literature's order (networks
+    that walk the layers, such as MetaNet's layer augmentation, see that order). The forward
+    pass pools before the ReLU: ReLU and max commute exactly, in value and in gradient (both are
+    monotone; a pooled window whose maximum is not positive passes no gradient either way), and
+    the ReLU then runs, forward and backward, on a quarter of the values."""
+
+    # The order the forward pass runs the four modules in (networks that run the modules one by
+    # one, such as MAML++'s per-step BatchNorm forward, follow it too).
+    FORWARD_ORDER = (0, 1, 3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index in self.FORWARD_ORDER:
+            x = self[index](x)
+        return x
+
+
+def conv_block(in_channels: int, out_channels: int) -> ConvBlock:
     # No convolution bias: the BatchNorm after it subtracts the batch mean, so a bias could never
     # change the output and would be a parameter with an identically zero gradient.
-    return nn.Sequential(
+    return ConvBlock(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),

@@ -7,13 +7,55 @@ same loop, keeping every step's weights).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Mapping
 
+import torch
 from torch import Tensor
 from torch.func import grad
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params, Tensor, Tensor], Tensor]
+
+
+# Set by ``plain_autograd``: inner gradients by torch.autograd.grad rather than torch.func.grad.
+_PLAIN_AUTOGRAD: ContextVar[bool] = ContextVar("orch_plain_autograd", default=False)
+
+
+@contextmanager
+def plain_autograd() -> Iterator[None]:
+    """Take inner gradients with ``torch.autograd.grad`` (``create_graph`` unless first order)
+    instead of ``torch.func.grad``, for a caller that differentiates with ordinary autograd:
+    ``Learner.batch_gradient``'s per-task loop. Same values; on CPU the plain autograd graph
+    runs faster than torch.func's nested transform (benchmarks/throughput.py). Never inside
+    ``vmap``: torch.func transforms cannot see through ``torch.autograd.grad``."""
+    token = _PLAIN_AUTOGRAD.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD.reset(token)
+
+
+def in_plain_autograd() -> bool:
+    """Whether the caller runs under ``plain_autograd``: no torch.func transform is active, so
+    in-place writes to fresh buffers are allowed."""
+    return _PLAIN_AUTOGRAD.get()
+
+
+def inner_gradient(loss_of: Callable[[Params], Tensor], fast: Params, *,
+                   create_graph: bool) -> Params:
+    """The gradient of ``loss_of(fast)`` with respect to every entry of ``fast`` (zeros where
+    the loss does not depend on one), differentiable when ``create_graph``."""
+    if not _PLAIN_AUTOGRAD.get():
+        return grad(loss_of)(fast)
+    # A weight made inside the task (the zero head of ``head: zero``) is a constant to autograd;
+    # a leaf copy of it is differentiable, with the same value.
+    fast = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in fast.items()}
+    names = list(fast)
+    grads = torch.autograd.grad(loss_of(fast), [fast[n] for n in names],
+                                create_graph=create_graph, allow_unused=True)
+    return {n: torch.zeros_like(fast[n]) if g is None else g for n, g in zip(names, grads)}
 
 
 def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *,
@@ -46,7 +88,8 @@ def gradient_trajectory(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *
         fast = {k: v for k, v in params.items() if adapt_keys is None or k in adapt_keys}
         frozen = {k: v for k, v in params.items() if k not in fast}
         extra = (step,) if with_step else ()
-        grads = grad(lambda f: loss_fn({**frozen, **f}, x, y, *extra))(fast)
+        grads = inner_gradient(lambda f: loss_fn({**frozen, **f}, x, y, *extra), fast,
+                               create_graph=not first_order)
         step_lr = lr(step) if callable(lr) else lr
         params = dict(params)
         for name, g in grads.items():

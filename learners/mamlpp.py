@@ -98,14 +98,20 @@ class MAMLPlusPlus(MAML):
         return [early] * (steps - 1) + [last]
 
     def trajectory(self, params: Params, support_x: Tensor, support_y: Tensor, *,
-                   ways: int | None, steps: int, first_order: bool, running: bool) -> list[Params]:
-        """The fast weights before and after each inner step (per-step rows still whole)."""
+                   ways: int | None, steps: int, first_order: bool, running: bool,
+                   seen: dict[int, list[dict]] | None = None) -> list[Params]:
+        """The fast weights before and after each inner step (per-step rows still whole);
+        ``seen``, when given, collects each support pass's BatchNorm moments by row."""
         start = self.task_params({k: v for k, v in params.items() if not k.startswith(RATE)},
                                  ways)
         rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
 
         def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
-            return self.objective.loss(self.outputs(p, x, row=step, running=running), y)
+            moments = None if seen is None else {}
+            outputs = self.outputs(p, x, row=step, running=running, moments=moments)
+            if seen is not None:
+                seen.setdefault(step, []).append(moments)
+            return self.objective.loss(outputs, y)
 
         return gradient_trajectory(
             support_loss, start, support_x, support_y, steps=steps, first_order=first_order,
@@ -132,26 +138,47 @@ class MAMLPlusPlus(MAML):
 
     def task_gradient(self, params: Params, task: Task, *,
                       ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
+        statistics = {k: params[k] for k in self.statistics}
+        learned = {k: v for k, v in params.items() if k not in self.statistics}
+        gradient, (loss, outputs, path) = grad(
+            lambda p: self.multi_step_loss({**p, **statistics}, task, ways=ways),
+            has_aux=True)(learned)
+        weights = self.loss_weights(self.progress)
+        return {**gradient, **self.statistics_update(path, task, weights)}, loss, outputs
+
+    def autograd_task_gradient(self, leaves: Params, task: Task, *,
+                               ways: int | None = None) -> tuple[Tensor, Tensor, Params]:
+        # Outside torch.func the passes can hand out their BatchNorm moments as they run, so the
+        # statistics need no second forward pass (``statistics_update`` makes one).
+        seen: dict[int, list[dict]] = {}
+        total, (loss, outputs, path) = self.multi_step_loss(leaves, task, ways=ways, seen=seen)
+        total.backward()  # the running statistics are not used by it: their gradient stays None
+        return loss, outputs, self.statistics_from(seen, path[0])
+
+    def multi_step_loss(self, params: Params, task: Task, *, ways: int | None = None,
+                        seen: dict[int, list[dict]] | None = None
+                        ) -> tuple[Tensor, tuple[Tensor, Tensor, list[Params]]]:
+        """The weighted sum of the query losses after each inner step (``loss_weights``), first
+        order early in training (``first_order_fraction``); with the last step's query loss and
+        outputs and the detached fast weights of every step (for ``statistics_update``).
+        ``seen``, when given, collects every pass's BatchNorm moments by row."""
         steps, ways = self.hparams.inner_steps, self.ways_of(task.support_y, ways)
         weights = self.loss_weights(self.progress)
         first_order = self.progress < self.hparams.first_order_fraction
-        statistics = {k: params[k] for k in self.statistics}
-
-        def query_loss(p: Params):
-            path = self.trajectory({**p, **statistics}, task.support_x, task.support_y,
-                                   ways=ways, steps=steps, first_order=first_order, running=False)
-            total = 0.0
-            for step, weight in enumerate(weights):
-                if weight > 0:
-                    outputs = self.outputs(path[step + 1], task.query_x, row=step + 1)
-                    loss = self.objective.loss(outputs, task.query_y)
-                    total = total + weight * loss
-            detached = [{k: v.detach() for k, v in fast.items()} for fast in path]
-            return total, (loss.detach(), outputs.detach(), detached)
-
-        learned = {k: v for k, v in params.items() if k not in self.statistics}
-        gradient, (loss, outputs, path) = grad(query_loss, has_aux=True)(learned)
-        return {**gradient, **self.statistics_update(path, task, weights)}, loss, outputs
+        path = self.trajectory(params, task.support_x, task.support_y, ways=ways, steps=steps,
+                               first_order=first_order, running=False, seen=seen)
+        total = 0.0
+        for step, weight in enumerate(weights):
+            if weight > 0:
+                moments = None if seen is None else {}
+                outputs = self.outputs(path[step + 1], task.query_x, row=step + 1,
+                                       moments=moments)
+                if seen is not None:
+                    seen.setdefault(step + 1, []).append(moments)
+                loss = self.objective.loss(outputs, task.query_y)
+                total = total + weight * loss
+        detached = [{k: v.detach() for k, v in fast.items()} for fast in path]
+        return total, (loss.detach(), outputs.detach(), detached)
 
     def statistics_update(self, path: list[Params], task: Task,
                           weights: list[float]) -> Params:
@@ -166,10 +193,15 @@ class MAMLPlusPlus(MAML):
                 moments: dict = {}
                 self.outputs(fast, x, row=row, moments=moments)
                 seen.setdefault(row, []).append(moments)
+        return self.statistics_from(seen, path[0])
+
+    def statistics_from(self, seen: dict[int, list[dict]], start: Params) -> Params:
+        """``statistics_update`` from the moments ``seen`` by row, ``start`` holding the running
+        statistics."""
         update = {}
         for layer in self.layers:
             for index, key in enumerate((MEAN, VAR)):
-                running = path[0][layer + key]
+                running = start[layer + key]
                 batch = [torch.stack([m[layer][index] for m in seen[row]]).mean(dim=0)
                          if row in seen else running[row] for row in range(len(running))]
                 update[layer + key] = running - torch.stack(batch)

@@ -6,6 +6,7 @@
     orch promote orch-maml 2                  # move the champion alias by hand
     orch predict --model models:/orch-protonet@champion --support S/ --query Q/
     orch evaluate --model models:/orch-protonet@champion --split test --ways 5 --shots 1
+    orch compare --sweep omniglot --ways 5,20 --shots 1,5 --shift shear:0,0.2,0.4,0.6
     orch data import omniglot images_background.zip --out data/omniglot
     orch ui                                   # MLflow's UI on 127.0.0.1
     orch cluster up --nodes 2                 # a real 2-node Ray cluster on 127.0.0.1
@@ -17,6 +18,7 @@ Errors a user can act on are printed as one line (``orch: <what is wrong>``) wit
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import signal
@@ -34,6 +36,7 @@ from rich.table import Table
 from orchestrator import addresses
 from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, ConfigError, load_sweep
 from orchestrator.cluster_cli import cluster
+from orchestrator.compare_cli import compare
 from orchestrator.data_cli import data
 from orchestrator.model_cli import evaluate, predict
 
@@ -72,6 +75,11 @@ def _one_line(error: BaseException) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """orch: meta-learning sweeps on Ray, tuned by Optuna, tracked and registered in MLflow."""
     ctx.obj = {"debug": debug}
+
+
+def json_option(function):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the rows as JSON, for scripts.")(function)
 
 
 def tracking_option(function):
@@ -172,7 +180,8 @@ class _progress_display:
 @cli.command()
 @click.argument("sweep_name")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
-def runs(sweep_name: str, storage: str) -> None:
+@json_option
+def runs(sweep_name: str, storage: str, as_json: bool) -> None:
     """List the trials of SWEEP_NAME: state (complete, pruned, failed), params and metric."""
     from orchestrator.study import trial_rows
 
@@ -181,6 +190,9 @@ def runs(sweep_name: str, storage: str) -> None:
     rows = trial_rows(require_store(storage, "Optuna storage"), sweep_name)
     if not rows:
         raise click.ClickException(f"no sweep named {sweep_name!r} in {storage}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, default=str))
+        return
     table = Table(title=f"sweep {sweep_name}")
     for column in ("algorithm", "trial", "state", "value", "params", "reason"):
         table.add_column(column)
@@ -198,11 +210,18 @@ def _fmt(value: Any) -> str:
 @cli.command()
 @tracking_option
 @click.option("--prefix", default="", help="Only models whose name starts with this.")
-def models(tracking_uri: str, prefix: str) -> None:
+@json_option
+def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
     """List registered models: versions, metric and aliases."""
     from orchestrator import tracking
 
     rows = tracking.registered_models(tracking.client(tracking.require_store(tracking_uri)), prefix)
+    if as_json:
+        click.echo(json.dumps([{**row, "version": int(row["version"]),
+                                "value": float(row["value"]) if row["value"] else None,
+                                "aliases": [a for a in row["aliases"].split(",") if a]}
+                               for row in rows], indent=1))
+        return
     table = Table(title=f"registered models in {tracking_uri}")
     for column in ("model", "version", "metric", "value", "sweep", "aliases"):
         table.add_column(column)
@@ -247,6 +266,7 @@ cli.add_command(data)
 cli.add_command(cluster)
 cli.add_command(predict)
 cli.add_command(evaluate)
+cli.add_command(compare)
 
 
 def main() -> None:

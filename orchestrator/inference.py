@@ -378,10 +378,14 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
 
 def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks: int = 600,
              seed: int = 0, steps: int | None = None,
-             on_task: Callable[[int], None] | None = None) -> Evaluation:
+             on_task: Callable[[int], None] | None = None,
+             transform_queries: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+             ) -> Evaluation:
     """Adapt to ``tasks`` tasks of ``split`` (task ``i`` is the family's ``(split, seed, i)``)
     and score each one's queries: accuracy, or mean squared error for regression (and, for
-    models with predictive uncertainty, the queries' log-likelihood and 95%-interval coverage)."""
+    models with predictive uncertainty, the queries' log-likelihood and 95%-interval coverage).
+    ``transform_queries(i, query_x)`` distorts task ``i``'s query inputs (``orch compare
+    --shift``); the support set is left as drawn."""
     if tasks < 1:
         raise InferenceError(f"--tasks must be at least 1, got {tasks}")
     if not type(model.learner).uses_inner_steps:
@@ -394,8 +398,11 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
             task = family.task(split, seed, index)
         except ValueError as error:  # an unknown split, or too few classes or images in it
             raise InferenceError(str(error)) from None
+        query_x = task.query_x
+        if transform_queries is not None:
+            query_x = transform_queries(index, query_x)
         outputs, std = model.adapt_and_predict_with_std(task.support_x, task.support_y,
-                                                        task.query_x, steps=steps)
+                                                        query_x, steps=steps)
         if model.classification:
             correct = outputs.argmax(dim=-1) == task.query_y
             scores.append(float(correct.float().mean()))

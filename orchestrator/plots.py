@@ -58,3 +58,66 @@ def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
         plt.close(axes.figure)
         written += [folder / f"{name}.html", path]
     return written
+
+
+def comparison_curves(comparison, folder: Path) -> list[Path]:
+    """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way)
+    and, with a shift, ``accuracy_vs_shift.png`` (score against the shift's level at the first
+    setting); one line per model with its 95% interval as a band. Regression: ``mse_vs_*``."""
+    from orchestrator.compare import Setting
+
+    metric = "accuracy" if comparison.kind == "classification" else "mse"
+    scale = 100 if metric == "accuracy" else 1
+    label = "accuracy (%)" if metric == "accuracy" else "query MSE"
+    models = list(dict.fromkeys(row.model for row in comparison.rows))
+    colours = {model: f"C{i % 10}" for i, model in enumerate(models)}  # one colour per model
+    plain = [s for s in comparison.settings if s.shift is None]
+    written = []
+    ways_values = list(dict.fromkeys(s.ways for s in plain))
+    figure, axes = plt.subplots(1, len(ways_values), figsize=(5 * len(ways_values), 4), dpi=100,
+                                squeeze=False)
+    for panel, ways in zip(axes[0], ways_values):
+        for model in models:
+            points = [(r.setting.shots, r.mean * scale, r.ci95 * scale) for r in comparison.rows
+                      if r.model == model and r.setting.shift is None and r.setting.ways == ways
+                      and r.mean is not None]
+            _line_with_band(panel, points, model, colours[model])
+        panel.set_xticks(sorted({s.shots for s in plain}))
+        panel.set_xlabel("shots (K)")
+        panel.set_ylabel(label)
+        panel.set_title(f"{ways}-way" if ways else "regression")
+        panel.legend(fontsize="small")
+    figure.tight_layout()
+    path = folder / f"{metric}_vs_shots.png"
+    figure.savefig(path)
+    plt.close(figure)
+    written.append(path)
+    shifted = [s for s in comparison.settings if s.shift is not None]
+    if shifted:
+        first = Setting(shifted[0].ways, shifted[0].shots)
+        figure, panel = plt.subplots(figsize=(6, 4), dpi=100)
+        for model in models:
+            points = [(r.setting.level if r.setting.shift else 0.0, r.mean * scale, r.ci95 * scale)
+                      for r in comparison.rows if r.model == model and r.mean is not None
+                      and (r.setting.shift is not None or r.setting == first)]
+            _line_with_band(panel, sorted(points), model, colours[model])
+        panel.set_xlabel(f"{shifted[0].shift} level (query images only)")
+        panel.set_ylabel(label)
+        panel.set_title(first.name)
+        panel.legend(fontsize="small")
+        figure.tight_layout()
+        path = folder / f"{metric}_vs_shift.png"
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _line_with_band(axes, points: Sequence[tuple[float, float, float]], label: str,
+                    colour: str) -> None:
+    if not points:
+        return
+    x, mean, half = (list(values) for values in zip(*points))
+    axes.plot(x, mean, marker="o", label=label, color=colour)
+    axes.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                      color=colour, alpha=0.2)

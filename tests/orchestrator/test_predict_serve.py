@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from orchestrator.compare_cli import compare
 from orchestrator.config import sweep_from_dict
 from orchestrator.data_cli import data
 from orchestrator.inference import evaluate as evaluate_episodes, evaluation_family, load_meta_model
@@ -222,6 +223,27 @@ def test_evaluate_reports_mean_and_interval_and_tags_the_version(trained):
     assert float(tags["orch.eval.test.5way1shot.accuracy"]) == pytest.approx(episodes.mean)
     assert float(tags["orch.eval.test.5way1shot.ci95"]) == pytest.approx(episodes.ci95)
     assert tags["orch.eval.test.5way1shot.tasks"] == "40"
+
+
+def test_compare_scores_every_champion_of_the_sweep_on_the_same_episodes(trained, tmp_path):
+    """``orch compare --sweep``: the sweep's two champions, paired on the same held-out episodes;
+    both beat chance, MAML's 5-way head is refused at 20 ways, and the run is logged to MLflow."""
+    result = CliRunner().invoke(compare, [
+        "--sweep", "predict", "--data", str(trained.data), "--ways", "5,20", "--tasks", "20",
+        "--shift", "noise:0,0.5", "--json", "--out", str(tmp_path / "out"),
+        "--tracking-uri", trained.uri])
+    assert result.exit_code == 0, result.output
+    rows = {(r["setting"], r["model"]): r for r in json.loads(result.output)["rows"]}
+    models = {"orch-maml@champion", "orch-protonet@champion"}
+    assert {model for _, model in rows} == models
+    for model in models:
+        assert rows["5way1shot", model]["mean"] > 0.3  # chance is 0.2
+        assert rows["5way1shot.noise0.5", model]["tasks"] == 20
+    assert rows["20way1shot", "orch-maml@champion"]["refused"]
+    assert rows["20way1shot", "orch-protonet@champion"]["best"]
+    client = MlflowClient(tracking_uri=trained.uri)
+    experiment = client.get_experiment_by_name("orch-compare")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
 def test_fixed_head_refuses_more_classes_on_every_path_and_records_nothing(trained, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -102,6 +103,24 @@ def test_orch_runs_lists_trials(first_sweep):
     result = CliRunner().invoke(cli, ["runs", "e2e", "--storage", f"sqlite:///{run_dir}/optuna.db"])
     assert result.exit_code == 0, result.output
     assert result.output.count("complete") == 4 and "inner_lr=" in result.output
+    listed = CliRunner().invoke(cli, ["runs", "e2e", "--json", "--storage",
+                                      f"sqlite:///{run_dir}/optuna.db"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"complete"}
+    assert set(rows[0]) == {"algorithm", "number", "state", "value", "params", "reason"}
+    assert all(isinstance(r["value"], float) and isinstance(r["params"], dict) for r in rows)
+
+
+def test_orch_models_json_lists_versions_with_aliases(first_sweep):
+    _, uri, _, _ = first_sweep
+    result = CliRunner().invoke(cli, ["models", "--json", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {r["name"] for r in rows} == {"orch-maml", "orch-reptile"}
+    assert set(rows[0]) == {"name", "version", "metric", "value", "sweep", "aliases"}
+    assert all(isinstance(r["version"], int) and isinstance(r["aliases"], list) for r in rows)
+    assert sum("champion" in r["aliases"] for r in rows) == 2
 
 
 def test_same_name_without_resume_is_refused(first_sweep):
