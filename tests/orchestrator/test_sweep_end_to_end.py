@@ -113,7 +113,7 @@ def test_orch_runs_lists_trials(first_sweep):
 
 
 def test_orch_models_json_lists_versions_with_aliases(first_sweep):
-    _, uri, _, _ = first_sweep
+    _, _, uri, _ = first_sweep
     result = CliRunner().invoke(cli, ["models", "--json", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
