@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_snail import SequenceModel
+from learners.nets_snail import AttentionBlock, SequenceModel
 
 PREFIX = "snail."
 
@@ -36,6 +36,16 @@ class SNAILHyperparameters(Hyperparameters):
                          "(paper: 128)")
     key_size: int = Field(64, ge=1, description="key and query width of the attention blocks")
     value_size: int = Field(32, ge=1, description="value width of the attention blocks")
+    query_sees_itself: bool = Field(True, description="a query's attention covers its own "
+                                    "position as well as the support (the paper's causal mask "
+                                    "includes the current step); false: the support only")
+    tied_init: bool = Field(False, description="initialise each attention block's key "
+                            "projection as a copy of its query projection, so attention starts "
+                            "as a similarity between elements (trained apart afterwards)")
+    joint_embedding: bool = Field(True, description="embed the support set and the queries as "
+                                  "one batch, so the embedding's BatchNorm statistics are shared "
+                                  "(transductive, as the authors' code embeds a whole episode); "
+                                  "false: support and queries are normalised separately")
 
 
 class SNAIL(Learner):
@@ -52,13 +62,19 @@ class SNAIL(Learner):
         super().__init__(backbone, objective, hparams)
         self.sequence = SequenceModel(backbone.feature_size + hparams.max_ways, hparams.max_ways,
                                       length=hparams.max_support + 1, filters=hparams.filters,
-                                      key_size=hparams.key_size, value_size=hparams.value_size)
+                                      key_size=hparams.key_size, value_size=hparams.value_size,
+                                      query_sees_itself=hparams.query_sees_itself)
 
     def init_params(self, seed: int) -> Params:
         params = super().init_params(seed)
         for module in self.sequence.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        if self.hparams.tied_init:
+            with torch.no_grad():
+                for module in self.sequence.modules():
+                    if isinstance(module, AttentionBlock):
+                        module.key.load_state_dict(module.query.state_dict())
         return {**params, **{PREFIX + name: p.detach().clone()
                              for name, p in self.sequence.named_parameters()}}
 
@@ -87,16 +103,23 @@ class SNAIL(Learner):
               ways: int | None = None, steps: int | None = None) -> Adapted:
         ways = self.ways_of(support_y, ways)
         self.check_task_shape(self.hparams, ways=ways, support=support_x.shape[0])
-        embeddings = self.embed(params, support_x)
         # One-hot over the task's classes (comparison, so it runs under vmap); predict pads it.
         labels = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
+        if self.hparams.joint_embedding:  # embedded with the queries, in predict
+            return {"support_x": support_x, "labels": labels.to(support_x.dtype)}
+        embeddings = self.embed(params, support_x)
         return {"support": embeddings, "labels": labels.to(embeddings.dtype)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        support, labels = adapted["support"], adapted["labels"]
+        labels = adapted["labels"]
         ways, width = labels.shape[-1], self.hparams.max_ways
+        if "support_x" in adapted:
+            shots = adapted["support_x"].shape[0]
+            embedded = self.embed(params, torch.cat([adapted["support_x"], query_x]))
+            support, queries = embedded[:shots], embedded[shots:]
+        else:
+            support, queries = adapted["support"], self.embed(params, query_x)
         sequence = torch.cat([support, torch.nn.functional.pad(labels, (0, width - ways))], dim=-1)
-        queries = self.embed(params, query_x)
         queries = torch.cat([queries, queries.new_zeros(queries.shape[0], width)], dim=-1)
         weights = {k.removeprefix(PREFIX): v for k, v in params.items() if k.startswith(PREFIX)}
         _, logits = functional_call(self.sequence, weights, (sequence, queries))
