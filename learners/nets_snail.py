@@ -4,7 +4,9 @@ gated activations, interleaved with causal key-value attention.
 ``SequenceModel(sequence, queries)`` runs the causal model over ``sequence`` ([T, features]) and
 reads every query ([Q, features]) at position T, right after the whole sequence: each query sees
 the sequence and itself, never another query. That equals running ``[*sequence, query]`` once per
-query, at the cost of one pass. Every block is a pure function of its inputs, called functionally.
+query, at the cost of one pass. With ``query_sees_itself=False`` a query's attention covers the
+sequence only (its TC blocks still see its own position, as a causal convolution does). Every
+block is a pure function of its inputs, called functionally.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class TCBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Causal single-head key-value attention, its read appended to its input."""
+    """Causal single-head key-value attention, its read appended to its input. Each sequence
+    position attends to itself and the positions before it; each query to the whole sequence, and
+    to itself when ``query_sees_itself``."""
 
     def __init__(self, features: int, key_size: int, value_size: int, *,
                  query_sees_itself: bool = True):
@@ -77,15 +81,14 @@ class AttentionBlock(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=sequence.device).tril()
         read = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) @ values
         asked = self.query(queries)
-        if not self.query_sees_itself:  # each query attends to the whole sequence only
+        if self.query_sees_itself:
+            own_key, own_value = self.key(queries), self.value(queries)
+            query_logits = torch.cat([asked @ keys.T, (asked * own_key).sum(-1, keepdim=True)],
+                                     dim=-1) / scale
+            weights = torch.softmax(query_logits, dim=-1)
+            query_read = weights[:, :length] @ values + weights[:, length:] * own_value
+        else:
             query_read = torch.softmax(asked @ keys.T / scale, dim=-1) @ values
-            return (torch.cat([sequence, read], dim=-1), torch.cat([queries, query_read], dim=-1))
-        # Each query attends to the whole sequence and to itself.
-        own_key, own_value = self.key(queries), self.value(queries)
-        query_logits = torch.cat([asked @ keys.T, (asked * own_key).sum(-1, keepdim=True)],
-                                 dim=-1) / scale
-        weights = torch.softmax(query_logits, dim=-1)
-        query_read = weights[:, :length] @ values + weights[:, length:] * own_value
         return (torch.cat([sequence, read], dim=-1), torch.cat([queries, query_read], dim=-1))
 
 
