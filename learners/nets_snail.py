@@ -4,7 +4,9 @@ gated activations, interleaved with causal key-value attention.
 ``SequenceModel(sequence, queries)`` runs the causal model over ``sequence`` ([T, features]) and
 reads every query ([Q, features]) at position T, right after the whole sequence: each query sees
 the sequence and itself, never another query. That equals running ``[*sequence, query]`` once per
-query, at the cost of one pass. Every block is a pure function of its inputs, called functionally.
+query, at the cost of one pass. With ``query_sees_itself=False`` a query's attention covers the
+sequence only (its TC blocks still see its own position, as a causal convolution does). Every
+block is a pure function of its inputs, called functionally.
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ class TCBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Causal single-head key-value attention, its read appended to its input."""
+    """Causal single-head key-value attention, its read appended to its input. Each sequence
+    position attends to itself and the positions before it; each query to the whole sequence, and
+    to itself when ``query_sees_itself``."""
 
-    def __init__(self, features: int, key_size: int, value_size: int):
+    def __init__(self, features: int, key_size: int, value_size: int, *,
+                 query_sees_itself: bool = True):
         super().__init__()
         self.key_size = key_size
+        self.query_sees_itself = query_sees_itself
         self.query = nn.Linear(features, key_size)
         self.key = nn.Linear(features, key_size)
         self.value = nn.Linear(features, value_size)
@@ -74,12 +80,15 @@ class AttentionBlock(nn.Module):
         logits = self.query(sequence) @ keys.T / scale
         causal = torch.ones(length, length, dtype=torch.bool, device=sequence.device).tril()
         read = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) @ values
-        # Each query attends to the whole sequence and to itself.
-        asked, own_key, own_value = self.query(queries), self.key(queries), self.value(queries)
-        query_logits = torch.cat([asked @ keys.T, (asked * own_key).sum(-1, keepdim=True)],
-                                 dim=-1) / scale
-        weights = torch.softmax(query_logits, dim=-1)
-        query_read = weights[:, :length] @ values + weights[:, length:] * own_value
+        asked = self.query(queries)
+        if self.query_sees_itself:
+            own_key, own_value = self.key(queries), self.value(queries)
+            query_logits = torch.cat([asked @ keys.T, (asked * own_key).sum(-1, keepdim=True)],
+                                     dim=-1) / scale
+            weights = torch.softmax(query_logits, dim=-1)
+            query_read = weights[:, :length] @ values + weights[:, length:] * own_value
+        else:
+            query_read = torch.softmax(asked @ keys.T / scale, dim=-1) @ values
         return (torch.cat([sequence, read], dim=-1), torch.cat([queries, query_read], dim=-1))
 
 
@@ -88,11 +97,12 @@ class SequenceModel(nn.Module):
     (the paper's 1x1 convolution) to ``classes`` logits at every position."""
 
     def __init__(self, features: int, classes: int, *, length: int, filters: int,
-                 key_size: int, value_size: int):
+                 key_size: int, value_size: int, query_sees_itself: bool = True):
         super().__init__()
         blocks: list[nn.Module] = []
         for i in range(3):
-            attention = AttentionBlock(features, key_size, value_size)
+            attention = AttentionBlock(features, key_size, value_size,
+                                       query_sees_itself=query_sees_itself)
             blocks.append(attention)
             features = attention.out_features
             if i < 2:
