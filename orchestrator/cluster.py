@@ -234,9 +234,8 @@ class RayFarm:
 
     def _weights(self, params: Params) -> Params | ray.ObjectRef:
         """The weights as the actors' argument: stored once in the object store when several
-        actors share sizeable ones; else sent inside the call itself, which spares a store
-        round trip per iteration (a fifth of the 1-worker overhead on the small MLP of
-        benchmarks/scaling.py)."""
+        actors share sizeable ones; else sent inside the call itself, which spares a put and
+        a fetch through the store per iteration (benchmarks/scaling.py)."""
         size = sum(v.numel() * v.element_size() for v in params.values())
         if len(self.actors) > 1 and size > INLINE_WEIGHTS_BYTES:
             return ray.put(params)

@@ -83,15 +83,8 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
                       and r.mean is not None]
             _line_with_band(panel, points, model, colours[model])
         panel.set_xticks(sorted({s.shots for s in plain}))
-        panel.set_xlabel("shots (K)")
-        panel.set_ylabel(label)
-        panel.set_title(f"{ways}-way" if ways else "regression")
-        panel.legend(fontsize="small")
-    figure.tight_layout()
-    path = folder / f"{metric}_vs_shots.png"
-    figure.savefig(path)
-    plt.close(figure)
-    written.append(path)
+        _label(panel, "shots (K)", label, f"{ways}-way" if ways else "regression")
+    written.append(_save(figure, folder / f"{metric}_vs_shots.png"))
     shifted = [s for s in comparison.settings if s.shift is not None]
     if shifted:
         first = Setting(shifted[0].ways, shifted[0].shots)
@@ -101,16 +94,23 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
                       for r in comparison.rows if r.model == model and r.mean is not None
                       and (r.setting.shift is not None or r.setting == first)]
             _line_with_band(panel, sorted(points), model, colours[model])
-        panel.set_xlabel(f"{shifted[0].shift} level (query images only)")
-        panel.set_ylabel(label)
-        panel.set_title(first.name)
-        panel.legend(fontsize="small")
-        figure.tight_layout()
-        path = folder / f"{metric}_vs_shift.png"
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
+        _label(panel, f"{shifted[0].shift} level (query images only)", label, first.name)
+        written.append(_save(figure, folder / f"{metric}_vs_shift.png"))
     return written
+
+
+def _label(panel, xlabel: str, ylabel: str, title: str) -> None:
+    panel.set_xlabel(xlabel)
+    panel.set_ylabel(ylabel)
+    panel.set_title(title)
+    panel.legend(fontsize="small")
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def _line_with_band(axes, points: Sequence[tuple[float, float, float]], label: str,
