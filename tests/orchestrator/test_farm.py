@@ -62,3 +62,19 @@ def test_in_process_training_learns():
     outcome = trainer.train()
     after = outcome.final["val_loss"]
     assert after < 0.6 * before, (before, after)
+
+
+def test_weights_travel_packed_as_one_array_and_come_back_equal():
+    from orchestrator.cluster import Packed, pack, unpack
+
+    params = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3), "scale": torch.tensor(2.0)}
+    packed = pack(params)
+    assert isinstance(packed, Packed) and packed.values.shape == (16,)
+    back = unpack(packed)
+    assert list(back) == list(params)
+    for name, value in params.items():
+        assert torch.equal(back[name], value) and back[name].shape == value.shape
+    back["a.bias"].add_(1)  # writable, and not the caller's memory
+    assert not torch.equal(back["a.bias"], params["a.bias"])
+    mixed = {"w": torch.randn(2), "steps": torch.tensor([1, 2])}
+    assert pack(mixed) is mixed and unpack(mixed) is mixed  # one dtype only, else as it is
