@@ -23,7 +23,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,8 @@ import numpy as np
 import torch
 
 from orchestrator.config import DEFAULT_RUN_DIR
-from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate, load,
-                                    resolve)
+from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate,
+                                    evaluation_family, interval95, load, resolve)
 from orchestrator.meta_model import MetaModel
 from pipelines.base import TaskFamily, task_seed
 from pipelines.shifts import apply_shift
@@ -158,8 +157,6 @@ class Episodes:
     preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def family(self, setting: Setting, reference: MetaModel) -> TaskFamily:
-        from orchestrator.inference import evaluation_family
-
         return evaluation_family(reference, data=self.data, ways=setting.ways,
                                  shots=setting.shots, queries=self.queries)
 
@@ -325,11 +322,6 @@ class Row:
                 "level": self.setting.level if self.setting.shift else 0.0, **values}
 
 
-def ci95(values: Sequence[float]) -> float:
-    """Half-width of the 95% interval of the mean: 1.96 std / sqrt(n) (as ``orch evaluate``)."""
-    return 1.96 * float(np.std(values)) / math.sqrt(len(values))
-
-
 def paired_rows(cells: Sequence[Cell]) -> list[Row]:
     """Rows of one setting: each served model's mean with its interval and its per-episode
     difference to the best model (highest accuracy, lowest MSE) with the difference's interval;
@@ -350,7 +342,7 @@ def paired_rows(cells: Sequence[Cell]) -> list[Row]:
             row.tasks = len(evaluation.per_task)
             difference = (np.asarray(evaluation.per_task)
                           - np.asarray(best.evaluation.per_task))
-            row.diff_to_best, row.diff_ci95 = float(difference.mean()), ci95(difference)
+            row.diff_to_best, row.diff_ci95 = float(difference.mean()), interval95(difference)
             row.best = cell is best
             row.significant = (not row.best) and abs(row.diff_to_best) > row.diff_ci95
             uncertainty = evaluation.uncertainty_means()

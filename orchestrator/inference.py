@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -299,11 +299,11 @@ class Evaluation:
     @property
     def ci95(self) -> float:
         """Half-width of the 95% interval of the mean: 1.96 sigma / sqrt(tasks)."""
-        return _ci95(self.per_task)
+        return interval95(self.per_task)
 
     def uncertainty_means(self) -> dict[str, tuple[float, float]]:
         """Each uncertainty score's (mean, 95% interval half-width) over tasks."""
-        return {name: (float(np.mean(values)), _ci95(values))
+        return {name: (float(np.mean(values)), interval95(values))
                 for name, values in self.uncertainty.items()}
 
     @property
@@ -323,7 +323,8 @@ class Evaluation:
         return tags
 
 
-def _ci95(values: list[float]) -> float:
+def interval95(values: Sequence[float]) -> float:
+    """Half-width of the 95% interval of the mean of ``values``: 1.96 std / sqrt(n)."""
     return 1.96 * float(np.std(values)) / math.sqrt(len(values))
 
 

@@ -15,6 +15,8 @@ from learners.base import Objective
 from pipelines.base import Task
 from pipelines.sinusoid import Sinusoid
 
+from meta_training import meta_train, trainable
+
 
 def make(*, hidden=(8, 8), outputs: int = 1, double: bool = False, **knobs) -> ALPaCA:
     torch.manual_seed(0)
@@ -101,15 +103,8 @@ def test_learns_sinusoids_and_its_intervals_cover_the_targets():
     wide this early; the benchmark's longer runs reach 0.95)."""
     learner = make(hidden=(40, 40))
     family = Sinusoid(shots=10, queries=10)
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
-    optimizer = torch.optim.Adam(params.values(), lr=0.003)
-    meta_batch = 4
-    for iteration in range(100):
-        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
-        gradient, _ = learner.batch_gradient(params, batch, vectorize=True)
-        for name, p in params.items():
-            p.grad = gradient[name] / meta_batch
-        optimizer.step()
+    params = meta_train(learner, family, trainable(learner), iterations=100, meta_batch=4,
+                        lr=0.003, vectorize=True)
     tasks = 100
     batch = family.batch("val", 1, range(tasks))
     params = {k: v.detach() for k, v in params.items()}

@@ -19,6 +19,8 @@ from learners.registry import LEARNERS
 from pipelines.base import Task, TaskFamily, task_seed
 from pipelines.sinusoid import Sinusoid
 
+from meta_training import meta_train, trainable
+
 DIMENSIONS, SIGNAL = 16, 4
 
 
@@ -144,16 +146,9 @@ def test_learns_on_a_tiny_task(learner_and_family):
                     "positions, 3.8M weights) does not learn at this test's rate 0.01 and takes "
                     "20 s here; at 0.001 it moves (loss 1.61 -> 1.30) but not below 0.7x in 200 "
                     "iterations; tests/learners/test_snail.py checks learning on a small model")
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
+    params = trainable(learner)
     before = mean_stats(learner, params, family)
-    optimizer = torch.optim.Adam(params.values(), lr=0.01)
-    meta_batch = 4
-    for iteration in range(200):
-        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
-        gradient, _ = learner.batch_gradient(params, batch, vectorize=True)
-        for name, p in params.items():
-            p.grad = gradient[name] / meta_batch
-        optimizer.step()
+    meta_train(learner, family, params, iterations=200, meta_batch=4, lr=0.01, vectorize=True)
     after = mean_stats(learner, params, family)
     assert after["loss"] < 0.7 * before["loss"]
     if learner.objective.classification:

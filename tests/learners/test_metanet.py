@@ -13,6 +13,8 @@ from learners.metanet import MetaNet
 from learners.nets_metanet import augmented
 from pipelines.episodes import EpisodeFamily
 
+from meta_training import meta_train, trainable
+
 
 def make(input_shape=(16,), *, backbone: str = "mlp", ways: int = 3, **knobs) -> MetaNet:
     net = build_backbone(backbone, input_shape, ways, hidden=(16, 16), filters=8)
@@ -58,15 +60,8 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     held-out alphabet (chance 0.2)."""
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=2)
     learner = make(family.input_shape(), backbone="conv4", ways=5)
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
-    optimizer = torch.optim.Adam(params.values(), lr=0.003)
-    meta_batch = 4
-    for iteration in range(40):
-        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
-        gradient, _ = learner.batch_gradient(params, batch)
-        for name, p in params.items():
-            p.grad = gradient[name] / meta_batch
-        optimizer.step()
+    params = meta_train(learner, family, trainable(learner), iterations=40, meta_batch=4,
+                        lr=0.003)
     tests = 100
     accuracy = learner.batch_evaluate(params, family.batch("test", 1, range(tests)))["accuracy"]
     print(f"metanet 5-way 1-shot on held-out alphabets after 40 iterations: {accuracy / tests:.3f}")

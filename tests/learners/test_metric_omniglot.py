@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.registry import LEARNERS
 from pipelines.episodes import EpisodeFamily
+
+from meta_training import meta_train, trainable
 
 ITERATIONS, META_BATCH, TESTS = 120, 2, 20
 # Measured after 120 iterations (5-way, 20-way): matching 0.74, 0.42; relation 0.66, 0.25;
@@ -28,14 +29,8 @@ def test_learns_omniglot_5way_and_serves_20way(name: str, omniglot_dir: Path):
     cls = LEARNERS[name]
     learner = cls(build_backbone("conv4", family.input_shape(), None, filters=16),
                   Objective.for_task_kind("classification"), cls.Hyperparameters())
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
-    optimizer = torch.optim.Adam(params.values(), lr=0.003)
-    for iteration in range(ITERATIONS):
-        batch = family.batch("train", 0, range(iteration * META_BATCH, (iteration + 1) * META_BATCH))
-        gradient, _ = learner.batch_gradient(params, batch)
-        for key, p in params.items():
-            p.grad = gradient[key] / META_BATCH
-        optimizer.step()
+    params = meta_train(learner, family, trainable(learner), iterations=ITERATIONS,
+                        meta_batch=META_BATCH, lr=0.003)
     accuracy = {}
     for ways in (5, 20):
         tests = EpisodeFamily(omniglot_dir, ways=ways, shots=1, queries=2).batch("test", 1,

@@ -11,6 +11,8 @@ from learners.base import Objective
 from learners.protonet import ProtoNet
 from pipelines.episodes import EpisodeFamily
 
+from meta_training import meta_train, trainable
+
 
 def make(input_shape, *, filters: int = 32) -> ProtoNet:
     backbone = build_backbone("conv4", input_shape, None, filters=filters)
@@ -39,15 +41,8 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     scored on the test split's alphabet, never seen in training. Measured: 0.86 (chance 0.2)."""
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=5)
     learner = make(family.input_shape())
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
-    optimizer = torch.optim.Adam(params.values(), lr=0.003)
-    meta_batch = 2
-    for iteration in range(150):
-        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
-        gradient, _ = learner.batch_gradient(params, batch)
-        for name, p in params.items():
-            p.grad = gradient[name] / meta_batch
-        optimizer.step()
+    params = meta_train(learner, family, trainable(learner), iterations=150, meta_batch=2,
+                        lr=0.003)
     tests = 100
     stats = learner.batch_evaluate(params, family.batch("test", 1, range(tests)))
     accuracy = stats["accuracy"] / tests

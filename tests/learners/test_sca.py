@@ -14,6 +14,8 @@ from learners.sca import SCA
 from pipelines.episodes import EpisodeFamily
 from pipelines.base import Task
 
+from meta_training import meta_train, trainable
+
 
 def make(**knobs) -> SCA:
     torch.manual_seed(0)
@@ -78,21 +80,14 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=5)
     learner = SCA(build_backbone("conv4", family.input_shape(), 5, filters=8),
                   Objective.for_task_kind("classification"), SCA.Hyperparameters())
-    params = {k: v.requires_grad_(True) for k, v in learner.init_params(0).items()}
+    params = trainable(learner)
     tests = 50
 
     def accuracy() -> float:
         return learner.batch_evaluate(params, family.batch("test", 1, range(tests)))["accuracy"] / tests
 
     before = accuracy()
-    optimizer = torch.optim.Adam(params.values(), lr=0.01)
-    meta_batch = 2
-    for iteration in range(30):
-        batch = family.batch("train", 0, range(iteration * meta_batch, (iteration + 1) * meta_batch))
-        gradient, _ = learner.batch_gradient(params, batch)
-        for name, p in params.items():
-            p.grad = gradient[name] / meta_batch
-        optimizer.step()
+    meta_train(learner, family, params, iterations=30, meta_batch=2, lr=0.01)
     after = accuracy()
     print(f"sca 5-way 1-shot on held-out alphabets: {before:.3f} before, {after:.3f} after")
     assert after > before + 0.1

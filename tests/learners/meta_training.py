@@ -1,0 +1,30 @@
+"""The meta-training loop the learner tests share: Adam on a learner's meta-parameters over
+consecutive batches of a task family's train split, as MetaTrainer does it, without the trainer
+(so a test controls the learner, the optimiser's rate and the batch path directly)."""
+
+from __future__ import annotations
+
+import torch
+
+from learners.base import Learner, Params
+from pipelines.base import TaskFamily
+
+
+def trainable(learner: Learner, seed: int = 0) -> Params:
+    """The learner's initial meta-parameters as leaves that take gradients."""
+    return {k: v.requires_grad_(True) for k, v in learner.init_params(seed).items()}
+
+
+def meta_train(learner: Learner, family: TaskFamily, params: Params, *, iterations: int,
+               meta_batch: int, lr: float, vectorize: bool = False) -> Params:
+    """``iterations`` Adam steps of rate ``lr`` on ``params`` (in place), each on the mean
+    meta-gradient of the next ``meta_batch`` training tasks; returns ``params``."""
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    for iteration in range(iterations):
+        batch = family.batch("train", 0, range(iteration * meta_batch,
+                                               (iteration + 1) * meta_batch))
+        gradient, _ = learner.batch_gradient(params, batch, vectorize=vectorize)
+        for name, p in params.items():
+            p.grad = gradient[name] / meta_batch
+        optimizer.step()
+    return params
