@@ -381,6 +381,6 @@ def channels_last(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         # One channel: both orders have the same memory, but torch reads the default strides as
         # NCHW and convolutions would answer in NCHW; a channel stride of 1 says channels-last.
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         return x.contiguous().as_strided(x.shape, (height * width, 1, width, 1))
     return x.contiguous(memory_format=torch.channels_last)
