@@ -102,11 +102,16 @@ class ShardWorker:
         self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
                                           self.device)
 
+    def sample(self, split: str, seed: int, indices: Sequence[int]) -> Any:
+        """The shard's tasks, on the CPU; the same for the same (split, seed, indices)."""
+        return self.family.batch(split, seed, indices)
+
     def gradient(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
-                 progress: float = 0.0) -> tuple[Params, dict[str, float], int]:
+                 progress: float = 0.0, batch: Any = None) -> tuple[Params, dict[str, float], int]:
         """Sum over the shard of each task's outer-update contribution, and summed statistics.
-        ``progress`` is the fraction of meta-training done (for learners that anneal)."""
-        batch = self.family.batch(split, seed, indices).to(self.device)
+        ``progress`` is the fraction of meta-training done (for learners that anneal);
+        ``batch``, where given, is ``sample(split, seed, indices)`` done earlier."""
+        batch = (self.sample(split, seed, indices) if batch is None else batch).to(self.device)
         total, stats = self.learner.batch_gradient(self._on_device(params), batch,
                                                    vectorize=self.vectorize, progress=progress)
         return {k: v.cpu() for k, v in total.items()}, stats, len(indices)

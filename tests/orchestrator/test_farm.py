@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 from learners.registry import LEARNERS
@@ -68,13 +69,45 @@ def test_weights_travel_packed_as_one_array_and_come_back_equal():
     from orchestrator.cluster import Packed, pack, unpack
 
     params = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3), "scale": torch.tensor(2.0)}
-    packed = pack(params)
+    packed, as_bytes = pack(params), pack(params, as_bytes=True)
     assert isinstance(packed, Packed) and packed.values.shape == (16,)
-    back = unpack(packed)
-    assert list(back) == list(params)
-    for name, value in params.items():
-        assert torch.equal(back[name], value) and back[name].shape == value.shape
-    back["a.bias"].add_(1)  # writable, and not the caller's memory
-    assert not torch.equal(back["a.bias"], params["a.bias"])
+    assert isinstance(as_bytes.values, bytes) and len(as_bytes.values) == 16 * 4
+    for back in (unpack(packed), unpack(as_bytes)):
+        assert list(back) == list(params)
+        for name, value in params.items():
+            assert torch.equal(back[name], value) and back[name].shape == value.shape
+        back["a.bias"].add_(1)  # writable, and not the caller's memory
+        assert not torch.equal(back["a.bias"], params["a.bias"])
+    doubles = {"w": torch.randn(5, dtype=torch.float64)}
+    assert torch.equal(unpack(pack(doubles, as_bytes=True))["w"], doubles["w"])
     mixed = {"w": torch.randn(2), "steps": torch.tensor([1, 2])}
     assert pack(mixed) is mixed and unpack(mixed) is mixed  # one dtype only, else as it is
+
+
+def test_actors_sample_the_next_shard_ahead_and_results_do_not_change(ray_local):
+    """Each gradient call queues the sampling of the next meta-batch's shard behind it; the
+    next call uses that batch when the guess was right, samples its own when not, and either
+    way the outer update is the in-process one."""
+    config = sweep("maml", 1)
+    local = MetaTrainer(config, "maml", KNOBS,
+                        LocalFarm(ShardWorker(config.model_dump(), "maml", KNOBS)))
+    farm = RayFarm(config.model_dump(), "maml", KNOBS, config.workers)
+    try:
+        remote = MetaTrainer(config, "maml", KNOBS, farm)
+        params = local.initial_params()
+        batch = config.training.meta_batch
+
+        def ahead_of_actor():
+            return ray.get(farm.actors[0].__ray_call__.remote(
+                lambda actor: actor.ahead and actor.ahead[0]))
+
+        # iteration 3 (sampled on demand), 4 (sampled ahead), 9 (a wrong guess: on demand)
+        for iteration in (3, 4, 9):
+            expected, _ = local.meta_gradient(params, iteration)
+            actual, _ = remote.meta_gradient(params, iteration)
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-6)
+            following = tuple(range((iteration + 1) * batch, (iteration + 2) * batch))
+            assert ahead_of_actor() == (remote.train_split, remote.seed, following)
+    finally:
+        farm.shutdown()
