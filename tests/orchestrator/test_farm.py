@@ -95,19 +95,29 @@ def test_actors_sample_the_next_shard_ahead_and_results_do_not_change(ray_local)
     try:
         remote = MetaTrainer(config, "maml", KNOBS, farm)
         params = local.initial_params()
-        batch = config.training.meta_batch
+        split, seed, batch = remote.train_split, remote.seed, config.training.meta_batch
+
+        def shard(iteration: int) -> tuple[int, ...]:
+            return tuple(range(iteration * batch, (iteration + 1) * batch))
 
         def ahead_of_actor():
             return ray.get(farm.actors[0].__ray_call__.remote(
                 lambda actor: actor.ahead and actor.ahead[0]))
 
-        # iteration 3 (sampled on demand), 4 (sampled ahead), 9 (a wrong guess: on demand)
-        for iteration in (3, 4, 9):
-            expected, _ = local.meta_gradient(params, iteration)
+        def assert_update(iteration: int, as_in_process: int) -> None:
+            expected, _ = local.meta_gradient(params, as_in_process)
             actual, _ = remote.meta_gradient(params, iteration)
             for name in expected:
                 torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-6)
-            following = tuple(range((iteration + 1) * batch, (iteration + 2) * batch))
-            assert ahead_of_actor() == (remote.train_split, remote.seed, following)
+            assert ahead_of_actor() == (split, seed, shard(iteration + 1))
+
+        assert_update(3, 3)  # sampled on demand
+        assert_update(4, 4)  # sampled ahead
+        # The batch sampled ahead is the one computed on: plant iteration 8's tasks under
+        # iteration 5's key (actor calls run in order, so this lands after the sampling).
+        ray.get(farm.actors[0].__ray_call__.remote(lambda actor: setattr(
+            actor, "ahead", (actor.ahead[0], actor.worker.sample(split, seed, list(shard(8)))))))
+        assert_update(5, 8)
+        assert_update(9, 9)  # a wrong guess (6 was sampled ahead): sampled on demand
     finally:
         farm.shutdown()
