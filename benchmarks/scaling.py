@@ -1,6 +1,7 @@
 """Meta-training throughput: in-process against 1 and 2 Ray workers, measured side by side.
 
     python benchmarks/scaling.py [--seconds 20] [--rounds 5] [--meta-batch 50] [--inner-steps 5]
+    python benchmarks/scaling.py --checkpoints [--rounds 3]    # what trial checkpoints cost
 
 Runs the same MAML sinusoid meta-training loop with ``workers.count`` 0 (in-process), 1 and 2 (one
 torch thread each, Ray in-process) and prints tasks per second and the ratios to
@@ -10,6 +11,12 @@ launch`` runs. The settings take turns, ``--rounds`` rounds of ``seconds / round
 a noisy or drifting machine (this one is a VM) weighs on every setting alike instead of on
 whichever ran during a slow minute. The 1-worker overhead (an actor call per iteration, and the
 actor's process) should stay under 10% of in-process.
+
+``--checkpoints`` instead trains two whole trials -- the quickstart's MAML (sinusoid, 150
+iterations) and examples/omniglot.yaml's Conv-4 MAML on the shared Omniglot zips (300 iterations)
+-- with and without checkpoints at the default interval (every validation), in alternating
+rounds, and prints the wall time of each, their ratio, and the time spent saving (which the
+target, at most 2% of training time, is about: the wall-time ratio also carries the VM's noise).
 """
 
 from __future__ import annotations
@@ -17,14 +24,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 import torch
 
+import yaml
+
+from orchestrator import checkpoints
 from orchestrator.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
 from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT_ZIPS = [REPO.parent / "shared" / "data" / "omniglot" / f"images_background_small{i}.zip"
+                 for i in (1, 2)]
 
 
 def iteration_times(trainer: MetaTrainer, seconds: float, first: int) -> list[float]:
@@ -48,6 +64,60 @@ def in_process_times(sweep: dict, knobs: dict, seconds: float, first: int) -> li
         ShardWorker(config.model_dump(), "maml", knobs))), seconds, first)
 
 
+def trial_seconds(raw: dict, knobs: dict, store: Path | None) -> tuple[float, float, int]:
+    """(wall seconds, seconds spent saving, checkpoints saved) of one whole in-process trial
+    loop, with checkpoints into ``store`` at the sweep's default interval, or none."""
+    sweep = sweep_from_dict(raw)
+    trainer = MetaTrainer(sweep, "maml", knobs, LocalFarm(ShardWorker(sweep.model_dump(), "maml",
+                                                                      knobs)))
+    saver = None
+    if store is not None:
+        target = checkpoints.CheckpointStore(str(store))
+        saver = checkpoints.TrialCheckpointer(target, target.trial_folder("bench", "maml", 0),
+                                              checkpoints.identity(sweep, "maml", knobs),
+                                              sweep.training)
+    started = time.perf_counter()
+    trainer.train(checkpointer=saver)
+    wall = time.perf_counter() - started
+    return wall, (saver.cost_s if saver else 0.0), (saver.saved if saver else 0)
+
+
+def checkpoint_cost(rounds: int) -> None:
+    """Whole trials with and without checkpoints, alternating, for the two workloads."""
+    from pipelines.importers import import_omniglot
+
+    torch.set_num_threads(1)
+    workloads = []
+    quickstart = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    workloads.append(("quickstart MAML (sinusoid, MLP 40-40)", quickstart,
+                      {"inner_lr": 0.01, "inner_steps": 1, "outer_lr": 0.001}))
+    with tempfile.TemporaryDirectory() as folder:
+        if all(z.exists() for z in OMNIGLOT_ZIPS):
+            import_omniglot(OMNIGLOT_ZIPS, Path(folder) / "omniglot")
+            omniglot = yaml.safe_load((REPO / "examples" / "omniglot.yaml").read_text())
+            omniglot["data"]["path"] = str(Path(folder) / "omniglot")
+            workloads.append(("Omniglot MAML (Conv-4, 32 filters, 5-way 1-shot)", omniglot,
+                              {"inner_lr": 0.4, "inner_steps": 1, "outer_lr": 0.002}))
+        else:
+            print(f"(no Omniglot row: {OMNIGLOT_ZIPS[0].parent} is missing)")
+        print(f"Trial checkpoints at the default interval (every validation), in-process, 1 torch "
+              f"thread, {rounds} alternating rounds; median wall seconds per trial")
+        print(f"{'workload':<50}{'no ckpt':>9}{'ckpt':>9}{'ratio':>7}{'saves':>7}"
+              f"{'ms/save':>9}{'saving share':>14}")
+        for name, raw, knobs in workloads:
+            raw = {**raw, "workers": {"count": 0}, "algorithms": {"maml": {}}}
+            plain, saved, cost, count = [], [], [], 0
+            for round_ in range(rounds):
+                plain.append(trial_seconds(raw, knobs, None)[0])
+                wall, spent, count = trial_seconds(raw, knobs, Path(folder) / f"store{round_}")
+                saved.append(wall)
+                cost.append(spent)
+            base, with_ckpt = statistics.median(plain), statistics.median(saved)
+            print(f"{name:<50}{base:>9.2f}{with_ckpt:>9.2f}{with_ckpt / base:>7.3f}{count:>7}"
+                  f"{1000 * statistics.median(cost) / max(count, 1):>9.1f}"
+                  f"{100 * statistics.median(cost) / with_ckpt:>13.2f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per setting")
@@ -55,7 +125,12 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=50)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--vectorize", choices=["on", "off"], default="off")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="measure what trial checkpoints cost instead (--rounds rounds)")
     args = parser.parse_args()
+    if args.checkpoints:
+        checkpoint_cost(args.rounds)
+        return
     torch.set_num_threads(1)
     knobs = {"inner_lr": 0.01, "inner_steps": args.inner_steps}
     turn = args.seconds / args.rounds

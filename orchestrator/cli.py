@@ -111,7 +111,7 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
     try:
         with _sigterm_interrupts(), _progress_display(quiet) as progress:
             summaries = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume,
-                                  progress=progress, source=str(sweep_file),
+                                  progress=progress, notice=_notice, source=str(sweep_file),
                                   connect_timeout=connect_timeout)
     except KeyboardInterrupt:
         raise click.ClickException(
@@ -132,6 +132,12 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
     uri = sweep.tracking_uri(tracking_uri)
     if not quiet:
         console.print(f"inspect: mlflow ui --backend-store-uri {uri}   (or: orch ui)")
+
+
+def _notice(line: str) -> None:
+    """A line the sweep wants seen (a trial restarted, a checkpoint refused), even with --quiet;
+    rich prints it above the progress bars."""
+    console.print(f"orch: {line}", markup=False, highlight=False)
 
 
 @contextmanager
@@ -166,10 +172,10 @@ class _progress_display:
             self.progress.stop()
 
     def update(self, algorithm: str, counts: dict[str, int], running: int, best: float | None,
-               total: int) -> None:
+               total: int, restarts: int = 0) -> None:
         done = sum(counts.values())
         detail = (f"running {running}  pruned {counts['pruned']}  failed {counts['failed']}  "
-                  f"best {'-' if best is None else f'{best:.4f}'}")
+                  f"restarts {restarts}  best {'-' if best is None else f'{best:.4f}'}")
         if not self.bars:
             self.progress.start()  # only once trials start: early errors stay one clean line
         if algorithm not in self.bars:

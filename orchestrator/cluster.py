@@ -39,6 +39,24 @@ ACTOR_RESTARTS = 3
 ACTOR_CALL_GRACE_S = 10.0
 
 
+# Errors that say the machine failed the trial -- its node died, its worker process was killed
+# or ran out of memory, an actor or object it needed was lost -- as opposed to its code raising.
+MACHINE_FAILURES = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.LocalRayletDiedError, ray.exceptions.RayActorError,
+                    ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError,
+                    ray.exceptions.TaskPlacementGroupRemoved,
+                    ray.exceptions.ActorPlacementGroupRemoved)
+
+
+def is_machine_failure(error: BaseException) -> bool:
+    """True for a failure of the machine, including one the trial's own process met (a shard
+    actor lost beyond its restarts reaches the trial's driver as an ``ActorDiedError``, which
+    Ray then wraps in the trial task's ``RayTaskError``)."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return isinstance(error.cause, MACHINE_FAILURES)
+    return isinstance(error, MACHINE_FAILURES)
+
+
 def connect(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Start Ray in this process (``address`` None) or join a cluster by address.
 

@@ -121,6 +121,22 @@ class Training(Section):
     # backbone and on GPUs, off for conv4 on CPU, where it was measured slower
     # (benchmarks/vectorize.py).
     vectorize: Literal["auto", "on", "off"] = "auto"
+    # Trial checkpoints, from which a trial restarts after its process or node dies and which
+    # `orch launch --resume` continues from: every checkpoint_every iterations (default: at every
+    # validation; 0: not by count) and, where set, once checkpoint_minutes of wall time have
+    # passed since the last one; both off: no checkpoints. The last iteration is always saved.
+    checkpoint_every: int | None = Field(None, ge=0)
+    checkpoint_minutes: float | None = Field(None, gt=0)
+    # Where checkpoints live: a folder (default <run_dir>/checkpoints) or a pyarrow.fs URI
+    # (s3://bucket/prefix, gs://..., hdfs://...) that every node of a cluster can read.
+    checkpoint_storage: str | None = None
+
+    def checkpoint_interval(self) -> int:
+        """Iterations between checkpoints by count (0: none by count)."""
+        return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
+
+    def checkpoints_enabled(self) -> bool:
+        return self.checkpoint_interval() > 0 or self.checkpoint_minutes is not None
 
 
 class Workers(Section):
@@ -142,6 +158,10 @@ class Search(Section):
     direction: Literal["minimize", "maximize"] = "minimize"
     # A trial that raises is retried this many times before it is recorded as failed.
     retries: int = Field(0, ge=0, le=10)
+    # A trial whose process or node dies (a failure of the machine, not of the trial's code:
+    # node lost, worker killed, out of memory, actor lost) is restarted from its last
+    # checkpoint this many times; separate from retries.
+    restarts: int = Field(3, ge=0, le=100)
 
 
 class Range(Section):
@@ -278,6 +298,10 @@ class Sweep(Section):
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.run_path() / 'optuna.db'}"
+
+    def checkpoint_uri(self) -> str:
+        """The trial checkpoints' folder or URI (``training.checkpoint_storage``)."""
+        return self.training.checkpoint_storage or str(self.run_path() / "checkpoints")
 
     def task_fingerprint(self) -> str:
         """Hash of the task distribution; champions are only compared on equal fingerprints."""

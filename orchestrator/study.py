@@ -88,17 +88,44 @@ def suggest(trial: optuna.Trial, knobs: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-class TrialReporter:
-    """A trial's handle on its study from the process that trains it: report and ask to prune."""
+def trial_id(trial: optuna.trial.Trial) -> int:
+    """The storage's id of a trial: what a trial's own process needs to report to it."""
+    return trial._trial_id
 
-    def __init__(self, storage_url: str, name: str, trial_id: int, search: Search):
+
+def trial_handle(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.trial.Trial:
+    """A live handle on a trial a sweep driver that died left running, to continue it."""
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
+def mark_interrupted(study: optuna.Study, frozen: optuna.trial.FrozenTrial, marker: str) -> None:
+    """Record a running trial that cannot be continued as failed (flagged ``marker``, so it is
+    not counted) and queue its parameters as a new trial."""
+    handle = trial_handle(study, frozen)
+    handle.set_user_attr(marker, True)
+    handle.set_user_attr("fail_reason", "interrupted; rerun on resume")
+    study.tell(handle, state=TrialState.FAIL)
+    study.enqueue_trial(frozen.params, user_attrs={"orch_rerun_of": frozen.number},
+                        skip_if_exists=False)
+
+
+class TrialReporter:
+    """A trial's handle on its study from the process that trains it: report and ask to prune.
+    Steps the trial reported before it restarted are not reported again (Optuna would ignore
+    them with a warning); the pruner is still asked, and answers as it did."""
+
+    def __init__(self, storage_url: str, name: str, number: int, search: Search):
         study = optuna.load_study(study_name=name, storage=storage(storage_url),
                                   pruner=make_pruner(search))
-        self.trial = optuna.trial.Trial(study, trial_id)
+        (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        self.reported = set(frozen.intermediate_values)
+        self.trial = optuna.trial.Trial(study, frozen._trial_id)
 
     def report(self, value: float, step: int) -> bool:
         """Record an intermediate metric; True if the pruner says stop."""
-        self.trial.report(value, step)
+        if step not in self.reported:
+            self.trial.report(value, step)
+            self.reported.add(step)
         return self.trial.should_prune()
 
 

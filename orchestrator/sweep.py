@@ -5,12 +5,16 @@ a Ray task in its own placement group, at most ``search.parallel`` at once; fini
 told back to the study; the best complete trial's model is registered. Optuna ask/tell driving Ray
 tasks was chosen over Ray Tune so that Optuna's own pruners and storage (and so ``--resume``) work
 unchanged, and each trial's placement group can hold its shard workers' bundles.
+
+A trial whose process or node dies -- a failure of the machine, not of its code -- is started
+again from its last checkpoint, up to ``search.restarts`` times, as the same Optuna trial and the
+same MLflow run; so are the trials a killed ``orch launch`` left running, on ``--resume``.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,13 +22,15 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from orchestrator import cluster, plots, study as studies, tracking
-from orchestrator.config import ConfigError, ImageData, Sweep
-from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
+from orchestrator import checkpoints, cluster, plots, study as studies, tracking
+from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
+from orchestrator.trial import (TrialRequest, TrialResult, describe_failure, run_trial,
+                                trial_checkpoints)
 from orchestrator.training import build_family, split_names
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# User attribute of a trial whose driver died; it is rerun on resume and not counted.
+# User attribute of a trial whose driver died and that could not be continued (its knobs were
+# never recorded); it is rerun as a new trial on resume and not counted.
 INTERRUPTED = "orch_interrupted"
 
 
@@ -36,22 +42,30 @@ class AlgorithmSummary:
     best_trial: int | None = None
     registration: tracking.Registration | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"complete": 0, "pruned": 0, "failed": 0})
+    restarts: int = 0  # trials started again after their process or node died
 
 
-# Progress callback: (algorithm, counts, running, best value, total trials).
-Progress = Callable[[str, dict[str, int], int, float | None, int], None]
+# Progress callback: (algorithm, counts, running, best value, total trials, restarts).
+Progress = Callable[[str, dict[str, int], int, float | None, int, int], None]
+# Notice callback: one line worth the user's attention (a restart, a refused checkpoint).
+Notice = Callable[[str], None]
 
 
 def resolve_paths(sweep: Sweep) -> Sweep:
     """Absolute run folder and data path: trial processes may start in another directory."""
     updates: dict[str, Any] = {"run_dir": str(Path(sweep.run_dir).resolve())}
+    storage = sweep.training.checkpoint_storage
+    if storage and "://" not in storage:
+        updates["training"] = sweep.training.model_copy(
+            update={"checkpoint_storage": str(Path(storage).resolve())})
     if isinstance(sweep.data, ImageData):
         updates["data"] = sweep.data.model_copy(update={"path": str(Path(sweep.data.path).resolve())})
     return sweep.model_copy(update=updates)
 
 
 def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
-           resume: bool = False, progress: Progress | None = None, source: str = "sweep",
+           resume: bool = False, progress: Progress | None = None, notice: Notice | None = None,
+           source: str = "sweep",
            connect_timeout: float = cluster.CONNECT_TIMEOUT_S) -> list[AlgorithmSummary]:
     """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
     sweep = resolve_paths(sweep)
@@ -59,14 +73,17 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
+    if sweep.training.checkpoints_enabled():
+        checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url)
     mlflow_client = tracking.client(uri)
     experiment_id = _experiment(mlflow_client, sweep, uri, storage_url, resume)
     summaries = []
     for algorithm in sweep.algorithms:
-        summaries.append(run_study(sweep, algorithm, mlflow_client, experiment_id, uri, storage_url,
-                                   resume=resume, progress=progress))
+        summaries.append(StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri,
+                                     storage_url, resume=resume, progress=progress,
+                                     notice=notice).run())
     return summaries
 
 
@@ -85,16 +102,22 @@ def validate_data(sweep: Sweep, source: str = "sweep") -> None:
 def check_cluster(sweep: Sweep, uri: str, storage_url: str) -> None:
     """Refuse what cannot work on this cluster before anything is written."""
     cluster.check_fits(sweep.workers)
-    check_shared_stores(cluster.alive_nodes(), uri, storage_url)
+    check_shared_stores(cluster.alive_nodes(), uri, storage_url,
+                        sweep.checkpoint_uri() if sweep.training.checkpoints_enabled() else None)
 
 
-def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str) -> None:
-    """A local SQLite file is only reachable if every node runs on this machine."""
+def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str,
+                        checkpoint_uri: str | None = None) -> None:
+    """A local file or folder is only reachable if every node runs on this machine."""
     hosts = sorted({node.get("NodeManagerAddress", "") for node in nodes})
     if len(hosts) < 2:
         return
-    for what, url, use in (("tracking URI", uri, "an MLflow tracking server (http://HEAD:5000)"),
-                           ("Optuna storage", storage_url, "a database URL (postgresql://...)")):
+    stores = [("tracking URI", uri, "an MLflow tracking server (http://HEAD:5000)"),
+              ("Optuna storage", storage_url, "a database URL (postgresql://...)")]
+    if checkpoint_uri is not None:
+        stores.append(("checkpoint storage", checkpoint_uri,
+                       "training.checkpoint_storage: s3://BUCKET/PREFIX (or gs://, hdfs://)"))
+    for what, url, use in stores:
         if url.startswith(("sqlite:", "file:")) or "://" not in url:
             raise ConfigError(f"the Ray cluster spans {len(hosts)} hosts ({', '.join(hosts)}) but the "
                               f"{what} {url} is a local file the other hosts cannot reach; use {use}")
@@ -121,14 +144,8 @@ class _Running:
     trial: optuna.trial.Trial
     request: TrialRequest
     group: Any = None
-    attempt: int = 0
-
-
-def run_study(sweep: Sweep, algorithm: str, mlflow_client, experiment_id: str, uri: str,
-              storage_url: str, *, resume: bool, progress: Progress | None) -> AlgorithmSummary:
-    runner = StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri, storage_url,
-                         resume=resume, progress=progress)
-    return runner.run()
+    attempt: int = 0  # retries after the trial's code raised
+    restarts: int = 0  # restarts after its process or node died
 
 
 class StudyRunner:
@@ -136,44 +153,59 @@ class StudyRunner:
     finished, then log the study's plots and register the best model."""
 
     def __init__(self, sweep: Sweep, algorithm: str, mlflow_client, experiment_id: str, uri: str,
-                 storage_url: str, *, resume: bool, progress: Progress | None):
+                 storage_url: str, *, resume: bool, progress: Progress | None,
+                 notice: Notice | None = None):
         self.sweep, self.algorithm = sweep, algorithm
         self.client, self.experiment_id, self.uri, self.storage_url = (
             mlflow_client, experiment_id, uri, storage_url)
-        self.progress = progress
+        self.progress, self.notice = progress, notice
         self.study = studies.create_study(sweep, algorithm, load_if_exists=resume)
         self.parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
         self.summary = AlgorithmSummary(algorithm, sweep.search.metric)
         self.space = sweep.space(algorithm)
         self.sweep_dict = sweep.model_dump(mode="json")
         self.running: dict[ray.ObjectRef, _Running] = {}
-        self.recover_interrupted()
+        self.queued: list[_Running] = self.continue_interrupted()
         for trial in self.study.get_trials(deepcopy=False, states=FINISHED):
             if not trial.user_attrs.get(INTERRUPTED):
                 self.summary.counts[studies.STATES[trial.state]] += 1
-        self.launched = sum(self.summary.counts.values())
+        self.launched = sum(self.summary.counts.values()) + len(self.queued)
 
     def run(self) -> AlgorithmSummary:
         self.report()
-        while self.launched < self.sweep.search.trials or self.running:
-            while self.launched < self.sweep.search.trials and len(self.running) < self.sweep.search.parallel:
-                self.launch_next()
+        while self.launched < self.sweep.search.trials or self.running or self.queued:
+            while len(self.running) < self.sweep.search.parallel and (
+                    self.queued or self.launched < self.sweep.search.trials):
+                if self.queued:
+                    self.start(self.queued.pop(0))
+                else:
+                    self.launch_next()
             self.collect_one()
         return self.finish()
 
-    def recover_interrupted(self) -> None:
-        """Trials left running by a driver that died: their runs are deleted, they are marked
-        failed (and ignored in counts), and their parameters are queued to run again."""
-        storage = self.study._storage
+    def continue_interrupted(self) -> list[_Running]:
+        """Trials left running by a sweep driver that died continue as they were: the same
+        Optuna trial and MLflow run, from their last checkpoint. One whose knobs were never
+        fully suggested cannot: it is marked failed (not counted) and its parameters queued as a
+        new trial."""
+        continued = []
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            for run_id in tracking.runs_of_trial(self.client, self.experiment_id, self.algorithm,
-                                                 trial.number):
-                self.client.delete_run(run_id)
-            storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted; rerun on resume")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"orch_rerun_of": trial.number},
-                                     skip_if_exists=False)
+            searched = [name for name, knob in self.space.items() if isinstance(knob, (Range, Choices))]
+            if any(name not in trial.params for name in searched):
+                for run_id in tracking.runs_of_trial(self.client, self.experiment_id,
+                                                     self.algorithm, trial.number):
+                    self.client.delete_run(run_id)
+                studies.mark_interrupted(self.study, trial, INTERRUPTED)
+                continue
+            knobs = {name: trial.params[name] if name in searched else knob
+                     for name, knob in self.space.items()}
+            handle = studies.trial_handle(self.study, trial)
+            run_id = trial.user_attrs.get("mlflow_run_id") or next(iter(tracking.runs_of_trial(
+                self.client, self.experiment_id, self.algorithm, trial.number)), None)
+            if run_id is None:
+                run_id = self.create_run(handle, knobs)
+            continued.append(_Running(handle, self.request(handle, knobs, run_id)))
+        return continued
 
     def launch_next(self) -> None:
         # A sampler seeded by the trial's slot: a resumed sweep asks exactly what an
@@ -182,6 +214,15 @@ class StudyRunner:
                                                   self.sweep.training.seed + self.launched)
         trial = self.study.ask()
         knobs = studies.suggest(trial, self.space)
+        run_id = self.create_run(trial, knobs)
+        saving = trial_checkpoints(self.sweep, self.algorithm, trial.number, knobs)
+        if saving is not None:  # left by an earlier sweep of the same name, long deleted
+            saving[0].remove(saving[1])
+        self.start(_Running(trial, self.request(trial, knobs, run_id)))
+        self.launched += 1
+        self.report()
+
+    def create_run(self, trial: optuna.trial.Trial, knobs: dict[str, Any]) -> str:
         sweep = self.sweep
         run = tracking.TrialRun.create(self.uri, self.experiment_id, self.parent,
                                        sweep_name=sweep.name, algorithm=self.algorithm,
@@ -192,14 +233,29 @@ class StudyRunner:
                         "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint()})
         run.log_dict(self.sweep_dict, "sweep.json")
         trial.set_user_attr("mlflow_run_id", run.run_id)
-        self.start(_Running(trial, TrialRequest(
-            sweep=self.sweep_dict, algorithm=self.algorithm, number=trial.number,
-            trial_id=trial._trial_id, study_name=self.study.study_name, knobs=knobs,
-            run_id=run.run_id, tracking_uri=self.uri, storage_url=self.storage_url)))
-        self.launched += 1
-        self.report()
+        return run.run_id
+
+    def request(self, trial: optuna.trial.Trial, knobs: dict[str, Any], run_id: str) -> TrialRequest:
+        return TrialRequest(sweep=self.sweep_dict, algorithm=self.algorithm, number=trial.number,
+                            trial_id=studies.trial_id(trial), study_name=self.study.study_name,
+                            knobs=knobs, run_id=run_id, tracking_uri=self.uri,
+                            storage_url=self.storage_url)
 
     def start(self, entry: _Running) -> None:
+        """Place the trial on Ray, continuing from its newest loadable checkpoint if any."""
+        saving = trial_checkpoints(self.sweep, self.algorithm, entry.request.number,
+                                   entry.request.knobs)
+        if saving is not None:
+            found = checkpoints.latest(*saving)
+            for line in found.refused:
+                self.say(line)
+            if found.path is not None:
+                self.say(f"{self.algorithm} trial {entry.request.number} continues from its "
+                         f"checkpoint at iteration {found.iteration}")
+            elif found.refused:
+                self.say(f"{self.algorithm} trial {entry.request.number} starts from scratch: "
+                         "no loadable checkpoint")
+            entry.request = replace(entry.request, resume_from=found.path)
         entry.group = cluster.reserve(self.sweep.workers, self.sweep.ray.placement_strategy)
         ref = cluster.submit_trial(run_trial, entry.group, self.sweep.workers, entry.request)
         self.running[ref] = entry
@@ -208,11 +264,22 @@ class StudyRunner:
         done, _ = ray.wait(list(self.running), num_returns=1)
         entry = self.running.pop(done[0])
         cluster.release(entry.group)
+        search = self.sweep.search
         try:
             result: TrialResult = ray.get(done[0])
         except Exception as error:  # the trial's process raised or died
             reason = describe_failure(error)
-            if entry.attempt < self.sweep.search.retries:
+            if cluster.is_machine_failure(error):
+                if entry.restarts < search.restarts:
+                    entry.restarts += 1
+                    self.summary.restarts += 1
+                    self.say(f"{self.algorithm} trial {entry.request.number}: {reason}; "
+                             f"restart {entry.restarts} of {search.restarts}")
+                    self.start(entry)
+                    self.report()
+                    return
+                reason = f"{reason} (after {entry.restarts} restarts; search.restarts)"
+            elif entry.attempt < search.retries:
                 entry.attempt += 1
                 self.start(entry)
                 return
@@ -220,13 +287,30 @@ class StudyRunner:
             result = TrialResult("failed", None, {}, reason)
         _tell(self.study, entry.trial, result)
         self.summary.counts[result.state] += 1
+        self.forget_checkpoints(entry)
         self.report()
+
+    def forget_checkpoints(self, entry: _Running) -> None:
+        """A finished trial's checkpoints are of no further use."""
+        saving = trial_checkpoints(self.sweep, self.algorithm, entry.request.number,
+                                   entry.request.knobs)
+        if saving is None:
+            return
+        try:
+            saving[0].remove(saving[1])
+        except OSError as error:
+            self.say(f"could not delete {saving[1]}: {str(error).splitlines()[0]}")
+
+    def say(self, line: str) -> None:
+        if self.notice is not None:
+            self.notice(line)
 
     def report(self) -> None:
         if self.progress is not None:
             best = _best(self.study)
             self.progress(self.algorithm, self.summary.counts, len(self.running),
-                          best.value if best else None, self.sweep.search.trials)
+                          best.value if best else None, self.sweep.search.trials,
+                          self.summary.restarts)
 
     def finish(self) -> AlgorithmSummary:
         summary, sweep = self.summary, self.sweep

@@ -37,6 +37,13 @@ TAG_NODES = "orch.worker_nodes"
 TAG_MODEL_URI = "orch.model_uri"
 TAG_FAIL_REASON = "orch.fail_reason"
 TAG_STATE = "orch.state"
+# Where the trial's driver process runs ("<node id> <pid>"), at its latest start.
+TAG_DRIVER = "orch.driver"
+# Times the trial was started again after its first start (machine failure, retry or --resume),
+# iterations it computed twice because of that, and the checkpoint it last continued from.
+TAG_RESTARTS = "orch.restarts"
+TAG_RECOMPUTED = "orch.recomputed_iterations"
+TAG_RESUMED_FROM = "orch.resumed_from"
 
 
 REACH_TIMEOUT_S = 5.0
@@ -129,6 +136,8 @@ class TrialRun:
         self.uri = uri
         self.client = client(uri)
         self.run_id = run_id
+        # Per metric, the last step already in the run: not logged again (see ``continue_run``).
+        self.logged_through: dict[str, int] = {}
 
     @classmethod
     def create(cls, uri: str, experiment_id: str, parent_run_id: str, *, sweep_name: str,
@@ -145,10 +154,21 @@ class TrialRun:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
+    def continue_run(self) -> dict[str, str]:
+        """Prepare to continue a run whose trial restarted: steps it already holds (logged
+        before the restart, recomputed since its checkpoint) are not logged a second time, so
+        every metric keeps one value per step. Returns the run's tags."""
+        run = self.client.get_run(self.run_id)
+        self.logged_through = {
+            key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+            for key in run.data.metrics}
+        return dict(run.data.tags)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        timestamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step)
-                                                    for k, v in metrics.items()])
+        fresh = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()
+                 if step > self.logged_through.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, _short(v)) for k, v in tags.items()])

@@ -181,6 +181,31 @@ class TrialOutcome:
         return self.evaluations[-1].metrics if self.evaluations else {}
 
 
+@dataclass
+class LoopState:
+    """Everything the outer loop carries from one iteration to the next, after ``iteration``
+    iterations: resuming from it continues exactly where the loop was (the learners' schedules
+    -- MAML++'s cosine rate, loss weights and first- to second-order switch -- are functions of
+    the iteration, and tasks are sampled from (split, seed, index), so nothing else is needed).
+    ``optimizer`` None starts a fresh outer optimiser; ``extra`` is the caller's own record
+    (curves, what it reported), saved and restored with the loop."""
+
+    iteration: int
+    params: Params
+    optimizer: dict[str, Any] | None = None
+    evaluations: list[Evaluation] = field(default_factory=list)
+    rng: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpointer(Protocol):
+    """Where and how often the loop saves its state (``checkpoints.TrialCheckpointer``)."""
+
+    def due(self, iterations_done: int, *, last: bool) -> bool: ...
+
+    def save(self, state: LoopState) -> None: ...
+
+
 # Called after each validation with (iteration, metrics); returning True stops the trial (pruning).
 EvalCallback = Callable[[int, dict[str, float]], bool]
 
@@ -224,21 +249,28 @@ class MetaTrainer:
 
     def train(self, on_eval: EvalCallback | None = None, *,
               on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-              params: Params | None = None, start_iteration: int = 0,
+              resume: LoopState | None = None, checkpointer: Checkpointer | None = None,
+              extra_state: Callable[[], dict[str, Any]] | None = None,
               time_budget_s: float | None = None) -> TrialOutcome:
-        """Meta-train to ``training.iterations``, or until this process has used ``time_budget_s``
-        seconds of CPU time (then the iteration in progress is the last one and is validated).
-        CPU time, not wall time, so that benchmarks give every learner the same compute however
-        busy the machine is."""
+        """Meta-train to ``training.iterations`` -- from ``resume`` where given, else from the
+        learner's initial weights -- or until this process has used ``time_budget_s`` seconds of
+        CPU time (then the iteration in progress is the last one and is validated). CPU time, not
+        wall time, so that benchmarks give every learner the same compute however busy the
+        machine is. Whenever ``checkpointer`` says so, the loop's state (with ``extra_state()``)
+        is handed to it, after that iteration's validation."""
         training = self.sweep.training
-        params = {k: v.clone().requires_grad_(True) for k, v in
-                  (params or self.initial_params()).items()}
+        start = resume or LoopState(0, self.initial_params())
+        params = {k: v.clone().requires_grad_(True) for k, v in start.params.items()}
         statistics = {k for k in params if self.learner.is_statistic(k)}
         optimizer = self._outer_optimizer([p for k, p in params.items() if k not in statistics])
         base_lr = optimizer.param_groups[0]["lr"]
-        outcome = TrialOutcome(params=params)
+        if start.optimizer is not None:
+            optimizer.load_state_dict(start.optimizer)
+        if start.rng is not None:
+            torch.set_rng_state(start.rng)
+        outcome = TrialOutcome(params=params, evaluations=list(start.evaluations))
         started, cpu_started, tasks = time.perf_counter(), time.process_time(), 0
-        for iteration in range(start_iteration, training.iterations):
+        for iteration in range(start.iteration, training.iterations):
             # The fraction of training done, by iterations or by the time budget, whichever is
             # further: learners that anneal (MAML++) and the cosine outer schedule read it.
             progress = iteration / training.iterations
@@ -273,6 +305,11 @@ class MetaTrainer:
                 if on_eval is not None and on_eval(iteration + 1, metrics) and not last:
                     outcome.stopped_early = True
                     break
+            if checkpointer is not None and checkpointer.due(iteration + 1, last=last):
+                checkpointer.save(LoopState(
+                    iteration + 1, _detached(params), optimizer.state_dict(),
+                    list(outcome.evaluations), torch.get_rng_state(),
+                    extra_state() if extra_state is not None else {}))
             if out_of_time:
                 break
         outcome.tasks_per_second = tasks / max(time.perf_counter() - started, 1e-9)

@@ -1,22 +1,28 @@
 """One trial, end to end, in the process that drives it (a Ray task in its placement group).
 
 Glue only: the meta-training loop is ``training.MetaTrainer``; this file connects its callbacks to
-MLflow (metric curves, the model) and Optuna (intermediate values, pruning) and picks the farm.
+MLflow (metric curves, the model), Optuna (intermediate values, pruning) and the trial's
+checkpoints, and picks the farm. A trial started again -- after its node or process died, a
+retry, or ``orch launch --resume`` -- continues from the checkpoint the sweep driver chose, in the
+same MLflow run and the same Optuna trial, logging and reporting each step once.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import cluster, plots
+from orchestrator import checkpoints, cluster, plots
 from orchestrator.config import Sweep
 from orchestrator.meta_model import MetaModel
 from orchestrator.study import TrialReporter
-from orchestrator.tracking import TAG_NODES, TrialRun
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker, TrialDiverged, pick_device
+from orchestrator.tracking import (TAG_DRIVER, TAG_NODES, TAG_RECOMPUTED, TAG_RESTARTS,
+                                   TAG_RESUMED_FROM, TrialRun)
+from orchestrator.training import (LocalFarm, LoopState, MetaTrainer, ShardWorker, TrialDiverged,
+                                   pick_device)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class TrialRequest:
     run_id: str
     tracking_uri: str
     storage_url: str
+    # The checkpoint to continue from (chosen and verified by the sweep driver); None: scratch.
+    resume_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,44 +61,64 @@ def make_farm(sweep: Sweep, request: TrialRequest):
                            device=sweep.training.device, group=cluster.current_placement_group())
 
 
+def trial_checkpoints(sweep: Sweep, algorithm: str, number: int,
+                      knobs: dict[str, Any]) -> tuple[checkpoints.CheckpointStore, str, str] | None:
+    """(store, this trial's folder, its identity), or None where the sweep saves none."""
+    if not sweep.training.checkpoints_enabled():
+        return None
+    store = checkpoints.CheckpointStore(sweep.checkpoint_uri())
+    return (store, store.trial_folder(sweep.name, algorithm, number),
+            checkpoints.identity(sweep, algorithm, knobs))
+
+
 def run_trial(request: TrialRequest) -> TrialResult:
     """Train, validate, report and log one trial; a diverging trial is returned as failed.
-    Any other exception propagates, so the sweep driver can retry the trial."""
+    Any other exception propagates, so the sweep driver can retry or restart the trial."""
     sweep = Sweep.model_validate(request.sweep)
     run = TrialRun(request.tracking_uri, request.run_id)
-    reporter = TrialReporter(request.storage_url, request.study_name, request.trial_id, sweep.search)
+    reporter = TrialReporter(request.storage_url, request.study_name, request.number, sweep.search)
+    saving = trial_checkpoints(sweep, request.algorithm, request.number, request.knobs)
+    state = resume(run, request, saving)
     farm = make_farm(sweep, request)
     try:
         nodes = tuple(farm.node_ids())
-        run.set_tags({TAG_NODES: ",".join(sorted(set(nodes)))})
+        run.set_tags({TAG_NODES: ",".join(sorted(set(nodes))),
+                      TAG_DRIVER: f"{cluster.current_node_id()} {os.getpid()}"})
         trainer = MetaTrainer(sweep, request.algorithm, request.knobs, farm)
-
-        train_curve: list[tuple[int, float]] = []
-        val_curve: list[tuple[int, float]] = []
+        extra = state.extra if state else {}
+        train_curve: list[list[float]] = list(extra.get("train_curve", []))
+        val_curve: list[list[float]] = list(extra.get("val_curve", []))
 
         def on_eval(iteration: int, metrics: dict[str, float]) -> bool:
             run.log_metrics(metrics, step=iteration)
-            val_curve.append((iteration, metrics[sweep.search.metric]))
+            val_curve.append([iteration, metrics[sweep.search.metric]])
             return reporter.report(metrics[sweep.search.metric], iteration)
 
         def on_iteration(iteration: int, stats: dict[str, float]) -> None:
-            train_curve.append((iteration + 1, stats["train_loss"]))
+            train_curve.append([iteration + 1, stats["train_loss"]])
             if iteration % 10 == 0:
                 run.log_metrics(stats, step=iteration + 1)
 
+        checkpointer = (checkpoints.TrialCheckpointer(*saving, sweep.training)
+                        if saving is not None else None)
         try:
-            outcome = trainer.train(on_eval, on_iteration=on_iteration)
+            outcome = trainer.train(on_eval, on_iteration=on_iteration, resume=state,
+                                    checkpointer=checkpointer,
+                                    extra_state=lambda: {"train_curve": train_curve,
+                                                         "val_curve": val_curve})
         except TrialDiverged as error:
             run.finish("failed", str(error))
             return TrialResult("failed", None, {}, str(error), nodes)
         metrics = outcome.final
         value = metrics[sweep.search.metric]
         run.log_metrics({"tasks_per_second": outcome.tasks_per_second}, step=0)
+        if checkpointer is not None:
+            run.log_metrics({"checkpoint_seconds": checkpointer.cost_s}, step=0)
         with tempfile.TemporaryDirectory() as folder:
             run.log_artifact(plots.learning_curves(
-                train_curve, val_curve, sweep.search.metric,
-                f"{request.algorithm} trial {request.number}", Path(folder) / "learning_curves.png"),
-                "plots")
+                [tuple(p) for p in train_curve], [tuple(p) for p in val_curve],
+                sweep.search.metric, f"{request.algorithm} trial {request.number}",
+                Path(folder) / "learning_curves.png"), "plots")
         if outcome.stopped_early:
             run.finish("pruned")
             return TrialResult("pruned", value, metrics, "", nodes, outcome.tasks_per_second)
@@ -103,6 +131,31 @@ def run_trial(request: TrialRequest) -> TrialResult:
     finally:
         if isinstance(farm, cluster.RayFarm):
             farm.shutdown()
+
+
+def resume(run: TrialRun, request: TrialRequest,
+           saving: tuple[checkpoints.CheckpointStore, str, str] | None) -> LoopState | None:
+    """The loop state to continue from, and the run's record of this start: a start after the
+    first (the run already names a driver) counts as a restart, and the iterations done before
+    it beyond the checkpoint -- as far as the run's metrics show -- as recomputed."""
+    tags = run.continue_run()
+    state, note = None, ""
+    if request.resume_from and saving is not None:
+        try:
+            state = checkpoints.load(saving[0], request.resume_from, saving[2])
+        except checkpoints.CheckpointError as error:  # vanished or changed since the driver chose it
+            note = f"; {error}; starting from scratch"
+    if TAG_DRIVER not in tags:
+        return state
+    restarts = int(tags.get(TAG_RESTARTS, 0)) + 1
+    done = max((step for key, step in run.logged_through.items()
+                if key.startswith(("train_", "val_"))), default=0)
+    recomputed = int(tags.get(TAG_RECOMPUTED, 0)) + max(0, done - (state.iteration if state else 0))
+    run.set_tags({TAG_RESTARTS: restarts, TAG_RECOMPUTED: recomputed,
+                  TAG_RESUMED_FROM: f"iteration {state.iteration if state else 0}"
+                                    f"{f' ({request.resume_from})' if state else ''}{note}"})
+    run.log_metrics({"restarts": restarts, "recomputed_iterations": recomputed}, step=restarts)
+    return state
 
 
 def describe_failure(error: BaseException) -> str:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.mamlpp import MAMLPlusPlus
+from orchestrator.training import LoopState
 from pipelines.base import TaskBatch
 
 STEPS, BLOCKS = 2, 4
@@ -113,7 +114,7 @@ def test_learns_omniglot_and_keeps_running_statistics(omniglot_accuracy):
 
     last = trainer.sweep.training.iterations - 1
     gradient, _ = trainer.meta_gradient(params, last, progress=last / (last + 1))
-    stepped = trainer.train(params=params, start_iteration=last)
+    stepped = trainer.train(resume=LoopState(last, params))
     for key in ("body.0.1.running_mean", "body.3.1.running_var"):
         torch.testing.assert_close(stepped.params[key], params[key] - 0.1 * gradient[key])
     assert params["body.0.1.running_mean"].abs().min() > 0  # moved from PyTorch's initial 0

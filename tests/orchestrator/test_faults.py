@@ -92,40 +92,67 @@ def complete_params(storage: str, name: str) -> list[tuple]:
                   if t.state == optuna.trial.TrialState.COMPLETE)
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
+def checkpointed_iteration(run_dir: Path, sweep: str, number: int) -> int:
+    """The newest checkpoint's iteration of trial ``number`` (0: none yet)."""
+    folder = run_dir / "checkpoints" / sweep / "maml" / f"trial-{number:05d}"
+    names = sorted(folder.glob("ckpt-*.pt")) if folder.is_dir() else []
+    return int(names[-1].stem.split("-")[1]) if names else 0
+
+
+def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(tmp_path):
+    """`orch launch` SIGKILLed (with its in-process Ray) while its second trial runs, past that
+    trial's first checkpoint; `--resume` keeps the finished trial, continues the running one
+    from its checkpoint in the same Optuna trial and MLflow run (one value per metric step),
+    and ends with the uninterrupted sweep's trials and champion."""
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    reference = write(tmp_path / "reference.yaml", small_sweep("kill", reference_dir, trials=4))
-    resumed = write(tmp_path / "resumed.yaml", small_sweep("kill", resumed_dir, trials=4))
+    sweep = small_sweep("kill", reference_dir, trials=2, iterations=200)
+    sweep["training"].update(eval_every=25, meta_batch=10)
+    reference = write(tmp_path / "reference.yaml", sweep)
+    resumed = write(tmp_path / "resumed.yaml", {**sweep, "run_dir": str(resumed_dir)})
     finish(orch("launch", str(reference), "--quiet", cwd=tmp_path))
 
     driver = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill once a trial finished and the next one runs
+    while time.monotonic() < deadline:  # kill once trial 1 runs and has saved its 50th iteration
         states = trial_states(resumed_dir / "optuna.db")
-        if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+        if states[:2] == ["COMPLETE", "RUNNING"] and checkpointed_iteration(resumed_dir, "kill", 1) >= 50:
             break
         assert driver.poll() is None, driver.communicate()[0]
-        time.sleep(0.2)
+        time.sleep(0.02)
     else:
-        pytest.fail("the sweep never reached a running second trial")
+        pytest.fail("the sweep never reached a checkpointed second trial")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
 
     refused = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
     output, _ = refused.communicate(timeout=120)
     assert refused.returncode != 0 and "already exists" in output and "--resume" in output
-    finish(orch("launch", str(resumed), "--resume", "--quiet", cwd=tmp_path))
+    output = finish(orch("launch", str(resumed), "--resume", "--quiet", cwd=tmp_path))
+    # The trial's process outlives its killed driver by a moment (until Ray's worker notices
+    # its raylet is gone), so the checkpoint continued from may be later than the one seen.
+    marker = "maml trial 1 continues from its checkpoint at iteration "
+    assert marker in output, output
+    saved = int(output.split(marker)[1].split()[0])
+    assert 50 <= saved <= 200
 
     storage = f"sqlite:///{resumed_dir}/optuna.db"
     assert complete_params(storage, "kill/maml") == complete_params(
         f"sqlite:///{reference_dir}/optuna.db", "kill/maml")
+    assert len(optuna.load_study(study_name="kill/maml", storage=storage).trials) == 2  # same trial
     client = tracking.client(f"sqlite:///{resumed_dir}/mlflow.db")
     experiment = client.get_experiment_by_name("kill")
     runs = tracking.trial_runs(client, experiment.experiment_id)
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    assert len({r.data.tags[tracking.TAG_TRIAL] for r in runs}) == 4  # one run per trial
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags[tracking.TAG_TRIAL] for r in runs}) == 2  # one run per trial
+    (continued,) = [r for r in runs if r.data.tags[tracking.TAG_TRIAL] == "1"]
+    assert continued.data.tags[tracking.TAG_RESUMED_FROM].startswith(f"iteration {saved} (")
+    assert continued.data.tags[tracking.TAG_RESTARTS] == "1"
+    for key in ("train_loss", "val_loss"):
+        steps = [m.step for m in client.get_metric_history(continued.info.run_id, key)]
+        assert len(steps) == len(set(steps)) and max(steps) == 200, key
     assert registry_state(f"sqlite:///{resumed_dir}/mlflow.db") == registry_state(
         f"sqlite:///{reference_dir}/mlflow.db")
+    assert not any((resumed_dir / "checkpoints").rglob("*.pt"))  # finished trials keep none
 
 
 def test_two_sweeps_and_two_promotions_at_once(tmp_path):

@@ -1,0 +1,224 @@
+"""Trial checkpoints: the outer loop's state, saved where every node can read it, so that a trial
+whose process or node dies -- or whose ``orch launch`` is killed -- continues from its last save
+instead of iteration 0.
+
+Where: ``training.checkpoint_storage``, a local folder (default ``<run_dir>/checkpoints``) or any
+``pyarrow.fs`` URI (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``); one folder per trial,
+``<sweep>/<algorithm>/trial-<number>/ckpt-<iteration>.pt``, of which the newest two are kept.
+
+A checkpoint is one file: a magic line, a JSON header line (the trial's identity, the iteration,
+the payload's length and SHA-256), then the payload, ``torch.save`` of the ``LoopState``
+(loaded with ``weights_only``, so a foreign file can hold data but never run code). It is written
+under a temporary name and renamed (one atomic step on a local disk; an object store publishes
+an object only once it is complete), and its digest is checked on load: a file torn by a kill
+mid-write is never loaded, the previous one is. The identity hashes everything that shapes the
+trained weights -- algorithm, resolved knobs, task distribution, model and training settings --
+so a checkpoint from another sweep file never seeds a trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow.fs as pafs
+import torch
+
+from orchestrator.config import ConfigError, Sweep, Training
+from orchestrator.training import Evaluation, LoopState
+
+MAGIC = b"orch-checkpoint 1\n"
+FILE_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+# The newest checkpoint and the one before it: if the newest turns out unreadable, the previous
+# one is still there.
+KEEP = 2
+# Settings that change where or how fast a trial runs, not what it computes.
+NOT_IDENTITY = {"checkpoint_every", "checkpoint_minutes", "checkpoint_storage", "device",
+                "vectorize"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded; the message is one line naming the file."""
+
+
+def identity(sweep: Sweep, algorithm: str, knobs: Mapping[str, Any]) -> str:
+    """What a checkpoint must match to be loaded into a trial."""
+    spec = {"algorithm": algorithm, "knobs": dict(knobs), "task": sweep.task_fingerprint(),
+            "model": sweep.model.model_dump(mode="json"),
+            "training": sweep.training.model_dump(mode="json", exclude=NOT_IDENTITY)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode(state: LoopState, trial_identity: str) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"iteration": state.iteration, "params": state.params, "optimizer": state.optimizer,
+                "evaluations": [[e.iteration, e.metrics] for e in state.evaluations],
+                "rng": state.rng, "extra": state.extra}, buffer)
+    payload = buffer.getvalue()
+    header = {"identity": trial_identity, "iteration": state.iteration, "bytes": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
+    return MAGIC + json.dumps(header).encode() + b"\n" + payload
+
+
+def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
+    """The state in ``data`` (the file ``name``), or CheckpointError saying why not."""
+    def refuse(reason: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {name} refused: {reason}")
+
+    if not data.startswith(MAGIC):
+        raise refuse("not an orch checkpoint")
+    end = data.find(b"\n", len(MAGIC))
+    try:
+        header = json.loads(data[len(MAGIC):end]) if end > 0 else None
+        if not isinstance(header, dict):
+            raise ValueError
+        payload = data[end + 1:]
+        length, digest, iteration = int(header["bytes"]), str(header["sha256"]), int(header["iteration"])
+    except (ValueError, KeyError, TypeError):
+        raise refuse("its header is unreadable (torn by a kill mid-write?)") from None
+    if header.get("identity") != trial_identity:
+        raise refuse("it belongs to another sweep file (different algorithm, knobs, data, model "
+                     "or training settings)")
+    if len(payload) != length or hashlib.sha256(payload).hexdigest() != digest:
+        raise refuse(f"truncated or corrupt ({len(payload)} of {length} payload bytes, digest "
+                     "mismatch)")
+    try:
+        raw = torch.load(io.BytesIO(payload), weights_only=True)
+        state = LoopState(int(raw["iteration"]), dict(raw["params"]), raw["optimizer"],
+                          [Evaluation(int(i), dict(m)) for i, m in raw["evaluations"]],
+                          raw["rng"], dict(raw["extra"]))
+    except Exception as error:  # noqa: BLE001 -- any unreadable payload is refused alike
+        raise refuse(f"unreadable payload ({type(error).__name__})") from None
+    if state.iteration != iteration:
+        raise refuse("its header and payload disagree on the iteration")
+    return state
+
+
+class CheckpointStore:
+    """The folder or object-store prefix that holds every trial's checkpoints."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        if "://" in uri:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            except (ValueError, OSError) as error:
+                raise ConfigError(f"training.checkpoint_storage {uri}: {_first_line(error)}") from None
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
+        self.root = self.root.rstrip("/")
+
+    def check(self) -> None:
+        """Fail in one line, before any trial runs, where checkpoints cannot be written."""
+        probe = f"{self.root}/.orch-probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as stream:
+                stream.write(b"probe")
+            self.fs.delete_file(probe)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot write checkpoints to {self.uri} (training.checkpoint_storage): "
+                              f"{_first_line(error)}") from None
+
+    def trial_folder(self, sweep_name: str, algorithm: str, number: int) -> str:
+        return f"{self.root}/{sweep_name}/{algorithm}/trial-{number:05d}"
+
+    def save(self, folder: str, iteration: int, data: bytes) -> str:
+        """Write ``data`` as the folder's checkpoint of ``iteration``: under a temporary name
+        first, then renamed, so that a reader sees a whole file or none; older ones pruned."""
+        self.fs.create_dir(folder, recursive=True)
+        final = f"{folder}/ckpt-{iteration:08d}.pt"
+        staging = f"{folder}/.ckpt-{iteration:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(staging) as stream:
+            stream.write(data)
+        self.fs.move(staging, final)
+        for _, old in self.listing(folder)[KEEP:]:
+            self.fs.delete_file(old)
+        return final
+
+    def listing(self, folder: str) -> list[tuple[int, str]]:
+        """The folder's checkpoints as (iteration, path), newest first; staging files ignored."""
+        infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        found = [(int(match.group(1)), info.path) for info in infos
+                 if info.type == pafs.FileType.File and (match := FILE_NAME.match(info.base_name))]
+        return sorted(found, reverse=True)
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def remove(self, folder: str) -> None:
+        """Delete a finished trial's checkpoints."""
+        if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
+            self.fs.delete_dir(folder)
+
+
+@dataclass
+class Resumption:
+    """The checkpoint a trial continues from (``path`` None: from scratch) and the refusals met
+    on the way, one line each."""
+
+    path: str | None = None
+    iteration: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
+def latest(store: CheckpointStore, folder: str, trial_identity: str) -> Resumption:
+    """The newest checkpoint of ``folder`` that loads, skipping (and naming) those that do not."""
+    found = Resumption()
+    for _, path in store.listing(folder):
+        try:
+            state = load(store, path, trial_identity)
+        except CheckpointError as error:
+            found.refused.append(str(error))
+            continue
+        found.path, found.iteration = path, state.iteration
+        break
+    return found
+
+
+def load(store: CheckpointStore, path: str, trial_identity: str) -> LoopState:
+    try:
+        data = store.read(path)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} refused: cannot read it ({_first_line(error)})") from None
+    return decode(data, path, trial_identity)
+
+
+class TrialCheckpointer:
+    """Saves one trial's loop state at the sweep's interval (``training.checkpoint_*``) and
+    counts what saving cost, for the run's record."""
+
+    def __init__(self, store: CheckpointStore, folder: str, trial_identity: str, training: Training):
+        self.store, self.folder, self.identity = store, folder, trial_identity
+        self.every = training.checkpoint_interval()
+        self.seconds = None if training.checkpoint_minutes is None else training.checkpoint_minutes * 60
+        self.last_save = time.monotonic()
+        self.saved, self.cost_s = 0, 0.0
+
+    def due(self, iterations_done: int, *, last: bool) -> bool:
+        if last:
+            return True
+        if self.every and iterations_done % self.every == 0:
+            return True
+        return self.seconds is not None and time.monotonic() - self.last_save >= self.seconds
+
+    def save(self, state: LoopState) -> None:
+        started = time.perf_counter()
+        self.store.save(self.folder, state.iteration, encode(state, self.identity))
+        self.cost_s += time.perf_counter() - started
+        self.saved += 1
+        self.last_save = time.monotonic()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
