@@ -39,7 +39,8 @@ from torch import Tensor
 from learners.base import Learner
 from learners.registry import LEARNERS
 from orchestrator.config import ModelSection
-from orchestrator.training import build_learner, should_vectorize
+from orchestrator.factory import build_learner
+from orchestrator.training import should_vectorize
 from pipelines.base import Task, TaskBatch
 
 WAYS, SHOTS, QUERIES, SIZE, FILTERS = 5, 1, 15, 28, 64

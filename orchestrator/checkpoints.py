@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import torch
 
 from orchestrator.config import ConfigError, Sweep, Training
+from orchestrator.errors import UserError
 from orchestrator.training import Evaluation, LoopState
 
 MAGIC = b"orch-checkpoint 1\n"
@@ -45,7 +46,7 @@ NOT_IDENTITY = {"checkpoint_every", "checkpoint_minutes", "checkpoint_storage", 
                 "vectorize"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that must not be loaded; the message is one line naming the file."""
 
 

@@ -29,24 +29,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator import addresses
-from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, ConfigError, load_sweep
+from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, load_sweep
+from orchestrator.errors import MachineryError, UserError
 from orchestrator.cluster_cli import cluster
 from orchestrator.compare_cli import compare
 from orchestrator.data_cli import data
 from orchestrator.model_cli import evaluate, predict
-
-console = Console(stderr=True)
-
-
-def output_console() -> Console:
-    """Tables on stdout; when piped (CI logs), wide enough that no column is cut."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
+from orchestrator.terminal import console, output_console
 
 class OrchGroup(click.Group):
     """Turns known failures into one line and exit 2, unless ``--debug``."""
@@ -65,7 +58,7 @@ class OrchGroup(click.Group):
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     message = text[0] if text else type(error).__name__
-    plain = (ConfigError, ConnectionError, FileNotFoundError, PermissionError)
+    plain = (UserError, MachineryError, FileNotFoundError, PermissionError)
     return message if isinstance(error, plain) else f"{type(error).__name__}: {message}"
 
 
@@ -243,15 +236,9 @@ def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
 @tracking_option
 def promote(model_name: str, version: str, tracking_uri: str) -> None:
     """Move the champion alias of MODEL_NAME to VERSION."""
-    from mlflow.exceptions import MlflowException
-
     from orchestrator import tracking
 
-    try:
-        tracking.promote(tracking.client(tracking.require_store(tracking_uri)), model_name, version)
-    except MlflowException:
-        raise click.ClickException(f"no version {version} of registered model {model_name!r} in "
-                                   f"{tracking_uri} (see: orch models)") from None
+    tracking.promote(tracking_uri, model_name, version)
     click.echo(f"{model_name}@champion -> version {version}")
 
 

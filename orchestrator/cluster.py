@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from learners.base import Params
 from orchestrator import addresses
 from orchestrator.config import ConfigError, Workers
+from orchestrator.errors import MachineryError
 from orchestrator.training import ShardWorker, pick_device
 
 CONNECT_TIMEOUT_S = addresses.CONNECT_TIMEOUT_S
@@ -95,7 +96,7 @@ def _resolved(target: addresses.Address) -> addresses.Address:
 
 
 def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_message: str) -> None:
-    """``ray.init(**options)``; raises ConfigError(timeout_message) after ``timeout_s``."""
+    """``ray.init(**options)``; raises MachineryError(timeout_message) after ``timeout_s``."""
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -110,7 +111,7 @@ def _init_in_thread(options: dict[str, Any], timeout_s: float | None, timeout_me
     threading.Thread(target=init, name="orch-ray-init", daemon=True).start()
     # Waiting on an Event keeps this thread in Python: a SIGINT/SIGTERM handler runs at once.
     if not done.wait(timeout_s):
-        raise ConfigError(timeout_message)
+        raise MachineryError(timeout_message)
     if failure:
         raise failure[0]
     _restore_sigterm(signal.getsignal(signal.SIGTERM))
@@ -135,7 +136,7 @@ def check_reachable(address: str, resolved: addresses.Address | None = None, see
         hint = ("; the cluster listens on the loopback only: set "
                 + " ".join(f"{k}={v}" for k, v in addresses.LOOPBACK_ENV.items())
                 + " before Ray is imported (orch launch does)") if seen_as else ""
-        raise ConfigError(f"cannot reach the Ray cluster at {address}{seen_as}: "
+        raise MachineryError(f"cannot reach the Ray cluster at {address}{seen_as}: "
                           f"{error.strerror or error}; check ray.address / --address and that the "
                           f"cluster runs, or leave it unset for Ray in this process{hint}") from None
 
@@ -191,6 +192,18 @@ def submit_trial(function: Callable[..., Any], group: PlacementGroup, workers: W
     remote = ray.remote(max_retries=0)(function)
     return remote.options(num_cpus=workers.driver_cpus or 0.001, num_gpus=0,
                           scheduling_strategy=in_bundle(group, workers.count)).remote(*args)
+
+
+def first_done(pending: Sequence[ray.ObjectRef]) -> ray.ObjectRef:
+    """Block until one of the ``pending`` trial tasks has ended; return it."""
+    done, _ = ray.wait(list(pending), num_returns=1)
+    return done[0]
+
+
+def result(ref: ray.ObjectRef) -> Any:
+    """A finished task's return value; raises what it raised (``is_machine_failure`` tells a
+    machine's failure from the trial's own)."""
+    return ray.get(ref)
 
 
 def current_placement_group() -> PlacementGroup | None:

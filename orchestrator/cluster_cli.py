@@ -30,6 +30,7 @@ import click
 
 from orchestrator import addresses
 from orchestrator.config import ConfigError
+from orchestrator.errors import MachineryError
 
 DEFAULT_STATE = Path.home() / ".orch" / "local-cluster"
 STATE_FILE = "cluster.json"
@@ -75,7 +76,7 @@ def status(state_dir: Path) -> None:
     for i, node_id in enumerate(state["node_ids"]):
         click.echo(f"{node_id}  {'head  ' if i == 0 else 'worker'}  {'ALIVE' if alive else 'DEAD'}")
     if not _alive(state["pid"], state["start_time"]):
-        raise ConfigError(f"the local cluster at {state['address']} is not running; "
+        raise MachineryError(f"the local cluster at {state['address']} is not running; "
                           "orch cluster down clears its state")
 
 
@@ -128,7 +129,7 @@ def start(nodes: int, *, cpus: float, port: int, state_dir: Path) -> tuple[str, 
     try:
         while not (state_dir / READY_FILE).exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise ConfigError(f"the local cluster did not start; see {state_dir / LOG_FILE}: "
+                raise MachineryError(f"the local cluster did not start; see {state_dir / LOG_FILE}: "
                                   f"{_last_line(state_dir / LOG_FILE)}")
             time.sleep(0.2)
     except BaseException:
@@ -156,7 +157,7 @@ def stop(state: dict[str, Any], state_dir: Path, *, keep_log: bool = False) -> i
     while _processes(state) and time.monotonic() < deadline:
         time.sleep(0.1)
     if _processes(state):
-        raise ConfigError(f"processes of the local cluster did not end: {_processes(state)}")
+        raise MachineryError(f"processes of the local cluster did not end: {_processes(state)}")
     _clear(state, state_dir, keep_log=keep_log)
     return len(alive)
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import DEFAULT_RUN_DIR
+from orchestrator.errors import UserError
 from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate,
                                     evaluation_family, interval95, load, resolve)
 from orchestrator.meta_model import MetaModel
@@ -46,7 +47,7 @@ CSV_COLUMNS = ("setting", "ways", "shots", "shift", "level", "model", "uri", "me
                "log_likelihood", "log_likelihood_ci95", "coverage95", "refused", "cached")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """Models or settings ``orch compare`` cannot compare; the message is one line."""
 
 
@@ -504,24 +505,14 @@ def log_to_mlflow(comparison: Comparison, files: Sequence[Path], *, tracking_uri
                   params: dict[str, Any]) -> str:
     """One run of the experiment ``orch-compare``: the call as params, each model's mean per
     setting as a metric, the table and plots as artifacts. Returns the run id."""
-    from mlflow.entities import Metric, Param, RunTag
-
     from orchestrator import tracking
 
-    client = tracking.client(tracking_uri)
-    experiment = tracking.find_experiment(client, EXPERIMENT) or tracking.create_experiment(
-        client, EXPERIMENT, run_folder(tracking_uri), tracking_uri, {"orch.kind": "compare"})
-    run = client.create_run(experiment, run_name="compare", tags={"orch.kind": "compare"})
-    run_id = run.info.run_id
-    metrics = [Metric(_metric_name(f"{row.metric}/{row.setting.name}/{row.model}"), row.mean,
-                      0, 0) for row in comparison.rows if row.mean is not None]
-    client.log_batch(run_id, metrics=metrics, params=[
-        Param(key, str(value)[:6000]) for key, value in params.items()],
-        tags=[RunTag("orch.models", ",".join(sorted({r.uri for r in comparison.rows}))[:5000])])
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    metrics = {_metric_name(f"{row.metric}/{row.setting.name}/{row.model}"): row.mean
+               for row in comparison.rows if row.mean is not None}
+    models = ",".join(sorted({r.uri for r in comparison.rows}))
+    return tracking.log_finished_run(tracking_uri, EXPERIMENT, run_folder(tracking_uri),
+                                     run_name="compare", kind="compare", metrics=metrics,
+                                     params=params, tags={"orch.models": models}, files=files)
 
 
 def _metric_name(text: str) -> str:

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from orchestrator.inference import DEFAULT_TRACKING_URI
+from orchestrator.terminal import output_console
 
 
 def _number_list(kind: type, least: int):
@@ -125,8 +126,6 @@ def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split
                                "rows": comparison.records(), "notes": comparison.notes},
                               indent=1))
         return
-    from orchestrator.cli import output_console
-
     table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}")
     for column in comparing.table_columns(comparison):
         table.add_column(column, no_wrap=True)

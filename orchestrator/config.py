@@ -29,6 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from learners.backbones import BACKBONES
+from orchestrator.errors import UserError
 from learners.registry import LEARNERS, learner_class
 
 DEFAULT_RUN_DIR = "orch-runs"
@@ -37,7 +38,7 @@ DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A sweep file (or a value derived from one) that orch cannot run; the message is one line."""
 
 

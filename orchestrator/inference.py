@@ -9,8 +9,7 @@
 ``orch predict`` and ``orch evaluate`` (``model_cli``) are thin shells around this module. A
 model is found from a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), a logged
 model (``models:/m-...``), a run (``runs:/RUN_ID/model``) or a local folder (a saved meta-model,
-or a downloaded MLflow model). Registry URIs are resolved to their model version with
-``MlflowClient`` first, so an evaluation can be recorded on that version as tags.
+or a downloaded MLflow model); ``tracking`` resolves the URIs in the tracking store.
 """
 
 from __future__ import annotations
@@ -25,118 +24,36 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from orchestrator import tracking
 from orchestrator.config import DEFAULT_TRACKING_URI, ImageData, SinusoidData
+from orchestrator.errors import UserError
+from orchestrator.tracking import URI_FORMS, ModelSource
 from orchestrator.meta_model import MetaModel, Prediction
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError):
     """A model reference, folder or evaluation setting orch cannot use; the message is one line."""
 
 
 # -- finding a model ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model URI points: an artifact location (or local folder) and, for registry URIs,
-    the registered model version it names."""
-
-    uri: str
-    location: str
-    tracking_uri: str | None = None
-    name: str | None = None
-    version: str | None = None
-
 
 def tracking_uri_or_default(tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def resolve(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
-    """Where the model ``uri`` lives; ``InferenceError`` naming what is missing if it does not."""
+    """Where the model ``uri`` lives; a one-line ``UserError`` naming what is missing if it
+    does not."""
     if not uri.startswith(("models:/", "runs:/")):
         if "://" in uri or uri.startswith(("models:", "runs:")):
             raise InferenceError(f"cannot read model URI {uri!r}; use {URI_FORMS}")
         if not Path(uri).exists():
             raise InferenceError(f"{uri}: no such model folder (a model is {URI_FORMS})")
         return ModelSource(uri, str(Path(uri).resolve()))
-    from mlflow.exceptions import MlflowException
-
-    from orchestrator import tracking
-
-    store = tracking_uri_or_default(tracking_uri)
-    try:
-        client = tracking.client(tracking.require_store(store))
-    except FileNotFoundError as error:
-        raise InferenceError(str(error)) from None
-    try:
-        if uri.startswith("runs:/"):
-            return ModelSource(uri, _run_model_location(client, uri, store), store)
-        name, version = _registry_version(client, uri, store)
-        if version is None:  # models:/m-<id>, a logged model without a registered version
-            return ModelSource(uri, client.get_logged_model(name).artifact_location, store)
-        return ModelSource(uri, client.get_model_version_download_uri(name, version), store,
-                           name, version)
-    except MlflowException as error:
-        raise InferenceError(f"{uri}: not found in {store} ({_first_line(error)})") from None
-
-
-def _registry_version(client, uri: str, store: str) -> tuple[str, str | None]:
-    """(registered model name, version) of a ``models:/`` URI; (logged model id, None) for
-    ``models:/m-<id>``."""
-    from mlflow.exceptions import MlflowException
-
-    path = uri.removeprefix("models:/").strip("/")
-    name, alias, version = path, None, None
-    if "@" in path:
-        name, alias = path.rsplit("@", 1)
-    elif "/" in path:
-        name, version = path.rsplit("/", 1)
-        if not version.isdigit():
-            raise InferenceError(f"cannot read model URI {uri!r}; use {URI_FORMS}")
-    elif path.startswith("m-"):
-        return path, None
-    else:
-        raise InferenceError(f"{uri}: name a version or alias, e.g. models:/{path}@champion")
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        raise InferenceError(f"no registered model {name!r} in {store} (see: orch models)") from None
-    if alias is not None:
-        aliases = dict(model.aliases or {})
-        if alias not in aliases:
-            known = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
-            raise InferenceError(f"registered model {name!r} has no alias {alias!r}; aliases: {known}")
-        return name, str(aliases[alias])
-    try:
-        client.get_model_version(name, version)
-    except MlflowException:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-        raise InferenceError(f"registered model {name!r} has no version {version}; versions: "
-                             f"{', '.join(map(str, versions)) or 'none'}") from None
-    return name, version
-
-
-def _run_model_location(client, uri: str, store: str) -> str:
-    """The artifact location of ``runs:/RUN_ID/PATH``: the model logged from that run under
-    that name (MLflow 3), else that path among the run's own artifacts."""
-    from mlflow.exceptions import MlflowException
-
-    run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
-    path = path or "model"
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise InferenceError(f"no run {run_id!r} in {store}") from None
-    logged = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{path}'", max_results=1)
-    if logged:
-        return logged[0].artifact_location
-    return f"{run.info.artifact_uri.rstrip('/')}/{path}"
+    return tracking.resolve_model(uri, tracking_uri_or_default(tracking_uri))
 
 
 def load(source: ModelSource) -> MetaModel:
@@ -144,13 +61,9 @@ def load(source: ModelSource) -> MetaModel:
     folder that is removed again)."""
     if source.tracking_uri is None:
         return MetaModel.load(source.location)
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory(prefix="orch-model-") as folder:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source.location, dst_path=folder,
-                                                    tracking_uri=source.tracking_uri)
         try:
-            return MetaModel.load(local)
+            return MetaModel.load(tracking.download_model(source, folder))
         except FileNotFoundError:
             raise InferenceError(f"{source.uri}: not an orch model (no meta-model in "
                                  f"{source.location})") from None
@@ -162,11 +75,6 @@ def load_meta_model(uri: str | os.PathLike[str], *, tracking_uri: str | None = N
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else orch's ``sqlite:///orch-runs/mlflow.db``.
     """
     return load(resolve(str(uri), tracking_uri=tracking_uri))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # -- folders of images --------------------------------------------------------------------------
@@ -346,7 +254,7 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
     on), which must have been imported with the same preprocessing; regression models sample the
     family recorded in their spec and take no ``data``.
     """
-    from orchestrator.training import build_family
+    from orchestrator.factory import build_family
 
     recorded = model.spec["sweep"]["data"]
     if not model.classification:
@@ -425,9 +333,5 @@ def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
     model is not a registered version (a run, a logged model or a folder)."""
     if source.name is None or source.version is None or source.tracking_uri is None:
         return False
-    from orchestrator import tracking
-
-    client = tracking.client(source.tracking_uri)
-    for key, value in evaluation.tags().items():
-        client.set_model_version_tag(source.name, source.version, key, value)
+    tracking.tag_model_version(source, evaluation.tags())
     return True

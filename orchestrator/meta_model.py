@@ -20,7 +20,7 @@ from torch import Tensor
 
 from learners.base import Learner, Params
 from orchestrator.config import ModelSection, sweep_from_dict
-from orchestrator.training import build_family, build_learner, task_shape
+from orchestrator.factory import build_family, build_learner, task_shape
 
 if TYPE_CHECKING:
     import pandas

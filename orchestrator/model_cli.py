@@ -202,14 +202,14 @@ def _single_thread() -> Iterator[None]:
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     """What a user can fix becomes one line and a non-zero exit."""
-    from orchestrator.inference import InferenceError
+    from orchestrator.errors import UserError
     from pipelines.dataset import DatasetError
 
     # MLflow's artifact downloads draw a tqdm bar on stderr; our own output is the report.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         yield
-    except (InferenceError, DatasetError, FileNotFoundError) as error:
+    except (UserError, DatasetError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     except ValueError as error:  # a support set the model cannot take (e.g. too many classes)
         raise click.ClickException(str(error).strip().splitlines()[0]) from None

@@ -1,9 +1,9 @@
-"""Pictures of a sweep, logged as MLflow artifacts: a trial's learning curves, a study's
-optimisation history and parameter importances (PNG for a glance, HTML to explore)."""
+"""Pictures, saved as files: a trial's learning curves and ``orch compare``'s curves (a study's
+optimisation history and importances are Optuna's own plots: ``study.study_plots``)."""
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -12,8 +12,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only: trials run on headless nodes
 
 import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import optuna.visualization.matplotlib  # noqa: E402
 
 
 def learning_curves(train: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]],
@@ -35,37 +33,10 @@ def learning_curves(train: Sequence[tuple[int, float]], validation: Sequence[tup
     return path
 
 
-def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimisation history and parameter importances, each as PNG and HTML; importances are
-    skipped while fewer than two complete trials vary a parameter."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    makers = {"optimization_history": (optuna.visualization.plot_optimization_history,
-                                       optuna.visualization.matplotlib.plot_optimization_history),
-              "param_importances": (optuna.visualization.plot_param_importances,
-                                    optuna.visualization.matplotlib.plot_param_importances)}
-    for name, (interactive, static) in makers.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-            try:
-                interactive(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
-                axes = static(study)
-            except (ValueError, RuntimeError, ZeroDivisionError):
-                continue  # not enough complete trials, or no parameter varies
-        path = folder / f"{name}.png"
-        axes.figure.tight_layout()
-        axes.figure.savefig(path, dpi=100)
-        plt.close(axes.figure)
-        written += [folder / f"{name}.html", path]
-    return written
-
-
 def comparison_curves(comparison, folder: Path) -> list[Path]:
     """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way)
     and, with a shift, ``accuracy_vs_shift.png`` (score against the shift's level at the first
     setting); one line per model with its 95% interval as a band. Regression: ``mse_vs_*``."""
-    from orchestrator.compare import Setting
-
     metric = "accuracy" if comparison.kind == "classification" else "mse"
     scale = 100 if metric == "accuracy" else 1
     label = "accuracy (%)" if metric == "accuracy" else "query MSE"
@@ -84,10 +55,10 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
             _line_with_band(panel, points, model, colours[model])
         panel.set_xticks(sorted({s.shots for s in plain}))
         _label(panel, "shots (K)", label, f"{ways}-way" if ways else "regression")
-    written.append(_save(figure, folder / f"{metric}_vs_shots.png"))
+    written.append(save_figure(figure, folder / f"{metric}_vs_shots.png"))
     shifted = [s for s in comparison.settings if s.shift is not None]
     if shifted:
-        first = Setting(shifted[0].ways, shifted[0].shots)
+        first = replace(shifted[0], shift=None, level=0.0)  # its unshifted setting
         figure, panel = plt.subplots(figsize=(6, 4), dpi=100)
         for model in models:
             points = [(r.setting.level if r.setting.shift else 0.0, r.mean * scale, r.ci95 * scale)
@@ -95,7 +66,7 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
                       and (r.setting.shift is not None or r.setting == first)]
             _line_with_band(panel, sorted(points), model, colours[model])
         _label(panel, f"{shifted[0].shift} level (query images only)", label, first.name)
-        written.append(_save(figure, folder / f"{metric}_vs_shift.png"))
+        written.append(save_figure(figure, folder / f"{metric}_vs_shift.png"))
     return written
 
 
@@ -106,7 +77,7 @@ def _label(panel, xlabel: str, ylabel: str, title: str) -> None:
     panel.legend(fontsize="small")
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -10,6 +10,8 @@ and on a cluster.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,13 +58,6 @@ def make_pruner(search: Search) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def create_study(sweep: Sweep, algorithm: str, *, load_if_exists: bool) -> optuna.Study:
-    return optuna.create_study(
-        study_name=study_name(sweep.name, algorithm), storage=storage(sweep.storage_url()),
-        direction=sweep.search.direction, sampler=make_sampler(sweep.search, sweep.training.seed),
-        pruner=make_pruner(sweep.search), load_if_exists=load_if_exists)
-
-
 def existing_studies(url: str, sweep_name: str) -> list[str]:
     """Names of the studies of ``sweep_name`` already in the storage at ``url``."""
     prefix = study_name(sweep_name, "")
@@ -88,25 +83,88 @@ def suggest(trial: optuna.Trial, knobs: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def trial_id(trial: optuna.trial.Trial) -> int:
-    """The storage's id of a trial: what a trial's own process needs to report to it."""
-    return trial._trial_id
+@dataclass(frozen=True)
+class TrialRecord:
+    """What the sweep driver needs to know of a trial, as plain data."""
+
+    number: int
+    trial_id: int  # the storage's id: what a trial's own process reports to
+    state: str  # a value of STATES
+    params: dict[str, Any]
+    user_attrs: dict[str, Any]
+    value: float | None = None
 
 
-def trial_handle(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.trial.Trial:
-    """A live handle on a trial a sweep driver that died left running, to continue it."""
-    return optuna.trial.Trial(study, frozen._trial_id)
+class SweepStudy:
+    """One algorithm's study as the sweep driver uses it: ask for trials, record their ends,
+    find the best, draw the study's plots. Trials are handed out as ``TrialRecord``s, so the
+    driver never holds an Optuna object."""
 
+    def __init__(self, sweep: Sweep, algorithm: str, *, load_if_exists: bool):
+        self.search = sweep.search
+        self.name = study_name(sweep.name, algorithm)
+        self.storage = storage(sweep.storage_url())
+        self.study = optuna.create_study(
+            study_name=self.name, storage=self.storage, direction=sweep.search.direction,
+            sampler=make_sampler(sweep.search, sweep.training.seed),
+            pruner=make_pruner(sweep.search), load_if_exists=load_if_exists)
+        self.study_id = self.storage.get_study_id_from_name(self.name)
 
-def mark_interrupted(study: optuna.Study, frozen: optuna.trial.FrozenTrial, marker: str) -> None:
-    """Record a running trial that cannot be continued as failed (flagged ``marker``, so it is
-    not counted) and queue its parameters as a new trial."""
-    handle = trial_handle(study, frozen)
-    handle.set_user_attr(marker, True)
-    handle.set_user_attr("fail_reason", "interrupted; rerun on resume")
-    study.tell(handle, state=TrialState.FAIL)
-    study.enqueue_trial(frozen.params, user_attrs={"orch_rerun_of": frozen.number},
-                        skip_if_exists=False)
+    def trials(self, *states: str) -> list[TrialRecord]:
+        """The trials in the given states (``complete``, ``running``, ...), by number."""
+        wanted = tuple(state for state, name in STATES.items() if name in states)
+        return [self._record(t) for t in self.study.get_trials(deepcopy=False,
+                                                              states=wanted or None)]
+
+    def ask(self, seed: int, space: Mapping[str, Any]) -> tuple[TrialRecord, dict[str, Any]]:
+        """A new trial and its knobs, from a sampler seeded ``seed``: the sweep driver seeds it
+        by the trial's slot, so a resumed sweep asks what an uninterrupted one would have."""
+        self.study.sampler = make_sampler(self.search, seed)
+        trial = self.study.ask()
+        knobs = suggest(trial, space)
+        record = TrialRecord(trial.number, self._trial_id(trial.number), "running",
+                             dict(trial.params), dict(trial.user_attrs))
+        return record, knobs
+
+    def set_user_attr(self, trial: TrialRecord, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(trial.trial_id, key, value)
+
+    def tell(self, trial: TrialRecord, state: str, value: float | None = None,
+             reason: str = "") -> None:
+        """Record a trial's end: ``complete`` with its value, ``pruned``, or ``failed`` and why."""
+        if state == "complete":
+            self.study.tell(trial.number, value)
+        elif state == "pruned":
+            self.study.tell(trial.number, state=TrialState.PRUNED)
+        else:
+            self.set_user_attr(trial, "fail_reason", reason)
+            self.study.tell(trial.number, state=TrialState.FAIL)
+
+    def best(self) -> TrialRecord | None:
+        """The best complete trial, or None before the first."""
+        try:
+            return self._record(self.study.best_trial)
+        except ValueError:
+            return None
+
+    def requeue_as_new(self, trial: TrialRecord, marker: str) -> None:
+        """Record a running trial that cannot be continued as failed (flagged ``marker``, so it
+        is not counted) and queue its parameters as a new trial."""
+        self.set_user_attr(trial, marker, True)
+        self.tell(trial, "failed", reason="interrupted; rerun on resume")
+        self.study.enqueue_trial(trial.params, user_attrs={"orch_rerun_of": trial.number},
+                                 skip_if_exists=False)
+
+    def plots(self, folder: Path) -> list[Path]:
+        return study_plots(self.study, folder)
+
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def _record(self, frozen: optuna.trial.FrozenTrial) -> TrialRecord:
+        return TrialRecord(frozen.number, self._trial_id(frozen.number),
+                           STATES.get(frozen.state, frozen.state.name.lower()),
+                           dict(frozen.params), dict(frozen.user_attrs), frozen.value)
 
 
 class TrialReporter:
@@ -115,11 +173,12 @@ class TrialReporter:
     them with a warning); the pruner is still asked, and answers as it did."""
 
     def __init__(self, storage_url: str, name: str, number: int, search: Search):
-        study = optuna.load_study(study_name=name, storage=storage(storage_url),
-                                  pruner=make_pruner(search))
-        (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-        self.reported = set(frozen.intermediate_values)
-        self.trial = optuna.trial.Trial(study, frozen._trial_id)
+        store = storage(storage_url)
+        study = optuna.load_study(study_name=name, storage=store, pruner=make_pruner(search))
+        trial_id = store.get_trial_id_from_study_id_trial_number(
+            store.get_study_id_from_name(name), number)
+        self.reported = set(store.get_trial(trial_id).intermediate_values)
+        self.trial = optuna.trial.Trial(study, trial_id)
 
     def report(self, value: float, step: int) -> bool:
         """Record an intermediate metric; True if the pruner says stop."""
@@ -140,3 +199,28 @@ def trial_rows(url: str, sweep_name: str) -> list[dict[str, Any]]:
                          "value": trial.value, "params": dict(trial.params),
                          "reason": trial.user_attrs.get("fail_reason", "")})
     return rows
+
+
+def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances, each as PNG and HTML;
+    importances are skipped while fewer than two complete trials vary a parameter."""
+    import optuna.visualization.matplotlib
+
+    from orchestrator.plots import save_figure  # sets matplotlib's file-only backend first
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    makers = {"optimization_history": (optuna.visualization.plot_optimization_history,
+                                       optuna.visualization.matplotlib.plot_optimization_history),
+              "param_importances": (optuna.visualization.plot_param_importances,
+                                    optuna.visualization.matplotlib.plot_param_importances)}
+    for name, (interactive, static) in makers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+            try:
+                interactive(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
+                axes = static(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # not enough complete trials, or no parameter varies
+        written += [folder / f"{name}.html", save_figure(axes.figure, folder / f"{name}.png")]
+    return written

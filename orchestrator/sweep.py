@@ -18,17 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import optuna
-import ray
-from optuna.trial import TrialState
-
-from orchestrator import checkpoints, cluster, plots, study as studies, tracking
+from orchestrator import checkpoints, cluster, study as studies, tracking
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
 from orchestrator.trial import (TrialRequest, TrialResult, describe_failure, run_trial,
                                 trial_checkpoints)
-from orchestrator.training import build_family, split_names
+from orchestrator.factory import build_family, split_names
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # User attribute of a trial whose driver died and that could not be continued (its knobs were
 # never recorded); it is rerun as a new trial on resume and not counted.
 INTERRUPTED = "orch_interrupted"
@@ -73,10 +68,10 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
-    if sweep.training.checkpoints_enabled():
-        checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url)
+    if sweep.training.checkpoints_enabled():
+        checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     mlflow_client = tracking.client(uri)
     experiment_id = _experiment(mlflow_client, sweep, uri, storage_url, resume)
     summaries = []
@@ -141,7 +136,7 @@ def _experiment(mlflow_client, sweep: Sweep, uri: str, storage_url: str, resume:
 
 @dataclass
 class _Running:
-    trial: optuna.trial.Trial
+    trial: studies.TrialRecord
     request: TrialRequest
     group: Any = None
     attempt: int = 0  # retries after the trial's code raised
@@ -159,16 +154,16 @@ class StudyRunner:
         self.client, self.experiment_id, self.uri, self.storage_url = (
             mlflow_client, experiment_id, uri, storage_url)
         self.progress, self.notice = progress, notice
-        self.study = studies.create_study(sweep, algorithm, load_if_exists=resume)
+        self.study = studies.SweepStudy(sweep, algorithm, load_if_exists=resume)
         self.parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
         self.summary = AlgorithmSummary(algorithm, sweep.search.metric)
         self.space = sweep.space(algorithm)
         self.sweep_dict = sweep.model_dump(mode="json")
-        self.running: dict[ray.ObjectRef, _Running] = {}
+        self.running: dict[Any, _Running] = {}  # by the Ray task that drives the trial
         self.queued: list[_Running] = self.continue_interrupted()
-        for trial in self.study.get_trials(deepcopy=False, states=FINISHED):
+        for trial in self.study.trials("complete", "pruned", "failed"):
             if not trial.user_attrs.get(INTERRUPTED):
-                self.summary.counts[studies.STATES[trial.state]] += 1
+                self.summary.counts[trial.state] += 1
         self.launched = sum(self.summary.counts.values()) + len(self.queued)
 
     def run(self) -> AlgorithmSummary:
@@ -189,31 +184,26 @@ class StudyRunner:
         fully suggested cannot: it is marked failed (not counted) and its parameters queued as a
         new trial."""
         continued = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            searched = [name for name, knob in self.space.items() if isinstance(knob, (Range, Choices))]
+        searched = [name for name, knob in self.space.items() if isinstance(knob, (Range, Choices))]
+        for trial in self.study.trials("running"):
             if any(name not in trial.params for name in searched):
-                for run_id in tracking.runs_of_trial(self.client, self.experiment_id,
-                                                     self.algorithm, trial.number):
-                    self.client.delete_run(run_id)
-                studies.mark_interrupted(self.study, trial, INTERRUPTED)
+                tracking.delete_runs(self.client, tracking.runs_of_trial(
+                    self.client, self.experiment_id, self.algorithm, trial.number))
+                self.study.requeue_as_new(trial, INTERRUPTED)
                 continue
             knobs = {name: trial.params[name] if name in searched else knob
                      for name, knob in self.space.items()}
-            handle = studies.trial_handle(self.study, trial)
             run_id = trial.user_attrs.get("mlflow_run_id") or next(iter(tracking.runs_of_trial(
                 self.client, self.experiment_id, self.algorithm, trial.number)), None)
             if run_id is None:
-                run_id = self.create_run(handle, knobs)
-            continued.append(_Running(handle, self.request(handle, knobs, run_id)))
+                run_id = self.create_run(trial, knobs)
+            continued.append(_Running(trial, self.request(trial, knobs, run_id)))
         return continued
 
     def launch_next(self) -> None:
         # A sampler seeded by the trial's slot: a resumed sweep asks exactly what an
         # uninterrupted one would have asked, given the same finished trials.
-        self.study.sampler = studies.make_sampler(self.sweep.search,
-                                                  self.sweep.training.seed + self.launched)
-        trial = self.study.ask()
-        knobs = studies.suggest(trial, self.space)
+        trial, knobs = self.study.ask(self.sweep.training.seed + self.launched, self.space)
         run_id = self.create_run(trial, knobs)
         saving = trial_checkpoints(self.sweep, self.algorithm, trial.number, knobs)
         if saving is not None:  # left by an earlier sweep of the same name, long deleted
@@ -222,7 +212,7 @@ class StudyRunner:
         self.launched += 1
         self.report()
 
-    def create_run(self, trial: optuna.trial.Trial, knobs: dict[str, Any]) -> str:
+    def create_run(self, trial: studies.TrialRecord, knobs: dict[str, Any]) -> str:
         sweep = self.sweep
         run = tracking.TrialRun.create(self.uri, self.experiment_id, self.parent,
                                        sweep_name=sweep.name, algorithm=self.algorithm,
@@ -232,12 +222,12 @@ class StudyRunner:
                         "iterations": sweep.training.iterations, "seed": sweep.training.seed,
                         "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint()})
         run.log_dict(self.sweep_dict, "sweep.json")
-        trial.set_user_attr("mlflow_run_id", run.run_id)
+        self.study.set_user_attr(trial, "mlflow_run_id", run.run_id)
         return run.run_id
 
-    def request(self, trial: optuna.trial.Trial, knobs: dict[str, Any], run_id: str) -> TrialRequest:
+    def request(self, trial: studies.TrialRecord, knobs: dict[str, Any], run_id: str) -> TrialRequest:
         return TrialRequest(sweep=self.sweep_dict, algorithm=self.algorithm, number=trial.number,
-                            trial_id=studies.trial_id(trial), study_name=self.study.study_name,
+                            study_name=self.study.name,
                             knobs=knobs, run_id=run_id, tracking_uri=self.uri,
                             storage_url=self.storage_url)
 
@@ -261,12 +251,12 @@ class StudyRunner:
         self.running[ref] = entry
 
     def collect_one(self) -> None:
-        done, _ = ray.wait(list(self.running), num_returns=1)
-        entry = self.running.pop(done[0])
+        done = cluster.first_done(list(self.running))
+        entry = self.running.pop(done)
         cluster.release(entry.group)
         search = self.sweep.search
         try:
-            result: TrialResult = ray.get(done[0])
+            result: TrialResult = cluster.result(done)
         except Exception as error:  # the trial's process raised or died
             reason = describe_failure(error)
             if cluster.is_machine_failure(error):
@@ -285,7 +275,7 @@ class StudyRunner:
                 return
             tracking.TrialRun(self.uri, entry.request.run_id).finish("failed", reason)
             result = TrialResult("failed", None, {}, reason)
-        _tell(self.study, entry.trial, result)
+        self.study.tell(entry.trial, result.state, result.value, result.reason)
         self.summary.counts[result.state] += 1
         self.forget_checkpoints(entry)
         self.report()
@@ -307,15 +297,16 @@ class StudyRunner:
 
     def report(self) -> None:
         if self.progress is not None:
-            best = _best(self.study)
+            best = self.study.best()
             self.progress(self.algorithm, self.summary.counts, len(self.running),
                           best.value if best else None, self.sweep.search.trials,
                           self.summary.restarts)
 
     def finish(self) -> AlgorithmSummary:
         summary, sweep = self.summary, self.sweep
-        _log_study_plots(self.client, self.parent, self.study)
-        best = _best(self.study)
+        with tempfile.TemporaryDirectory() as folder:
+            tracking.log_artifacts(self.client, self.parent, self.study.plots(Path(folder)), "plots")
+        best = self.study.best()
         if best is not None:
             summary.best_value, summary.best_trial = best.value, best.number
             summary.registration = _register(sweep, self.algorithm, self.client, best)
@@ -324,32 +315,9 @@ class StudyRunner:
         return summary
 
 
-def _log_study_plots(mlflow_client, parent_run_id: str, study: optuna.Study) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        for path in plots.study_plots(study, Path(folder)):
-            mlflow_client.log_artifact(parent_run_id, str(path), "plots")
-
-
-def _tell(study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult) -> None:
-    if result.state == "complete":
-        study.tell(trial, result.value)
-    elif result.state == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        trial.set_user_attr("fail_reason", result.reason)
-        study.tell(trial, state=TrialState.FAIL)
-
-
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no complete trial yet
-        return None
-
-
 def _register(sweep: Sweep, algorithm: str, mlflow_client, best) -> tracking.Registration | None:
     run_id = best.user_attrs.get("mlflow_run_id")
-    model_uri = mlflow_client.get_run(run_id).data.tags.get(tracking.TAG_MODEL_URI) if run_id else None
+    model_uri = tracking.model_uri_of_run(mlflow_client, run_id) if run_id else None
     if model_uri is None:
         return None
     return tracking.register(mlflow_client, model_uri=model_uri,

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import mlflow
 from filelock import FileLock
@@ -24,6 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from orchestrator.errors import MachineryError, UserError
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -61,7 +63,7 @@ def check_reachable(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S).close()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConnectionError(f"cannot reach the MLflow tracking server at {uri} ({reason}); "
+        raise MachineryError(f"cannot reach the MLflow tracking server at {uri} ({reason}); "
                               "check tracking.uri / --tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
@@ -211,6 +213,24 @@ def _short(value: Any) -> str:
     return text[:5000]
 
 
+def log_finished_run(uri: str, experiment_name: str, run_dir: Path, *, run_name: str, kind: str,
+                     metrics: Mapping[str, float], params: Mapping[str, Any],
+                     tags: Mapping[str, str], files: Sequence[Path]) -> str:
+    """A complete run, at once, in the experiment ``experiment_name`` (created if new, tagged
+    ``orch.kind``): metrics at step 0, params, tags, files as artifacts. Returns its id."""
+    mlflow_client = client(uri)
+    experiment = find_experiment(mlflow_client, experiment_name) or create_experiment(
+        mlflow_client, experiment_name, run_dir, uri, {TAG_KIND: kind})
+    run_id = mlflow_client.create_run(experiment, run_name=run_name, tags={TAG_KIND: kind}).info.run_id
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                            tags=[RunTag(k, _short(v)) for k, v in tags.items()])
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path))
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 # -- the registry ------------------------------------------------------------------------------
 
 @dataclass
@@ -277,9 +297,14 @@ def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direc
     return metric < best if direction == "minimize" else metric > best
 
 
-def promote(mlflow_client: MlflowClient, name: str, version: str) -> None:
+def promote(uri: str, name: str, version: str) -> None:
     """Move the champion alias by hand; the version must exist."""
-    mlflow_client.get_model_version(name, version)  # raises for a missing model or version
+    mlflow_client = client(require_store(uri))
+    try:
+        mlflow_client.get_model_version(name, version)
+    except MlflowException:
+        raise ModelReferenceError(f"no version {version} of registered model {name!r} in {uri} "
+                                  "(see: orch models)") from None
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
 
 
@@ -310,9 +335,134 @@ def runs_of_trial(mlflow_client: MlflowClient, experiment_id: str, algorithm: st
     return [run.info.run_id for run in runs]
 
 
+def delete_runs(mlflow_client: MlflowClient, run_ids: Sequence[str]) -> None:
+    for run_id in run_ids:
+        mlflow_client.delete_run(run_id)
+
+
+def log_artifacts(mlflow_client: MlflowClient, run_id: str, paths: Sequence[Path],
+                  folder: str | None = None) -> None:
+    for path in paths:
+        mlflow_client.log_artifact(run_id, str(path), folder)
+
+
+def model_uri_of_run(mlflow_client: MlflowClient, run_id: str) -> str | None:
+    """The ``runs:/`` URI of the model a trial's run logged (tag ``orch.model_uri``), if any."""
+    return mlflow_client.get_run(run_id).data.tags.get(TAG_MODEL_URI)
+
+
 def trial_runs(mlflow_client: MlflowClient, experiment_id: str) -> list[Any]:
     return mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'",
                                      max_results=10000)
+
+
+# -- finding a logged or registered model -------------------------------------------------------
+
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
+
+
+class ModelReferenceError(UserError):
+    """A model URI that names nothing in the tracking store; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model URI points: an artifact location (or local folder) and, for registry URIs,
+    the registered model version it names."""
+
+    uri: str
+    location: str
+    tracking_uri: str | None = None
+    name: str | None = None
+    version: str | None = None
+
+
+def resolve_model(uri: str, store: str) -> ModelSource:
+    """Where the ``models:/`` or ``runs:/`` URI ``uri`` points in the tracking store ``store``.
+    Registry URIs are resolved to their model version first, so an evaluation can be recorded
+    on that version as tags."""
+    try:
+        mlflow_client = client(require_store(store))
+    except FileNotFoundError as error:
+        raise ModelReferenceError(str(error)) from None
+    try:
+        if uri.startswith("runs:/"):
+            return ModelSource(uri, _run_model_location(mlflow_client, uri, store), store)
+        name, version = _registry_version(mlflow_client, uri, store)
+        if version is None:  # models:/m-<id>, a logged model without a registered version
+            return ModelSource(uri, mlflow_client.get_logged_model(name).artifact_location, store)
+        return ModelSource(uri, mlflow_client.get_model_version_download_uri(name, version), store,
+                           name, version)
+    except MlflowException as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelReferenceError(f"{uri}: not found in {store} ({first})") from None
+
+
+def _registry_version(mlflow_client, uri: str, store: str) -> tuple[str, str | None]:
+    """(registered model name, version) of a ``models:/`` URI; (logged model id, None) for
+    ``models:/m-<id>``."""
+    path = uri.removeprefix("models:/").strip("/")
+    name, alias, version = path, None, None
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+    elif "/" in path:
+        name, version = path.rsplit("/", 1)
+        if not version.isdigit():
+            raise ModelReferenceError(f"cannot read model URI {uri!r}; use {URI_FORMS}")
+    elif path.startswith("m-"):
+        return path, None
+    else:
+        raise ModelReferenceError(f"{uri}: name a version or alias, e.g. models:/{path}@champion")
+    try:
+        model = mlflow_client.get_registered_model(name)
+    except MlflowException:
+        raise ModelReferenceError(f"no registered model {name!r} in {store} "
+                                  "(see: orch models)") from None
+    if alias is not None:
+        aliases = dict(model.aliases or {})
+        if alias not in aliases:
+            known = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+            raise ModelReferenceError(f"registered model {name!r} has no alias {alias!r}; "
+                                      f"aliases: {known}")
+        return name, str(aliases[alias])
+    try:
+        mlflow_client.get_model_version(name, version)
+    except MlflowException:
+        versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name = '{name}'"))
+        raise ModelReferenceError(f"registered model {name!r} has no version {version}; "
+                                  f"versions: {', '.join(map(str, versions)) or 'none'}") from None
+    return name, version
+
+
+def _run_model_location(mlflow_client, uri: str, store: str) -> str:
+    """The artifact location of ``runs:/RUN_ID/PATH``: the model logged from that run under
+    that name (MLflow 3), else that path among the run's own artifacts."""
+    run_id, _, path = uri.removeprefix("runs:/").strip("/").partition("/")
+    path = path or "model"
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        raise ModelReferenceError(f"no run {run_id!r} in {store}") from None
+    logged = mlflow_client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{path}'", max_results=1)
+    if logged:
+        return logged[0].artifact_location
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}"
+
+
+def download_model(source: ModelSource, folder: str) -> str:
+    """Download the model's artifacts into ``folder``; returns the local path."""
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=source.location, dst_path=folder,
+                                               tracking_uri=source.tracking_uri)
+
+
+def tag_model_version(source: ModelSource, tags: Mapping[str, str]) -> None:
+    mlflow_client = client(source.tracking_uri)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(source.name, source.version, key, value)
 
 
 # -- the served model --------------------------------------------------------------------------

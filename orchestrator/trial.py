@@ -32,7 +32,6 @@ class TrialRequest:
     sweep: dict[str, Any]
     algorithm: str
     number: int
-    trial_id: int
     study_name: str
     knobs: dict[str, Any]
     run_id: str

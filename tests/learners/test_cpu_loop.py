@@ -15,7 +15,7 @@ import torch
 import learners.base as base
 from learners.backbones import ConvBlock
 from orchestrator.config import ModelSection
-from orchestrator.training import build_learner
+from orchestrator.factory import build_learner
 from pipelines.base import Task, TaskBatch
 
 LEARNERS = [("maml", {}), ("fomaml", {}), ("metasgd", {}), ("anil", {}), ("mamlpp", {}),

@@ -171,7 +171,7 @@ def test_checkpoint_settings(tmp_path):
         sweep_from_dict(sinusoid_sweep(tmp_path, checkpoint_minutes=0))
 
 
-def test_an_unwritable_checkpoint_store_stops_the_sweep_before_any_trial(tmp_path):
+def test_an_unwritable_checkpoint_store_stops_the_sweep_before_any_trial(ray_local, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     raw = sinusoid_sweep(tmp_path / "runs", checkpoint_storage=str(blocker / "checkpoints"))

@@ -20,7 +20,7 @@ from orchestrator.compare_cli import compare
 from orchestrator.config import sweep_from_dict
 from orchestrator.inference import Evaluation, interval95
 from orchestrator.meta_model import MetaModel
-from orchestrator.training import build_family, build_learner, task_shape
+from orchestrator.factory import build_family, build_learner, task_shape
 from pipelines.shifts import KINDS, ShiftError, apply_shift, parse_shift
 
 TASKS = 12

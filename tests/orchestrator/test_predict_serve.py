@@ -291,7 +291,7 @@ def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
 
 def sine_model() -> MetaModel:
     """An untrained sinusoid MAML model: enough for the regression paths."""
-    from orchestrator.training import build_family, build_learner, task_shape
+    from orchestrator.factory import build_family, build_learner, task_shape
 
     sweep = {"name": "sine", "data": {"family": "sinusoid", "shots": 5, "queries": 5},
              "algorithms": {"maml": {}}}

@@ -1,0 +1,58 @@
+"""Building learners and task families from a sweep's sections: the one factory that training
+(``training.py``) and serving (``meta_model.py``, ``inference.py``) share, so that a saved model
+is rebuilt exactly as it was trained, without the serving side importing the training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from learners.backbones import build_backbone
+from learners.base import Learner, Objective
+from learners.registry import learner_class
+from orchestrator.config import ImageData, ModelSection, SinusoidData
+from pipelines.base import TaskFamily
+from pipelines.sinusoid import Sinusoid
+
+
+def build_family(data: SinusoidData | ImageData) -> TaskFamily:
+    if isinstance(data, SinusoidData):
+        return Sinusoid(shots=data.shots, queries=data.queries)
+    from pipelines.episodes import EpisodeFamily  # imported lazily: pyarrow is only needed here
+
+    return EpisodeFamily.from_config(data)
+
+
+def split_names(data: SinusoidData | ImageData) -> tuple[str, str]:
+    """(meta-train split, validation split)."""
+    if isinstance(data, ImageData):
+        return data.train_split, data.val_split
+    return "train", "val"
+
+
+def learner_hparams(algorithm: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+    hparams = learner_class(algorithm).Hyperparameters.model_fields
+    return {k: v for k, v in knobs.items() if k in hparams}
+
+
+def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any], *,
+                  kind: str, input_shape: Sequence[int], output_size: int,
+                  ways: int | None = None) -> Learner:
+    """The learner ``algorithm`` with resolved ``knobs`` for tasks of this shape. Takes shapes,
+    not a task family, so a saved model can be rebuilt where its training data is absent.
+    ``ways`` (the trained number of classes, kept in a model's spec) is not handed to the learner:
+    each task says how many classes it has, and a fixed output head is ``output_size`` wide."""
+    cls = learner_class(algorithm)
+    hparams = cls.Hyperparameters.model_validate(learner_hparams(algorithm, knobs))
+    head = output_size if getattr(cls, "needs_head", True) else None
+    backbone = build_backbone(model.backbone, input_shape, head, hidden=model.hidden,
+                              filters=model.filters)
+    learner = cls(backbone, Objective.for_task_kind(kind), hparams)
+    learner.output_size = output_size
+    return learner
+
+
+def task_shape(family: TaskFamily) -> dict[str, Any]:
+    """What ``build_learner`` needs to know about a family's tasks."""
+    return {"kind": family.kind, "input_shape": list(family.input_shape()),
+            "output_size": family.output_size(), "ways": family.ways}
