@@ -11,8 +11,12 @@
     orch ui                                   # MLflow's UI on 127.0.0.1
     orch cluster up --nodes 2                 # a real 2-node Ray cluster on 127.0.0.1
 
-Errors a user can act on are printed as one line (``orch: <what is wrong>``) with a non-zero exit;
-``--debug`` shows the traceback instead.
+Errors are printed by click as one line on stderr, ``Error: <what is wrong>``, with exit
+status 1: ``OrchGroup`` turns any other exception into a ``click.ClickException``, and
+``_one_line`` puts the exception's type name first unless it is a ``ConfigError``,
+``ConnectionError``, ``FileNotFoundError`` or ``PermissionError``. ``--debug`` shows the traceback
+instead. Usage mistakes are click's own: ``Error: ...`` after a usage line, exit status 2. Lines
+starting ``orch:`` are notices from a running sweep (a restart, a refused checkpoint), not errors.
 """
 
 from __future__ import annotations
