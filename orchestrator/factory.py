@@ -20,7 +20,11 @@ def build_family(data: SinusoidData | ImageData) -> TaskFamily:
         return Sinusoid(shots=data.shots, queries=data.queries)
     from pipelines.episodes import EpisodeFamily  # imported lazily: pyarrow is only needed here
 
-    return EpisodeFamily.from_config(data)
+    family = EpisodeFamily(data.path, ways=data.ways, shots=data.shots, queries=data.queries,
+                           image_size=data.image_size,
+                           rotate_splits=(data.train_split,) if data.augment_rotations else ())
+    family.check_splits((data.train_split, data.val_split), data.shots)
+    return family
 
 
 def split_names(data: SinusoidData | ImageData) -> tuple[str, str]:

@@ -122,7 +122,7 @@ class SweepStudy:
         self.study.sampler = make_sampler(self.search, seed)
         trial = self.study.ask()
         knobs = suggest(trial, space)
-        record = TrialRecord(trial.number, self._trial_id(trial.number), "running",
+        record = TrialRecord(trial.number, self._id_of(trial.number), "running",
                              dict(trial.params), dict(trial.user_attrs))
         return record, knobs
 
@@ -158,11 +158,11 @@ class SweepStudy:
     def plots(self, folder: Path) -> list[Path]:
         return study_plots(self.study, folder)
 
-    def _trial_id(self, number: int) -> int:
+    def _id_of(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def _record(self, frozen: optuna.trial.FrozenTrial) -> TrialRecord:
-        return TrialRecord(frozen.number, self._trial_id(frozen.number),
+        return TrialRecord(frozen.number, self._id_of(frozen.number),
                            STATES.get(frozen.state, frozen.state.name.lower()),
                            dict(frozen.params), dict(frozen.user_attrs), frozen.value)
 

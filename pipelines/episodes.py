@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,6 @@ import torch
 from pipelines.base import Task, TaskFamily, task_seed
 from pipelines.dataset import DatasetError, ImageDataset, open_dataset
 from pipelines.preprocessing import normalise
-
-if TYPE_CHECKING:
-    from orchestrator.config import ImageData
 
 ROTATIONS = 4
 
@@ -53,14 +50,10 @@ class EpisodeFamily(TaskFamily):
         for split in self.rotate_splits:
             self._classes(split)
 
-    @classmethod
-    def from_config(cls, data: "ImageData") -> "EpisodeFamily":
-        family = cls(data.path, ways=data.ways, shots=data.shots, queries=data.queries,
-                     image_size=data.image_size,
-                     rotate_splits=(data.train_split,) if data.augment_rotations else ())
-        for split in (data.train_split, data.val_split):
-            family._check(split, data.shots)
-        return family
+    def check_splits(self, splits: Sequence[str], shots: int) -> None:
+        """Fail now, naming the import and split, if a split cannot fill an episode."""
+        for split in splits:
+            self._check(split, shots)
 
     # -- TaskFamily -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from orchestrator.config import ImageData
+from orchestrator.factory import build_family
 from pipelines.dataset import DatasetError, open_dataset, verify
 from pipelines.episodes import EpisodeFamily
 from pipelines.importers import import_image_folder
@@ -110,9 +111,9 @@ def test_rotations_only_in_the_training_split(coded: Path):
     assert turns["train"] == {0, 1, 2, 3} and turns["val"] == {0}
 
 
-def test_from_config_and_checks(coded: Path):
-    family = EpisodeFamily.from_config(ImageData(path=str(coded), ways=5, shots=1, queries=5,
-                                                 augment_rotations=True))
+def test_built_from_config_and_checks(coded: Path):
+    family = build_family(ImageData(path=str(coded), ways=5, shots=1, queries=5,
+                                    augment_rotations=True))
     assert family.rotate_splits == {"train"} and family.preprocessing()["size"] == 8
     assert family.fingerprint_spec()["ways"] == 5
     with pytest.raises(DatasetError, match="imported at 8x8 pixels but data.image_size is 28"):
