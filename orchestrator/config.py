@@ -305,9 +305,17 @@ class Sweep(Section):
         return self.training.checkpoint_storage or str(self.run_path() / "checkpoints")
 
     def task_fingerprint(self) -> str:
-        """Hash of the task distribution; champions are only compared on equal fingerprints."""
-        spec = json.dumps(self.data.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+        """Hash of the task distribution; champions are only compared on equal fingerprints.
+        Image data count by content -- the digests of the import's files, from its manifest --
+        never by path: a moved or copied import keeps its champion comparable, while another
+        import written to the same path does not."""
+        spec = self.data.model_dump(mode="json")
+        if isinstance(self.data, ImageData):
+            from pipelines.dataset import read_manifest  # pyarrow only where images are used
+
+            files = read_manifest(Path(self.data.path))["files"]
+            spec["path"] = {name: entry["sha256"] for name, entry in sorted(files.items())}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _KeyError(ValueError):

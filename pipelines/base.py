@@ -103,8 +103,9 @@ class TaskFamily(abc.ABC):
 
     @abc.abstractmethod
     def fingerprint_spec(self) -> dict[str, Any]:
-        """Everything that defines the task distribution, hashed into the registry's task
-        fingerprint: two models are only compared if their specs are equal."""
+        """Everything that defines the task distribution, with the data's content digest and
+        never a path: ``orch compare`` records it with the episodes it scores. (The registry's
+        champion fingerprint, ``Sweep.task_fingerprint``, hashes the same content digests.)"""
 
     def preprocessing(self) -> dict[str, Any]:
         """How raw inputs were turned into tensors; saved with every model trained on it."""

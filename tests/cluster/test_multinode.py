@@ -112,10 +112,16 @@ def test_quickstart_runs_on_both_nodes_at_the_printed_address(loopback_cluster, 
         single.data.metrics["val_loss"], rel=1e-5)
 
 
+def cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of process ``pid``, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def test_worker_killed_mid_iteration_is_replaced_and_result_unchanged(loopback_cluster):
     knobs = {"inner_lr": 0.01, "inner_steps": 5, "outer_lr": 0.003}
     config = sweep_from_dict({"name": "kill-worker", "workers": {"count": 2, "cpus": 1},
-                              "training": {"meta_batch": 40, "iterations": 6, "eval_every": 3,
+                              "training": {"meta_batch": 80, "iterations": 6, "eval_every": 3,
                                            "eval_tasks": 40, "vectorize": "off"},
                               "algorithms": {"maml": {}}})
     expected = MetaTrainer(config, "maml", knobs, LocalFarm(
@@ -125,14 +131,27 @@ def test_worker_killed_mid_iteration_is_replaced_and_result_unchanged(loopback_c
     try:
         (_, victim), _ = farm.processes()
         killed = threading.Event()
+        killed_before_iteration_2_ended: list[bool] = []
 
-        def kill_soon(iteration: int, stats: dict) -> None:
-            if iteration == 1:  # iteration 2 is in flight 50 ms from now
-                threading.Timer(0.05, lambda: (os.kill(victim, signal.SIGKILL), killed.set())).start()
+        def kill_in_flight() -> None:
+            """Kill the worker once it has computed 30 ms of iteration 2 (sampling ahead takes
+            a few ms; its 40 tasks' gradients over 100 ms): the kill lands mid-computation."""
+            start = cpu_ticks(victim)
+            while cpu_ticks(victim) < start + 3:
+                time.sleep(0.002)
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+        def on_iteration(iteration: int, stats: dict) -> None:
+            if iteration == 1:
+                threading.Thread(target=kill_in_flight, daemon=True).start()
+            if iteration == 2:
+                killed_before_iteration_2_ended.append(killed.is_set())
 
         started = time.monotonic()
-        outcome = MetaTrainer(config, "maml", knobs, farm).train(on_iteration=kill_soon)
-        assert killed.is_set()
+        outcome = MetaTrainer(config, "maml", knobs, farm).train(on_iteration=on_iteration)
+        # Iteration 2 could only end after the kill if the kill hit its computation.
+        assert killed_before_iteration_2_ended == [True]
         assert victim not in {pid for _, pid in farm.processes()}  # the actor was restarted
         assert outcome.final["val_loss"] == pytest.approx(expected, rel=1e-5)
         assert time.monotonic() - started < 120

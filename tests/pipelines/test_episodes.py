@@ -186,3 +186,28 @@ def test_folders_that_are_not_complete_imports_are_refused(coded: Path, tmp_path
     (partial / "manifest.json").unlink()
     assert "an unfinished import (no manifest.json)" in _one_line_error(partial)
     assert "no such folder" in _one_line_error(tmp_path / "nowhere")
+
+
+def test_the_task_fingerprint_follows_content_not_path(coded_tree, tmp_path: Path):
+    """A moved or copied import keeps its champion comparable; another import written to the
+    same path does not (the registry compares champions on this fingerprint)."""
+    import shutil
+
+    from orchestrator.config import sweep_from_dict
+
+    def fingerprint(path: Path) -> str:
+        return sweep_from_dict({"name": "f", "data": {"family": "images", "path": str(path)},
+                                "model": {"backbone": "conv4"},
+                                "algorithms": {"protonet": {}}}).task_fingerprint()
+
+    original = tmp_path / "import"
+    import_image_folder(coded_tree(classes=12, per_class=6), original, size=8, grayscale=True)
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(original, moved)
+    assert fingerprint(moved) == fingerprint(original)
+
+    before = fingerprint(original)
+    shutil.rmtree(original)
+    import_image_folder(coded_tree(classes=12, per_class=7, name="other"), original, size=8,
+                        grayscale=True)
+    assert fingerprint(original) != before
