@@ -125,6 +125,9 @@ class Learner(abc.ABC):
     # The task kinds the method is defined for: a sweep pairing it with another kind of data
     # fails at load time.
     task_kinds: ClassVar[tuple[str, ...]] = ("regression", "classification")
+    # Backbones the method cannot run on, each with why: a sweep pairing one with the method
+    # fails at load time with that reason (tests/learners/test_backbones.py runs every other pair).
+    unsupported_backbones: ClassVar[dict[str, str]] = {}
     # The outer learning-rate schedule the trainer applies: "constant" or "cosine" (MAML++).
     outer_schedule: ClassVar[str] = "constant"
     # The default search space: knob -> a fixed value, {low, high, log, int} or {choices: [...]}

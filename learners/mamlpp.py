@@ -64,6 +64,8 @@ class MAMLPlusPlus(MAML):
     name = "mamlpp"
     Hyperparameters = MAMLPlusPlusHyperparameters
     outer_schedule = "cosine"
+    unsupported_backbones = {"resnet12": "its per-step BatchNorm follows Conv-4's blocks "
+                                         "(conv, norm, pool), not ResNet-12's; use conv4"}
     search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 

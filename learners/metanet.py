@@ -52,6 +52,9 @@ class MetaNet(Learner):
     Hyperparameters = MetaNetHyperparameters
     uses_inner_steps = False
     task_kinds = ("classification",)
+    unsupported_backbones = {"resnet12": "its layer-augmented fast weights follow a plain chain "
+                                         "of layers, which ResNet-12's skip connections are not; "
+                                         "use conv4"}
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
     # Its per-example fast weights normalise one image at a time, where BatchNorm at 1x1 maps
     # divides rounding error by sqrt(eps): channels-last convolutions round differently and a

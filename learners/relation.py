@@ -42,6 +42,8 @@ class Relation(Learner):
     needs_head = False
     uses_inner_steps = False
     task_kinds = ("classification",)
+    unsupported_backbones = {"resnet12": "its relation module compares spatial feature maps, "
+                                         "which ResNet-12 flattens; use conv4"}
 
     def __init__(self, backbone, objective: Objective, hparams: RelationHyperparameters):
         # The paper's loss replaces cross-entropy for training and for the reported query loss.

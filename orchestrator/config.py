@@ -95,7 +95,7 @@ DataSection = Annotated[Union[Annotated[SinusoidData, Tag("sinusoid")],
 
 
 class ModelSection(Section):
-    backbone: str = "mlp"
+    backbone: str = "mlp"  # for image data the default is conv4 (Sweep._backbone_for_the_data)
     # Hidden widths of the MLP backbone (the MAML paper: 40, 40).
     hidden: list[int] = Field(default_factory=lambda: [40, 40])
     # Filters per conv block of the Conv-4 backbone; the first block's width of ResNet-12, whose
@@ -189,7 +189,6 @@ class Choices(Section):
     choices: list[Any] = Field(min_length=1)
 
 
-Knob = Union[Range, Choices, bool, int, float, str]
 
 # Knobs every algorithm has besides its own hyperparameters.
 OUTER_KNOBS = {"outer_lr": 0.001, "meta_batch": None}
@@ -238,6 +237,18 @@ class Sweep(Section):
             raise ValueError("must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_for_the_data(cls, value: Any) -> Any:
+        """The default backbone suits the data: mlp for sinusoid's numbers, conv4 for images."""
+        if not isinstance(value, dict):
+            return value
+        model, data = value.get("model"), value.get("data")
+        if (model is None or isinstance(model, dict) and "backbone" not in model) and \
+                isinstance(data, dict) and _data_tag(data) == "images":
+            return {**value, "model": {**(model or {}), "backbone": "conv4"}}
+        return value
+
     @field_validator("algorithms", mode="before")
     @classmethod
     def _none_means_defaults(cls, value: Any) -> Any:
@@ -267,6 +278,17 @@ class Sweep(Section):
                 if knob in hparams.model_fields:
                     _check_against_field(where, hparams, knob, value)
         kind = "regression" if self.data.family == "sinusoid" else "classification"
+        flat = self.model.backbone == "mlp"
+        if flat != (kind == "regression"):
+            raise _KeyError(("model", "backbone"), (
+                f"{self.model.backbone} reads images; data.family sinusoid has flat inputs: use mlp"
+                if kind == "regression" else
+                f"mlp reads flat inputs; data.family images has images: use conv4 or resnet12"))
+        for algorithm in self.algorithms:
+            why = learner_class(algorithm).unsupported_backbones.get(self.model.backbone)
+            if why:
+                raise _KeyError(("algorithms", algorithm),
+                                f"cannot use model.backbone {self.model.backbone}: {why}")
         for algorithm in self.algorithms:
             if kind not in learner_class(algorithm).task_kinds:
                 raise _KeyError(("algorithms", algorithm),
