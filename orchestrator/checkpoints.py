@@ -34,7 +34,7 @@ import torch
 
 from orchestrator.config import ConfigError, Sweep, Training
 from orchestrator.errors import UserError
-from orchestrator.training import Evaluation, LoopState
+from orchestrator.training import LoopState, Validation
 
 MAGIC = b"orch-checkpoint 1\n"
 FILE_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -94,7 +94,7 @@ def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
     try:
         raw = torch.load(io.BytesIO(payload), weights_only=True)
         state = LoopState(int(raw["iteration"]), dict(raw["params"]), raw["optimizer"],
-                          [Evaluation(int(i), dict(m)) for i, m in raw["evaluations"]],
+                          [Validation(int(i), dict(m)) for i, m in raw["evaluations"]],
                           raw["rng"], dict(raw["extra"]))
     except Exception as error:  # noqa: BLE001 -- any unreadable payload is refused alike
         raise refuse(f"unreadable payload ({type(error).__name__})") from None

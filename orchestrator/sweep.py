@@ -186,15 +186,15 @@ class StudyRunner:
         continued = []
         searched = [name for name, knob in self.space.items() if isinstance(knob, (Range, Choices))]
         for trial in self.study.trials("running"):
+            runs = [run.info.run_id for run in tracking.trial_runs(
+                self.client, self.experiment_id, algorithm=self.algorithm, number=trial.number)]
             if any(name not in trial.params for name in searched):
-                tracking.delete_runs(self.client, tracking.runs_of_trial(
-                    self.client, self.experiment_id, self.algorithm, trial.number))
+                tracking.delete_runs(self.client, runs)
                 self.study.requeue_as_new(trial, INTERRUPTED)
                 continue
             knobs = {name: trial.params[name] if name in searched else knob
                      for name, knob in self.space.items()}
-            run_id = trial.user_attrs.get("mlflow_run_id") or next(iter(tracking.runs_of_trial(
-                self.client, self.experiment_id, self.algorithm, trial.number)), None)
+            run_id = trial.user_attrs.get("mlflow_run_id") or next(iter(runs), None)
             if run_id is None:
                 run_id = self.create_run(trial, knobs)
             continued.append(_Running(trial, self.request(trial, knobs, run_id)))

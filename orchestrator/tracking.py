@@ -325,16 +325,6 @@ def registered_models(mlflow_client: MlflowClient, prefix: str = "") -> list[dic
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
-def runs_of_trial(mlflow_client: MlflowClient, experiment_id: str, algorithm: str,
-                  number: int) -> list[str]:
-    """Run ids recorded for one trial (found by tags: the driver may have died before it
-    noted the run id in Optuna)."""
-    runs = mlflow_client.search_runs([experiment_id], filter_string=(
-        f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_ALGORITHM}` = '{algorithm}' and "
-        f"tags.`{TAG_TRIAL}` = '{number}'"), max_results=100)
-    return [run.info.run_id for run in runs]
-
-
 def delete_runs(mlflow_client: MlflowClient, run_ids: Sequence[str]) -> None:
     for run_id in run_ids:
         mlflow_client.delete_run(run_id)
@@ -351,8 +341,16 @@ def model_uri_of_run(mlflow_client: MlflowClient, run_id: str) -> str | None:
     return mlflow_client.get_run(run_id).data.tags.get(TAG_MODEL_URI)
 
 
-def trial_runs(mlflow_client: MlflowClient, experiment_id: str) -> list[Any]:
-    return mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'trial'",
+def trial_runs(mlflow_client: MlflowClient, experiment_id: str, *, algorithm: str | None = None,
+               number: int | None = None) -> list[Any]:
+    """The trial runs of a sweep's experiment, or of one algorithm, or of one trial (found by
+    tags: the driver may have died before it noted the run id in Optuna)."""
+    conditions = [f"tags.`{TAG_KIND}` = 'trial'"]
+    if algorithm is not None:
+        conditions.append(f"tags.`{TAG_ALGORITHM}` = '{algorithm}'")
+    if number is not None:
+        conditions.append(f"tags.`{TAG_TRIAL}` = '{number}'")
+    return mlflow_client.search_runs([experiment_id], filter_string=" and ".join(conditions),
                                      max_results=10000)
 
 

@@ -118,7 +118,9 @@ class LocalFarm:
 
 
 @dataclass
-class Evaluation:
+class Validation:
+    """The metrics of one validation during meta-training, after ``iteration`` iterations."""
+
     iteration: int
     metrics: dict[str, float]
 
@@ -126,7 +128,7 @@ class Evaluation:
 @dataclass
 class TrialOutcome:
     params: Params
-    evaluations: list[Evaluation] = field(default_factory=list)
+    evaluations: list[Validation] = field(default_factory=list)
     stopped_early: bool = False
     tasks_per_second: float = 0.0
 
@@ -147,7 +149,7 @@ class LoopState:
     iteration: int
     params: Params
     optimizer: dict[str, Any] | None = None
-    evaluations: list[Evaluation] = field(default_factory=list)
+    evaluations: list[Validation] = field(default_factory=list)
     rng: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -255,7 +257,7 @@ class MetaTrainer:
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise TrialDiverged(f"validation loss became {metrics.get('val_loss')} at "
                                         f"iteration {iteration}")
-                outcome.evaluations.append(Evaluation(iteration + 1, metrics))
+                outcome.evaluations.append(Validation(iteration + 1, metrics))
                 if on_eval is not None and on_eval(iteration + 1, metrics) and not last:
                     outcome.stopped_early = True
                     break
