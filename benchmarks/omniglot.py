@@ -17,7 +17,6 @@ figures beside ours with what differs, and how fast episodes are sampled beside 
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import Sweep
+from orchestrator.inference import interval95
 from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
 from pipelines.episodes import EpisodeFamily
 from pipelines.importers import import_omniglot
@@ -172,8 +172,7 @@ def score(worker: ShardWorker, params, *, episodes: int, steps: int | None) -> t
     """Mean accuracy and 95% interval over the test alphabet's episodes."""
     accuracies = [worker.evaluate(params, "test", EVAL_SEED, [i], steps=steps)[0]["accuracy"]
                   for i in range(episodes)]
-    return (statistics.fmean(accuracies),
-            1.96 * statistics.pstdev(accuracies) / math.sqrt(len(accuracies)))
+    return statistics.fmean(accuracies), interval95(accuracies)
 
 
 def run(row: str, data: Path, minutes: float, episodes: int, threads: int) -> dict[str, Any]:

@@ -283,7 +283,7 @@ class Sweep(Section):
             raise _KeyError(("model", "backbone"), (
                 f"{self.model.backbone} reads images; data.family sinusoid has flat inputs: use mlp"
                 if kind == "regression" else
-                f"mlp reads flat inputs; data.family images has images: use conv4 or resnet12"))
+                "mlp reads flat inputs; data.family images has images: use conv4 or resnet12"))
         for algorithm in self.algorithms:
             why = learner_class(algorithm).unsupported_backbones.get(self.model.backbone)
             if why:

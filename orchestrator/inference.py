@@ -232,8 +232,8 @@ class Evaluation:
 
 
 def interval95(values: Sequence[float]) -> float:
-    """Half-width of the 95% interval of the mean of ``values``: 1.96 std / sqrt(n)."""
-    return 1.96 * float(np.std(values)) / math.sqrt(len(values))
+    """Half-width of the 95% interval of the mean of ``values``: Z95 (1.96) std / sqrt(n)."""
+    return Z95 * float(np.std(values)) / math.sqrt(len(values))
 
 
 def uncertainty_scores(mean: torch.Tensor, std: torch.Tensor,

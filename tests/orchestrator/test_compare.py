@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from orchestrator.compare import Cell, Entrant, Setting, paired_rows, plan_settings
 from orchestrator.compare_cli import compare
 from orchestrator.config import sweep_from_dict
-from orchestrator.inference import Evaluation, interval95
+from orchestrator.inference import Z95, Evaluation, interval95
 from orchestrator.meta_model import MetaModel
 from orchestrator.factory import build_family, build_learner, task_shape
 from pipelines.shifts import KINDS, ShiftError, apply_shift, parse_shift
@@ -175,7 +175,7 @@ def test_intervals_and_paired_differences_on_a_known_case():
     a = [1.0, 0.0] * (n // 2)  # mean 0.5, std 0.5
     b = [x - 0.1 for x in a]  # 0.1 lower on every episode: a certain difference
     c = [0.5] * n  # the same mean as a, differing per episode by +-0.5
-    assert interval95(a) == pytest.approx(1.96 * 0.5 / math.sqrt(n))
+    assert interval95(a) == pytest.approx(Z95 * 0.5 / math.sqrt(n))
     rows = {r.model: r for r in paired_rows([fake_cell("a", a, setting),
                                               fake_cell("b", b, setting),
                                               fake_cell("c", c, setting)])}
@@ -183,9 +183,9 @@ def test_intervals_and_paired_differences_on_a_known_case():
     assert rows["b"].diff_to_best == pytest.approx(-0.1) and rows["b"].diff_ci95 == pytest.approx(0)
     assert rows["b"].significant  # a small, certain difference is real
     assert rows["c"].diff_to_best == pytest.approx(0.0)
-    assert rows["c"].diff_ci95 == pytest.approx(1.96 * 0.5 / math.sqrt(n))
+    assert rows["c"].diff_ci95 == pytest.approx(Z95 * 0.5 / math.sqrt(n))
     assert not rows["c"].significant
-    assert rows["a"].ci95 == pytest.approx(1.96 * 0.5 / math.sqrt(n))
+    assert rows["a"].ci95 == pytest.approx(Z95 * 0.5 / math.sqrt(n))
 
 
 def test_settings_list_the_shift_curve_once_at_the_first_setting():

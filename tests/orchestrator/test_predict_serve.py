@@ -34,7 +34,7 @@ from PIL import Image
 from orchestrator.compare_cli import compare
 from orchestrator.config import sweep_from_dict
 from orchestrator.data_cli import data
-from orchestrator.inference import evaluate as evaluate_episodes, evaluation_family, load_meta_model
+from orchestrator.inference import Z95, evaluate as evaluate_episodes, evaluation_family, load_meta_model
 from orchestrator.meta_model import MetaModel, input_example
 from orchestrator.model_cli import evaluate, predict
 from orchestrator.sweep import launch
@@ -214,7 +214,7 @@ def test_evaluate_reports_mean_and_interval_and_tags_the_version(trained):
     episodes = evaluate_episodes(model, family, split="test", tasks=40)
     accuracies = np.array(episodes.per_task)
     assert len(accuracies) == 40 and ((0 <= accuracies) & (accuracies <= 1)).all()
-    assert episodes.ci95 == pytest.approx(1.96 * accuracies.std() / math.sqrt(40))
+    assert episodes.ci95 == pytest.approx(Z95 * accuracies.std() / math.sqrt(40))
     assert episodes.mean > 0.4  # chance is 0.2
     assert f"{100 * episodes.mean:.2f}% +- {100 * episodes.ci95:.2f}%" in result.output
 
