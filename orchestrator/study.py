@@ -65,6 +65,14 @@ def existing_studies(url: str, sweep_name: str) -> list[str]:
             if s.study_name.startswith(prefix)]
 
 
+def sweep_exists(url: str, sweep_name: str) -> bool:
+    """Whether the storage at ``url`` holds a study of ``sweep_name``; a local SQLite file that
+    does not exist yet holds none (and is not created by asking)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return False
+    return bool(existing_studies(url, sweep_name))
+
+
 def suggest(trial: optuna.Trial, knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Resolve a search space into concrete values: ranges and choices become suggestions."""
     values: dict[str, Any] = {}

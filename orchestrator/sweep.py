@@ -68,12 +68,15 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
+    check_sweep_name(sweep, uri, storage_url, resume)
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url)
     if sweep.training.checkpoints_enabled():
         checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     mlflow_client = tracking.client(uri)
-    experiment_id = _experiment(mlflow_client, sweep, uri, storage_url, resume)
+    experiment_id = tracking.find_experiment(mlflow_client, sweep.name) or tracking.create_experiment(
+        mlflow_client, sweep.name, sweep.run_path(), uri,
+        {"orch.sweep": sweep.name, "orch.task_fingerprint": sweep.task_fingerprint()})
     summaries = []
     for algorithm in sweep.algorithms:
         summaries.append(StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri,
@@ -118,20 +121,17 @@ def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str,
                               f"{what} {url} is a local file the other hosts cannot reach; use {use}")
 
 
-def _experiment(mlflow_client, sweep: Sweep, uri: str, storage_url: str, resume: bool) -> str:
-    experiment_id = tracking.find_experiment(mlflow_client, sweep.name)
-    existing = studies.existing_studies(storage_url, sweep.name)
-    if resume:
-        if experiment_id is None and not existing:
-            raise ConfigError(f"--resume: no sweep named {sweep.name!r} in {uri}; launch it without --resume")
-    elif experiment_id is not None or existing:
-        raise ConfigError(f"a sweep named {sweep.name!r} already exists in {uri if experiment_id else storage_url}; "
-                          "use --resume to continue it, or give the sweep another name")
-    if experiment_id is None:
-        experiment_id = tracking.create_experiment(mlflow_client, sweep.name, sweep.run_path(), uri,
-                                                   {"orch.sweep": sweep.name,
-                                                    "orch.task_fingerprint": sweep.task_fingerprint()})
-    return experiment_id
+def check_sweep_name(sweep: Sweep, uri: str, storage_url: str, resume: bool) -> None:
+    """Refuse, before Ray starts or anything is written, a new sweep whose name is taken and a
+    ``--resume`` of a sweep that does not exist."""
+    in_tracking = tracking.experiment_exists(uri, sweep.name)
+    in_storage = studies.sweep_exists(storage_url, sweep.name)
+    if resume and not (in_tracking or in_storage):
+        raise ConfigError(f"--resume: no sweep named {sweep.name!r} in {uri}; launch it without --resume")
+    if not resume and (in_tracking or in_storage):
+        raise ConfigError(f"a sweep named {sweep.name!r} already exists in "
+                          f"{uri if in_tracking else storage_url}; use --resume to continue it, or "
+                          "give the sweep another name")
 
 
 @dataclass

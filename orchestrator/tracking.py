@@ -104,6 +104,14 @@ def find_experiment(mlflow_client: MlflowClient, sweep_name: str) -> str | None:
     return experiment.experiment_id if experiment is not None else None
 
 
+def experiment_exists(uri: str, name: str) -> bool:
+    """Whether the tracking store at ``uri`` has an experiment ``name``; a local store that
+    does not exist yet has none (and is not created by asking)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    return find_experiment(client(uri), name) is not None
+
+
 def create_experiment(mlflow_client: MlflowClient, sweep_name: str, run_dir: Path,
                       tracking_uri: str, tags: Mapping[str, str]) -> str:
     return mlflow_client.create_experiment(sweep_name, artifact_location=artifact_location(

@@ -18,6 +18,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One torch thread for the whole run, module-scoped fixtures included: two cores are shared with
+# Ray's processes, and a second thread's spinning made a fixture's training 7x slower (measured:
+# test_any_way's models 100 s with two threads, 14 s with one).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +57,3 @@ def omniglot_dir(omniglot_zips: list[Path], tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("omniglot") / "import"
     import_omniglot(omniglot_zips, out)
     return out
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Two cores shared with Ray's processes: torch's thread pool spins and runs tiny ops slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -61,14 +61,17 @@ def evaluate_20way(model: Path, data: Path, tasks: int = 30) -> float:
 
 
 def test_protonet_trained_5way_scores_20way_held_out(models, omniglot_dir):
-    """Measured 0.70 (chance 0.05; when ways came from training the ceiling was 0.25)."""
+    """Chance 0.05 (when ways came from training the ceiling was 0.25). Measured here over
+    training seeds 0-4: 0.738, 0.689, 0.722, 0.674, 0.661; the bound 0.5 clears the worst by
+    16 points."""
     accuracy = evaluate_20way(models["protonet"], omniglot_dir)
     print(f"protonet trained 5-way, 20-way 1-shot held out: {accuracy:.3f}")
     assert accuracy >= 0.5
 
 
 def test_maml_with_any_way_head_serves_20way(models, omniglot_dir):
-    """A 5-way MAML with head: zero makes a 20-row head per task. Measured 0.46 (chance 0.05)."""
+    """A 5-way MAML with head: zero makes a 20-row head per task (chance 0.05). Measured here
+    over training seeds 0-4: 0.473, 0.442, 0.472, 0.514, 0.502; the bound 0.2 is far below."""
     accuracy = evaluate_20way(models["maml"], omniglot_dir)
     print(f"maml (head: zero) trained 5-way, 20-way 1-shot held out: {accuracy:.3f}")
     assert accuracy >= 0.2
