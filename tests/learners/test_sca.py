@@ -12,7 +12,7 @@ from learners.base import Objective
 from learners.maml import MAML
 from learners.sca import SCA
 from pipelines.episodes import EpisodeFamily
-from pipelines.base import Task
+from pipelines.base import Task, TaskBatch
 
 from meta_training import meta_train, trainable
 
@@ -62,6 +62,42 @@ def test_critic_gets_a_meta_gradient_and_without_critic_steps_sca_is_maml(adapts
     for k, g in expected.items():
         torch.testing.assert_close(gradient[k], g)
     assert all(gradient[k].abs().sum() == 0 for k in critic)
+
+
+def finite_difference(learner: SCA, params: dict, task: Task, name: str, index: tuple[int, ...],
+                      eps: float = 1e-6) -> float:
+    def loss(p: dict) -> float:
+        return float(learner.query_loss(p, task)[0])
+
+    plus = {k: v.clone() for k, v in params.items()}
+    minus = {k: v.clone() for k, v in params.items()}
+    plus[name][index] += eps
+    minus[name][index] -= eps
+    return (loss(plus) - loss(minus)) / (2 * eps)
+
+
+@pytest.mark.parametrize("adapts", ["all", "head"])
+@pytest.mark.parametrize("path", ["torch.func", "autograd"])
+def test_meta_gradient_matches_finite_differences(path, adapts):
+    """In float64, both of ``batch_gradient``'s per-task paths. The critic steps read the
+    support summary, made from the same fast weights they step: a constant of the critic's
+    gradient. Plain autograd once followed it into that gradient (10-200% off, 'all' only)."""
+    learner = make(critic_steps=2, inner_steps=2, critic_adapts=adapts)
+    learner.backbone.double()
+    learner.critic.double()
+    plain = a_task()
+    task = Task(plain.support_x.double(), plain.support_y, plain.query_x.double(), plain.query_y)
+    params = {k: v.double() for k, v in learner.init_params(0).items()}
+    if path == "torch.func":
+        gradient, _, _ = learner.task_gradient(params, task)
+    else:
+        batch = TaskBatch(task.support_x[None], task.support_y[None], task.query_x[None],
+                          task.query_y[None])
+        gradient, _ = learner.autograd_batch_gradient(params, batch, ways=5)
+    for name, index in [("body.0.weight", (3, 1)), ("body.2.bias", (5,)), ("head.weight", (2, 7)),
+                        ("critic.layers.0.weight", (4, 2)), ("critic.layers.4.weight", (0, 9))]:
+        numeric = finite_difference(learner, params, task, name, index)
+        assert gradient[name][index].item() == pytest.approx(numeric, rel=1e-6, abs=1e-9), name
 
 
 def test_critic_sees_no_query_labels():
