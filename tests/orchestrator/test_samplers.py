@@ -45,6 +45,26 @@ def test_grid_runs_every_combination_once(tmp_path):
     assert seen == expected
 
 
+def test_a_grid_sweep_runs_each_point_once(ray_local, tmp_path):
+    """Through the sweep driver, two trials at a time; Optuna's own GridSampler would raise at
+    the tell of the last point (it stops ``study.optimize``, which ask/tell is not in)."""
+    from orchestrator.sweep import launch
+
+    raw = {"name": "grid", "run_dir": str(tmp_path / "runs"),
+           "data": {"family": "sinusoid", "shots": 5, "queries": 5},
+           "training": {"meta_batch": 4, "iterations": 5, "eval_every": 5, "eval_tasks": 10},
+           "workers": {"count": 0, "driver_cpus": 1},
+           "search": {"sampler": "grid", "trials": 4, "parallel": 2, "pruner": "none"},
+           "algorithms": {"maml": {"inner_lr": {"choices": [0.01, 0.05]},
+                                   "outer_lr": {"low": 0.001, "high": 0.002, "step": 0.001}}}}
+    (summary,) = launch(sweep_from_dict(raw))
+    assert summary.counts["complete"] == 4
+    trials = optuna.load_study(study_name="grid/maml",
+                               storage=f"sqlite:///{tmp_path}/runs/optuna.db").trials
+    assert sorted((t.params["inner_lr"], t.params["outer_lr"]) for t in trials) == [
+        (0.01, 0.001), (0.01, 0.002), (0.05, 0.001), (0.05, 0.002)]
+
+
 def test_grid_of_fewer_trials_draws_distinct_points(tmp_path):
     asked = run_study(sweep(tmp_path, "grid", 5, GRID_SPACE), 5)
     points = {(k["inner_lr"], k["inner_steps"], k["outer_lr"]) for k in asked}
