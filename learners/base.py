@@ -137,8 +137,6 @@ class Learner(abc.ABC):
     # How far running statistics among the meta-parameters (``is_statistic``) move toward the
     # meta-batch's values per iteration.
     statistics_momentum: ClassVar[float] = 0.1
-    # False keeps a learner's CPU loop on torch.func (``uses_autograd_loop``).
-    autograd_loop: ClassVar[bool] = True
     # False keeps image batches NCHW in that loop (``autograd_batch_gradient``).
     channels_last_images: ClassVar[bool] = True
 
@@ -271,10 +269,10 @@ class Learner(abc.ABC):
         """Whether ``batch_gradient``'s per-task loop runs with ordinary autograd
         (``autograd_batch_gradient``): for learners whose contribution is the gradient of
         ``query_loss`` (the default ``task_gradient``) or that say how to compute theirs
-        (``autograd_task_gradient``), unless they opt out (``autograd_loop = False``)."""
+        (``autograd_task_gradient``)."""
         cls = type(self)
-        return cls.autograd_loop and (cls.task_gradient is Learner.task_gradient or
-                                      cls.autograd_task_gradient is not Learner.autograd_task_gradient)
+        return (cls.task_gradient is Learner.task_gradient
+                or cls.autograd_task_gradient is not Learner.autograd_task_gradient)
 
     def autograd_batch_gradient(self, params: Params, batch: TaskBatch, *,
                                 ways: int | None) -> tuple[Params, dict[str, float]]:

@@ -49,9 +49,14 @@ def inner_gradient(loss_of: Callable[[Params], Tensor], fast: Params, *,
     the loss does not depend on one), differentiable when ``create_graph``."""
     if not _PLAIN_AUTOGRAD.get():
         return grad(loss_of)(fast)
+    # Differentiate with respect to fresh aliases of the weights, as ``grad`` does: the loss may
+    # close over tensors computed from these same weights before the step (SCA's support
+    # summary), which are constants of this gradient. Asked for the weights themselves,
+    # autograd would also follow those paths (SCA's meta-gradient was then 10-200% off).
     # A weight made inside the task (the zero head of ``head: zero``) is a constant to autograd;
     # a leaf copy of it is differentiable, with the same value.
-    fast = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in fast.items()}
+    fast = {n: v.view_as(v) if v.requires_grad else v.detach().requires_grad_()
+            for n, v in fast.items()}
     names = list(fast)
     grads = torch.autograd.grad(loss_of(fast), [fast[n] for n in names],
                                 create_graph=create_graph, allow_unused=True)

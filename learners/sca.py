@@ -59,11 +59,6 @@ class SCA(MAML):
     search_space = {"inner_lr": {"low": 0.05, "high": 0.5, "log": True},
                     "critic_lr": {"low": 0.01, "high": 0.5, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
-    # The critic's gradient steps read meta-parameters inside a nested gradient; there
-    # torch.func's and plain autograd's meta-gradients differ beyond rounding (about 30% on a
-    # random Conv-4 task, and finite differences are too noisy to say which is off), so SCA's
-    # CPU loop stays on torch.func, the path its tests and benchmark figures were made with.
-    autograd_loop = False
 
     def __init__(self, backbone, objective: Objective, hparams: SCAHyperparameters):
         super().__init__(backbone, objective, hparams)

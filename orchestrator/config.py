@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -152,7 +153,10 @@ class Workers(Section):
 class Search(Section):
     trials: int = Field(8, ge=1, description="Optuna trials per algorithm")
     parallel: int = Field(1, ge=1, description="trials running at once")
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    # tpe, random; grid: every combination of the searched knobs, each a choice list or a range
+    # with a step or int: true; gp: Gaussian-process Bayesian optimisation; cmaes: CMA-ES, for
+    # numeric ranges only (no choices).
+    sampler: Literal["tpe", "random", "grid", "gp", "cmaes"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     # "val_loss" for any family, "val_accuracy" for classification.
     metric: Literal["val_loss", "val_accuracy"] = "val_loss"
@@ -302,6 +306,34 @@ class Sweep(Section):
                             "sinusoid is regression: use val_loss")
         return self
 
+    @model_validator(mode="after")
+    def _check_sampler(self) -> "Sweep":
+        """Refuse a search space the chosen sampler cannot search as asked, rather than let
+        Optuna fall back to another sampler on the knobs it cannot handle."""
+        for algorithm in self.algorithms:
+            space = self.space(algorithm)
+            for knob, value in space.items():
+                where = ("algorithms", algorithm, knob)
+                origin = "" if knob in self.algorithms[algorithm].knobs() else \
+                    f" (from {algorithm}'s default search space)"
+                if (self.search.sampler == "grid" and isinstance(value, Range)
+                        and not (value.int and value.step is None) and not (value.step or 0) > 0):
+                    raise _KeyError(where, f"search.sampler grid cannot enumerate a continuous "
+                                    f"range{origin}; give it a step > 0, int: true, choices or "
+                                    f"a fixed value")
+                if self.search.sampler == "cmaes" and isinstance(value, Choices):
+                    raise _KeyError(where, f"search.sampler cmaes cannot search choices{origin}; "
+                                    f"use a range, a fixed value or another sampler (tpe, "
+                                    f"random, grid, gp)")
+            if self.search.sampler == "grid":
+                points = math.prod(len(grid_values(v)) for v in space.values()
+                                   if isinstance(v, (Range, Choices)))
+                if self.search.trials > points:
+                    raise _KeyError(("search", "trials"), f"{self.search.trials} trials exceed "
+                                    f"the {points} points of {algorithm}'s grid; set at most "
+                                    f"{points}")
+        return self
+
     # -- derived values -------------------------------------------------------------------------
 
     def space(self, algorithm: str) -> dict[str, Range | Choices | bool | int | float | str]:
@@ -348,6 +380,20 @@ class _KeyError(ValueError):
 
     def __reduce__(self):  # picklable, so an error in a worker process reaches its parent
         return type(self), (self.where, self.message)
+
+
+def grid_values(knob: Range | Choices) -> list[Any]:
+    """The values ``search.sampler: grid`` tries for a searched knob: every choice, or every
+    step of a range from ``low`` up to ``high`` (a float range without a step has none)."""
+    if isinstance(knob, Choices):
+        return list(knob.choices)
+    if knob.int:
+        return list(range(int(knob.low), int(knob.high) + 1, int(knob.step or 1)))
+    if knob.step is None:
+        raise ValueError("a continuous range has no grid: give it a step")
+    # In decimal, as Optuna steps a range: 0.1 to 0.3 by 0.1 is three points, not two.
+    low, high, step = (Decimal(str(v)) for v in (knob.low, knob.high, knob.step))
+    return [float(low + i * step) for i in range(int((high - low) // step) + 1)]
 
 
 def _check_knob(where: tuple[str, ...], knob: str, value: Any) -> None:

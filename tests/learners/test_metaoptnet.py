@@ -96,7 +96,8 @@ def test_serves_any_number_of_classes(head):
 
 def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     """30 meta-iterations of 5-way 1-shot (Conv-4, 8 filters) on the small Omniglot set, scored on
-    the test split's alphabet, never seen in training. Measured: 0.34 untrained, 0.53 after."""
+    the test split's alphabet, never seen in training. Measured: 0.34 untrained, 0.53 after;
+    over seeds 0-11 (initial weights and training episodes) 0.49-0.61 after."""
     family = EpisodeFamily(omniglot_dir, ways=5, shots=1, queries=5)
     learner = make(family.input_shape())
     params = meta_train(learner, family, trainable(learner), iterations=30, meta_batch=2,
@@ -106,4 +107,4 @@ def test_learns_held_out_omniglot_alphabets(omniglot_dir: Path):
     stats = learner.batch_evaluate(params, family.batch("test", 1, range(tests)), vectorize=True)
     accuracy = stats["accuracy"] / tests
     print(f"metaoptnet 5-way 1-shot on held-out alphabets after 30 iterations: {accuracy:.3f}")
-    assert accuracy > 0.45
+    assert accuracy > 0.42

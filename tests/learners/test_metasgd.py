@@ -73,7 +73,8 @@ def test_any_way_head_has_one_rate_row_for_all_classes():
 
 def test_learns_held_out_omniglot_alphabets(omniglot_accuracy):
     """60 meta-iterations of 5-way 1-shot (Conv-4, 8 filters) on the small Omniglot set, scored on
-    the test split's alphabet. Measured: see the assert's message (chance 0.2)."""
+    the test split's alphabet (chance 0.2). Measured over training seeds 0-11: 0.43-0.53 (seed
+    0: 0.48)."""
     accuracy, _, _ = omniglot_accuracy("metasgd", {"inner_lr": 0.4})
-    assert accuracy > 0.4, f"accuracy {accuracy:.3f}"
+    assert accuracy > 0.35, f"accuracy {accuracy:.3f}"
 

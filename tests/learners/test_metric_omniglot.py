@@ -21,6 +21,8 @@ from meta_training import meta_train, trainable
 ITERATIONS, META_BATCH, TESTS = 120, 2, 20
 # Measured after 120 iterations (5-way, 20-way): matching 0.74, 0.42; relation 0.66, 0.25;
 # siamese 0.45, 0.20 (verification training ranks classes more slowly). Chance: 0.20 and 0.05.
+# Siamese, the closest to the bounds, over seeds 0-11 (initial weights and training episodes):
+# 0.47-0.66 and 0.17-0.34.
 
 
 @pytest.mark.parametrize("name", ["matching", "relation", "siamese"])

@@ -59,6 +59,9 @@ def sweep_cases(tiny: Path, tmp: Path) -> dict[str, tuple[object, str]]:
         "negative lr": ({**GOOD, "algorithms": {"maml": {**maml, "inner_lr": -0.01}}},
                         "algorithms.maml.inner_lr: learning rates must be > 0"),
         "zero trials": ({**GOOD, "search": {"trials": 0}}, "search.trials: Input should be greater than or equal to 1"),
+        "grid over a continuous range": ({**GOOD, "search": {"sampler": "grid"}},
+                                         "algorithms.maml.outer_lr: search.sampler grid cannot "
+                                         "enumerate a continuous range"),
         "ways > classes": ({**GOOD, **image_data(tiny, ways=8)}, "has 6 classes, fewer than"),
         "shots + queries > images": ({**GOOD, **image_data(tiny, shots=3, queries=2)}, "images"),
         "missing data path": ({**GOOD, **image_data(tmp / "nowhere")}, "nowhere"),
@@ -68,6 +71,7 @@ def sweep_cases(tiny: Path, tmp: Path) -> dict[str, tuple[object, str]]:
 
 CASES = ["not yaml", "empty", "a list", "unknown key", "wrong type", "unknown algorithm",
          "unknown backbone", "low > high", "log range at 0", "negative lr", "zero trials",
+         "grid over a continuous range",
          "ways > classes", "shots + queries > images", "missing data path", "not an orch import"]
 
 

@@ -85,10 +85,11 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
     for setting in settings:
         proto, copy, maml = [r for r in rows if r["setting"] == setting]
         assert proto["mean"] == copy["mean"] and proto["tasks"] == TASKS
-        best, other = (proto, copy) if proto["best"] else (copy, proto)
-        if not maml["best"]:
-            assert other["diff_to_best"] == 0.0 and other["diff_ci95"] == 0.0
-            assert not other["significant"]
+        # Untrained, the metric learner beats MAML's random head in every setting (by 0.03 to
+        # 0.17 here); of the tied copies the first listed is the best, the other differs by 0.
+        assert proto["best"] and not copy["best"] and not maml["best"]
+        assert proto["diff_to_best"] == copy["diff_to_best"] == 0.0
+        assert proto["diff_ci95"] == copy["diff_ci95"] == 0.0 and not copy["significant"]
         if setting.startswith("20way"):  # a fixed 5-way head cannot serve 20 ways
             assert maml["mean"] is None and "5-way output head" in maml["refused"]
         else:

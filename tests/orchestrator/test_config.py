@@ -11,11 +11,17 @@ from orchestrator.config import ConfigError, Range, load_sweep, sweep_from_dict
 BASE = {"name": "demo", "algorithms": {"maml": {"inner_lr": {"low": 0.001, "high": 0.1, "log": True}}}}
 
 
-def test_defaults_and_knobs():
+def test_defaults_and_knobs(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = sweep_from_dict(BASE)
     assert sweep.data.family == "sinusoid"
     assert sweep.training.meta_batch == 25
-    assert sweep.tracking_uri().startswith("sqlite:///orch-runs/mlflow.db") or sweep.tracking_uri()
+    assert sweep.tracking_uri() == "sqlite:///orch-runs/mlflow.db"
+    assert sweep_from_dict({**BASE, "tracking": {"uri": "http://file:5000"}}).tracking_uri() == \
+        "http://file:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert sweep.tracking_uri() == "http://env:5000"
+    assert sweep.tracking_uri("http://flag:5000") == "http://flag:5000"
     knobs = sweep.algorithms["maml"].knobs()
     assert knobs == {"inner_lr": Range(low=0.001, high=0.1, log=True)}
 
