@@ -184,6 +184,10 @@ class Range(Section):
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError(f"a log range needs low > 0, got {self.low}")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be positive, got {self.step}")
+        if self.step is not None and self.log and not (self.int and self.step == 1):
+            raise ValueError("a log range cannot have a step (Optuna steps linearly); drop one")
         return self
 
 
@@ -191,7 +195,6 @@ class Choices(Section):
     """A categorical knob: ``{choices: [a, b, c]}``."""
 
     choices: list[Any] = Field(min_length=1)
-
 
 
 # Knobs every algorithm has besides its own hyperparameters.

@@ -81,3 +81,12 @@ def test_bad_files(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read sweep file"):
         load_sweep(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("knob, message", [
+    ({"low": 0.01, "high": 0.1, "step": 0}, "step must be positive, got 0.0"),
+    ({"low": 0.01, "high": 0.1, "step": 0.01, "log": True}, "a log range cannot have a step"),
+])
+def test_ranges_optuna_cannot_search_are_refused_at_load(knob, message):
+    with pytest.raises(ConfigError, match=f"algorithms.maml.inner_lr: {message}"):
+        sweep_from_dict({"name": "x", "algorithms": {"maml": {"inner_lr": knob}}})

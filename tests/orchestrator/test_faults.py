@@ -99,7 +99,7 @@ def checkpointed_iteration(run_dir: Path, sweep: str, number: int) -> int:
     return int(names[-1].stem.split("-")[1]) if names else 0
 
 
-def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(tmp_path):
+def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(ray_local, tmp_path):
     """`orch launch` SIGKILLed (with its in-process Ray) while its second trial runs, past that
     trial's first checkpoint; `--resume` keeps the finished trial, continues the running one
     from its checkpoint in the same Optuna trial and MLflow run (one value per metric step),
@@ -107,9 +107,8 @@ def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(tmp_pa
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     sweep = small_sweep("kill", reference_dir, trials=2, iterations=200)
     sweep["training"].update(eval_every=25, meta_batch=10)
-    reference = write(tmp_path / "reference.yaml", sweep)
     resumed = write(tmp_path / "resumed.yaml", {**sweep, "run_dir": str(resumed_dir)})
-    finish(orch("launch", str(reference), "--quiet", cwd=tmp_path))
+    launch(sweep_from_dict(sweep))  # the uninterrupted reference, in this process's Ray
 
     driver = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
     deadline = time.monotonic() + 240
