@@ -13,8 +13,9 @@
 
 Errors are printed by click as one line on stderr, ``Error: <what is wrong>``, with exit
 status 1: ``OrchGroup`` turns any other exception into a ``click.ClickException``, and
-``_one_line`` puts the exception's type name first unless it is a ``ConfigError``,
-``ConnectionError``, ``FileNotFoundError`` or ``PermissionError``. ``--debug`` shows the traceback
+``_one_line`` puts the exception's type name first unless it is one of orch's two kinds
+(``errors.UserError``: input to fix; ``errors.MachineryError``: a process, cluster or store that
+failed) or a ``FileNotFoundError``/``PermissionError``. ``--debug`` shows the traceback
 instead. Usage mistakes are click's own: ``Error: ...`` after a usage line, exit status 2. Lines
 starting ``orch:`` are notices from a running sweep (a restart, a refused checkpoint), not errors.
 """
@@ -46,7 +47,7 @@ from orchestrator.model_cli import evaluate, predict
 from orchestrator.terminal import console, output_console
 
 class OrchGroup(click.Group):
-    """Turns known failures into one line and exit 2, unless ``--debug``."""
+    """Turns failures into one line and exit status 1, unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -124,3 +124,20 @@ def test_promote_without_a_store_creates_none(tmp_path):
     result = CliRunner().invoke(cli, ["promote", "orch-nothing", "1", "--tracking-uri", uri])
     assert_one_line_failure(result, f"no MLflow tracking store at {uri}")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_user_mistakes_and_machinery_failures_are_two_kinds():
+    """Input to fix is a UserError, a part that failed is a MachineryError; the CLI prints both
+    as one line (the tests above), and neither is the other."""
+    from orchestrator import cluster, tracking
+    from orchestrator.config import sweep_from_dict
+    from orchestrator.errors import MachineryError, UserError
+
+    with pytest.raises(UserError) as user:
+        sweep_from_dict({"name": "x", "training": {"iterationz": 3}, "algorithms": {"maml": {}}})
+    assert not isinstance(user.value, MachineryError)
+    with pytest.raises(MachineryError) as machinery:
+        cluster.check_reachable("127.0.0.1:9")
+    assert not isinstance(machinery.value, UserError)
+    with pytest.raises(MachineryError):
+        tracking.check_reachable("http://127.0.0.1:9")
