@@ -91,7 +91,7 @@ def test_each_sampler_is_the_one_named(tmp_path, sampler, expected):
      "algorithms.maml.outer_lr: search.sampler grid cannot enumerate a continuous range "
      "(from maml's default search space); "),
     ("grid", {"inner_lr": 0.1, "outer_lr": {"low": 0.001, "high": 0.002, "step": 0}},
-     "algorithms.maml.outer_lr: search.sampler grid cannot enumerate a continuous range; "),
+     "algorithms.maml.outer_lr: step must be positive, got 0.0"),
     ("cmaes", {"inner_lr": {"choices": [0.1, 0.2]}},
      "algorithms.maml.inner_lr: search.sampler cmaes cannot search choices; "),
 ])
