@@ -3,7 +3,7 @@
 MAML with the paper's fixes: a multi-step loss (the query loss after every inner step, weighted,
 the weights annealed toward the last step's), a learned inner rate per layer and per step
 (``lr.<weight>``, one entry per step), BatchNorm weights, biases and running statistics per step
-(see ``learners.nets_mamlpp``), first-order meta-gradients for the first part of training and
+(see ``learners.nets.mamlpp``), first-order meta-gradients for the first part of training and
 second-order after, and a cosine-annealed outer rate. The meta-parameters are the backbone's
 initial weights with per-step BatchNorm rows, the per-step rates and the running statistics;
 ``adapt`` returns the fast weights after ``inner_steps`` steps, with the BatchNorm row for that
@@ -33,7 +33,7 @@ from torch.func import grad
 from learners.base import Adapted, Objective, Params
 from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_trajectory
 from learners.maml import MAML, HeadKnob
-from learners.nets_mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
+from learners.nets.mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
 from pipelines.base import Task
 
 RATE = "lr."

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import (FullContextEmbedding, class_members, encode_queries,
+from learners.nets.metric import (FullContextEmbedding, class_members, encode_queries,
                                   encode_support, entries, fresh_params, without)
 
 FCE = "fce"

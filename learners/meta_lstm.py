@@ -1,7 +1,7 @@
 """The LSTM meta-learner: "Optimization as a Model for Few-Shot Learning" (Ravi and Larochelle, 2017).
 
 The meta-parameters are the learner network's initial weights -- the LSTM's initial cell state --
-and the weights of a coordinate-wise two-layer LSTM (``lstm.*``, see ``learners.nets_meta_lstm``).
+and the weights of a coordinate-wise two-layer LSTM (``lstm.*``, see ``learners.nets.meta_lstm``).
 ``adapt`` flattens the learner's weights into one vector and lets the LSTM update every coordinate
 ``inner_steps`` (T) times from the preprocessed support loss and gradient; it returns the final
 cell state, unflattened: the task's weights. As in the paper, the learner's loss and gradients are
@@ -21,7 +21,7 @@ from torch.func import grad
 
 from learners.base import Adapted, Objective, Params
 from learners.maml import MAML, HeadKnob
-from learners.nets_meta_lstm import MetaLearnerLSTM, initial_state, step
+from learners.nets.meta_lstm import MetaLearnerLSTM, initial_state, step
 
 PREFIX = "lstm."
 

@@ -2,7 +2,7 @@
 
 The meta-parameters are the slow weights of a base learner (the backbone with its N-way output
 layer), of an embedding function (a copy of the backbone's body, ``embed.*``) and of two
-meta-learners that turn loss gradients into fast weights (``learners.nets_metanet``): d
+meta-learners that turn loss gradients into fast weights (``learners.nets.metanet``): d
 (``d.*``, a coordinate-wise LSTM) and m (``m.*``, a coordinate-wise MLP). ``adapt`` makes
 task-level fast weights for the embedding -- d reads the gradients of a contrastive
 representation loss on support pairs, one step per group of support examples -- embeds the support set
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
+from learners.nets.metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
 
 NETS = ("embed.", "d.", "m.")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import (call_module, class_members, entries, fresh_params,
+from learners.nets.metric import (call_module, class_members, entries, fresh_params,
                                   relation_module, without)
 
 RELATION = "relation"

@@ -1,7 +1,7 @@
 """Self-Critique and Adapt: "Learning to Learn via Self-Critique" (Antoniou and Storkey, 2019).
 
 The meta-parameters are the backbone's initial weights and a critic network's weights
-(``critic.*``, see ``learners.nets_sca``). ``adapt`` takes MAML's ``inner_steps`` on the labelled
+(``critic.*``, see ``learners.nets.sca``). ``adapt`` takes MAML's ``inner_steps`` on the labelled
 support set and returns the fast weights with a summary of the support set (task embedding and
 class embeddings). ``predict`` is where the query set is first seen, unlabelled: the critic scores
 the adapted model's query predictions, ``critic_steps`` (I) gradient steps on that score refine
@@ -26,7 +26,7 @@ from learners.backbones import call
 from learners.base import Adapted, Objective, Params
 from learners.functional import gradient_steps
 from learners.maml import MAML, HeadKnob
-from learners.nets_sca import Critic, critic_loss, task_summary
+from learners.nets.sca import Critic, critic_loss, task_summary
 
 PREFIX = "critic."
 SUMMARY = "task.summary"  # the adapted state's support summary, beside the fast weights

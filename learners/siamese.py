@@ -18,7 +18,7 @@ from torch.func import grad
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import call_module, class_members, entries, fresh_params, without
+from learners.nets.metric import call_module, class_members, entries, fresh_params, without
 from pipelines.base import Task
 
 VERIFY = "verify"

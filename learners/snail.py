@@ -1,7 +1,7 @@
 """SNAIL, a Simple Neural Attentive Meta-Learner (Mishra, Rohaninejad, Chen and Abbeel, 2018).
 
 The meta-parameters are an embedding network's weights (a backbone without a head) and a causal
-sequence model's (``learners.nets_snail``: TC blocks and key-value attention, ``snail.*``). An
+sequence model's (``learners.nets.snail``: TC blocks and key-value attention, ``snail.*``). An
 episode is a sequence: each support example as (embedding, one-hot label), then the query with a
 zero label; the query's class is read at its position. There is no inner loop: ``adapt`` embeds
 the support set and returns it with its one-hot labels (or, with ``joint_embedding``, the raw
@@ -38,7 +38,7 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_snail import AttentionBlock, SequenceModel
+from learners.nets.snail import AttentionBlock, SequenceModel
 
 PREFIX = "snail."
 

@@ -8,7 +8,7 @@ from torch import nn
 from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.matching import Matching
-from learners.nets_metric import encode_support, entries, lstm_step
+from learners.nets.metric import encode_support, entries, lstm_step
 
 
 def make(*, fce: bool, steps: int = 3) -> Matching:

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from learners.backbones import build_backbone, call
 from learners.base import Objective
 from learners.meta_lstm import MetaLSTM
-from learners.nets_meta_lstm import preprocess
+from learners.nets.meta_lstm import preprocess
 from pipelines.base import TaskBatch
 from pipelines.episodes import EpisodeFamily
 from pipelines.sinusoid import Sinusoid

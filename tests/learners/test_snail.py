@@ -8,7 +8,7 @@ import torch
 
 from learners.backbones import build_backbone
 from learners.base import Objective
-from learners.nets_snail import SequenceModel
+from learners.nets.snail import SequenceModel
 from learners.snail import SNAIL
 from orchestrator.config import ConfigError, sweep_from_dict
 from pipelines.base import Task, TaskBatch
