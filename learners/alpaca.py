@@ -43,6 +43,7 @@ class ALPaCA(Learner):
     """ALPaCA with a learned prior, learned diagonal noise and the exact predictive likelihood."""
 
     name = "alpaca"
+    family = "closed-form"
     Hyperparameters = ALPaCAHyperparameters
     needs_head = False
     uses_inner_steps = False

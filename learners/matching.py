@@ -35,6 +35,7 @@ class Matching(Learner):
     """Matching Networks: cosine attention over the (context-embedded) support set."""
 
     name = "matching"
+    family = "metric"
     Hyperparameters = MatchingHyperparameters
     needs_head = False
     uses_inner_steps = False

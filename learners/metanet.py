@@ -49,6 +49,7 @@ class MetaNet(Learner):
     """Meta Networks with fast-parameterised, layer-augmented embedding and base learner."""
 
     name = "metanet"
+    family = "model-based"
     Hyperparameters = MetaNetHyperparameters
     uses_inner_steps = False
     task_kinds = ("classification",)

@@ -55,6 +55,7 @@ class MetaOptNet(Learner):
     """MetaOptNet with an SVM or ridge-regression head and a learned logit scale."""
 
     name = "metaoptnet"
+    family = "closed-form"
     Hyperparameters = MetaOptNetHyperparameters
     needs_head = False
     uses_inner_steps = False

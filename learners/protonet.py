@@ -19,6 +19,7 @@ class ProtoNet(Learner):
     """Prototypical Networks with squared Euclidean distance."""
 
     name = "protonet"
+    family = "metric"
     needs_head = False
     uses_inner_steps = False
     task_kinds = ("classification",)

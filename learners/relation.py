@@ -38,6 +38,7 @@ class Relation(Learner):
     """Relation Networks: a learned relation module scores (class, query) feature pairs."""
 
     name = "relation"
+    family = "metric"
     Hyperparameters = RelationHyperparameters
     needs_head = False
     uses_inner_steps = False

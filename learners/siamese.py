@@ -28,6 +28,7 @@ class Siamese(Learner):
     """Siamese verification network; one-shot classification by the most similar support image."""
 
     name = "siamese"
+    family = "metric"
     needs_head = False
     uses_inner_steps = False
     task_kinds = ("classification",)

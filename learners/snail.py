@@ -74,6 +74,7 @@ class SNAIL(Learner):
     """SNAIL with the paper's attention/TC/attention/TC/attention stack over embeddings."""
 
     name = "snail"
+    family = "model-based"
     Hyperparameters = SNAILHyperparameters
     needs_head = False
     uses_inner_steps = False

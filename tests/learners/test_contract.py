@@ -80,7 +80,9 @@ def make(name: str) -> tuple[Learner, TaskFamily]:
     return learner, family
 
 
-@pytest.fixture(params=sorted(LEARNERS))
+# Ids name the family first (``gradient-maml``), so ``-k metric`` runs one family.
+@pytest.fixture(params=list(LEARNERS),
+                ids=[f"{cls.family}-{name}" for name, cls in LEARNERS.items()])
 def learner_and_family(request) -> tuple[Learner, TaskFamily]:
     return make(request.param)
 
