@@ -381,10 +381,6 @@ class Learner(abc.ABC):
             stats["accuracy"] = float(correct.sum())
         return stats
 
-    def evaluate(self, params: Params, task: Task, *, steps: int | None = None) -> dict[str, float]:
-        """Query loss (and accuracy for classification) after adapting on one task."""
-        return self.batch_evaluate(params, TaskBatch.stack([task]), steps=steps)
-
 
 def channels_last(x: Tensor) -> Tensor:
     """Image batches ([N, C, H, W]) in channels-last memory order, which oneDNN's CPU convolutions

@@ -103,7 +103,6 @@ def gradient_trajectory(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *
 
 # The any-way head of the gradient family (``head`` knob), after Ye and Chao (2022), "How to train
 # your MAML to excel in few-shot classification", and the zeroing trick of Kao et al. (2022).
-HEAD_MODES = ("fixed", "zero", "shared")
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 SHARED_HEAD = "head.shared_weight"
 
