@@ -2,7 +2,9 @@
 
 ``gradient_steps`` is used for meta-training, validation and ``orch predict`` alike, so there is
 exactly one implementation of "adapt by gradient descent" in orch (``gradient_trajectory`` is the
-same loop, keeping every step's weights).
+same loop, keeping every step's weights). Beside it, the small pieces every family uses: a one-hot
+that runs under ``vmap`` (``one_hot``) and a meta-parameter dict's parts by key prefix
+(``entries``, ``without``, ``fresh_params``).
 """
 
 from __future__ import annotations
@@ -135,3 +137,11 @@ def task_head(params: Params, mode: str, *, ways: int | None, features: int) -> 
     else:
         weight = params[SHARED_HEAD].unsqueeze(0).expand(ways, -1)
     return {**body, HEAD_WEIGHT: weight, HEAD_BIAS: weight.new_zeros(ways)}
+
+
+def one_hot(labels: Tensor, classes: int) -> Tensor:
+    """``[*labels.shape, classes]`` booleans, True at each label's class. Made by comparison
+    rather than ``F.one_hot``, which reads the values and so does not run under ``vmap``; callers
+    cast it to the dtype they compute in."""
+    return labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)
+

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets.metric import (FullContextEmbedding, class_members, encode_queries,
-                                  encode_support, entries, fresh_params, without)
+from learners.functional import one_hot
+from learners.nets.metric import (FullContextEmbedding, encode_queries, encode_support, entries,
+                                  fresh_params, without)
 
 FCE = "fce"
 
@@ -58,7 +59,7 @@ class Matching(Learner):
         support = self.embed(params, support_x)
         if self.fce is not None:
             support = encode_support(entries(params, FCE), support)
-        return {"support": support, "members": class_members(support_y, ways)}
+        return {"support": support, "members": one_hot(support_y, ways)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         support = adapted["support"]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
+from learners.functional import one_hot
 from learners.nets.metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
 
 NETS = ("embed.", "d.", "m.")
@@ -117,8 +118,7 @@ class MetaNet(Learner):
             return self.representation_loss({**slow, **fast}, x, y, anchor)
 
         steps = min(self.hparams.d_steps, len(y))
-        anchors = (torch.arange(len(y), device=x.device) % steps
-                   == torch.arange(steps, device=x.device).unsqueeze(1)).to(x.dtype)
+        anchors = one_hot(torch.arange(len(y), device=x.device) % steps, steps).T.to(x.dtype)
         grads = vmap(grad(loss), in_dims=(None, 0))({k: slow[k] for k in self.embed_fast}, anchors)
         flat = torch.cat([grads[k].flatten(1) for k in self.embed_fast], dim=1)
         return self.split(self.call_net(self.d, "d.", params, flat), self.embedding,

@@ -29,6 +29,7 @@ from torch.func import grad
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Params
 from learners.closed_form_heads import ridge_weights, svm_weights
+from learners.functional import one_hot
 from pipelines.base import Task
 
 SCALE = "scale"
@@ -82,9 +83,7 @@ class MetaOptNet(Learner):
         """The head fitted to the embedded support set; ``svm_steps`` solver steps for the SVM."""
         ways = self.ways_of(support_y, ways)
         embeddings = self.embed(params, support_x)
-        # One-hot by comparison rather than F.one_hot, so adapt also runs under torch.func.vmap.
-        onehot = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
-        onehot = onehot.to(embeddings.dtype)
+        onehot = one_hot(support_y, ways).to(embeddings.dtype)
         h = self.hparams
         if h.head == "svm":
             weights = svm_weights(embeddings, onehot, c=h.svm_c, steps=svm_steps)

@@ -17,16 +17,16 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets.metric import (call_module, class_members, entries, fresh_params,
-                                  relation_module, without)
+from learners.functional import one_hot
+from learners.nets.metric import call_module, entries, fresh_params, relation_module, without
 
 RELATION = "relation"
 
 
 def one_hot_mse(scores: Tensor, targets: Tensor) -> Tensor:
     """Mean squared error of relation scores ``[queries, ways]`` against one-hot targets."""
-    one_hot = class_members(targets, scores.shape[-1]).to(scores.dtype)
-    return torch.nn.functional.mse_loss(scores, one_hot)
+    targets = one_hot(targets, scores.shape[-1]).to(scores.dtype)
+    return torch.nn.functional.mse_loss(scores, targets)
 
 
 class RelationHyperparameters(Hyperparameters):
@@ -61,7 +61,7 @@ class Relation(Learner):
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        members = class_members(support_y, self.ways_of(support_y, ways))
+        members = one_hot(support_y, self.ways_of(support_y, ways))
         features = self.embed(params, support_x)
         # K-shot: the element-wise sum of the class's support features.
         classes = torch.einsum("sw,s...->w...", members.to(features.dtype), features)

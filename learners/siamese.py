@@ -18,7 +18,8 @@ from torch.func import grad
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets.metric import call_module, class_members, entries, fresh_params, without
+from learners.functional import one_hot
+from learners.nets.metric import call_module, entries, fresh_params, without
 from pipelines.base import Task
 
 VERIFY = "verify"
@@ -51,7 +52,7 @@ class Siamese(Learner):
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        members = class_members(support_y, self.ways_of(support_y, ways))
+        members = one_hot(support_y, self.ways_of(support_y, ways))
         return {"support": self.embed(params, support_x), "members": members}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ class Siamese(Learner):
         """The gradient of the verification loss over all pairs of the episode's images (same-
         class pairs and different-class pairs weighted half each, the balanced mix of Koch's
         training set without sampling it), with the query outputs of one-shot classification."""
-        members = class_members(task.support_y, self.ways_of(task.support_y, ways))
+        members = one_hot(task.support_y, self.ways_of(task.support_y, ways))
         labels = torch.cat([task.support_y, task.query_y])
         count, support = len(labels), len(task.support_y)
         upper = torch.ones(count, count, dtype=torch.bool, device=labels.device).triu(1)

@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
+from learners.functional import one_hot
 from learners.nets.snail import AttentionBlock, SequenceModel
 
 PREFIX = "snail."
@@ -119,10 +120,9 @@ class SNAIL(Learner):
               ways: int | None = None, steps: int | None = None) -> Adapted:
         ways = self.ways_of(support_y, ways)
         self.check_task_shape(self.hparams, ways=ways, support=support_x.shape[0])
-        # One-hot over the task's classes (comparison, so it runs under vmap); predict pads it.
-        labels = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
         embeddings = self.embed(params, support_x)
-        return {"support": embeddings, "labels": labels.to(embeddings.dtype)}
+        # One-hot over the task's classes; predict pads it to max_ways.
+        return {"support": embeddings, "labels": one_hot(support_y, ways).to(embeddings.dtype)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         labels = adapted["labels"]

@@ -36,12 +36,6 @@ def without(params: Params, prefixes: Sequence[str]) -> Params:
     return {k: v for k, v in params.items() if not k.startswith(tuple(p + "." for p in prefixes))}
 
 
-def class_members(support_y: Tensor, ways: int) -> Tensor:
-    """``[support, ways]`` booleans, True where a support item belongs to a class. Made by
-    comparison rather than F.one_hot, so it runs under ``vmap``."""
-    return support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device)
-
-
 # -- Matching Networks: full context embeddings (Vinyals et al. 2016, appendix A) --------------
 
 class FullContextEmbedding(nn.Module):

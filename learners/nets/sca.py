@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from learners.functional import one_hot
+
 
 class Critic(nn.Module):
     """A two-hidden-layer network from one (query, class) pair's features to a score.
@@ -40,9 +42,7 @@ def task_summary(embeddings: Tensor, targets: Tensor, units: int | None) -> Tens
     if units is None:
         weights = targets.reshape(len(targets), -1) / len(targets)
     else:
-        # One-hot by comparison, so this runs under vmap.
-        members = (targets.unsqueeze(-1) == torch.arange(units, device=targets.device))
-        members = members.to(embeddings.dtype)
+        members = one_hot(targets, units).to(embeddings.dtype)
         weights = members / members.sum(dim=0).clamp(min=1)
     prototypes = weights.transpose(0, 1) @ embeddings
     return torch.cat([embeddings.mean(dim=0, keepdim=True), prototypes])
