@@ -59,7 +59,7 @@ from torch import Tensor
 
 from torch.func import grad, vmap
 
-from learners.functional import plain_autograd
+from learners.functional import fresh_params, plain_autograd
 from pipelines.base import Task, TaskBatch
 
 Params = dict[str, Tensor]
@@ -168,10 +168,7 @@ class Learner(abc.ABC):
     def init_params(self, seed: int) -> Params:
         """Fresh meta-parameters, the same for the same seed on any machine."""
         torch.manual_seed(seed)
-        for module in self.backbone.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        return {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
+        return fresh_params(self.backbone)
 
     @abc.abstractmethod
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,

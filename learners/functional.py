@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from typing import Callable, Iterator, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad
 
 Params = dict[str, Tensor]
@@ -144,4 +144,27 @@ def one_hot(labels: Tensor, classes: int) -> Tensor:
     rather than ``F.one_hot``, which reads the values and so does not run under ``vmap``; callers
     cast it to the dtype they compute in."""
     return labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)
+
+
+# -- a meta-parameter dict's parts: a network's weights live under their own key prefix (``critic.``,
+# ``lstm.``, ``lr.`` for rates), the backbone's under none.
+
+def entries(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix`` (``"critic."``), the prefix removed: the weights
+    the network under it takes."""
+    return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
+
+
+def without(params: Params, *prefixes: str) -> Params:
+    """``params`` less the entries under any of ``prefixes``: what the network beside them takes."""
+    return {k: v for k, v in params.items() if not k.startswith(prefixes)}
+
+
+def fresh_params(module: nn.Module, prefix: str = "") -> Params:
+    """``module``'s freshly initialised weights (every submodule's ``reset_parameters``; the caller
+    seeds), detached copies under keys ``prefix + name``."""
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    return {prefix + name: p.detach().clone() for name, p in module.named_parameters()}
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.func import grad
 
 from learners.base import Adapted, Objective, Params
-from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_trajectory
+from learners.functional import (HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, entries,
+                                 gradient_trajectory, without)
 from learners.maml import MAML, HeadKnob
 from learners.nets.mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
 from pipelines.base import Task
@@ -99,9 +100,8 @@ class MAMLPlusPlus(MAML):
                    seen: dict[int, list[dict]] | None = None) -> list[Params]:
         """The fast weights before and after each inner step (per-step rows still whole);
         ``seen``, when given, collects each support pass's BatchNorm moments by row."""
-        start = self.task_params({k: v for k, v in params.items() if not k.startswith(RATE)},
-                                 ways)
-        rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
+        start = self.task_params(without(params, RATE), ways)
+        rates = entries(params, RATE)
 
         def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
             moments = None if seen is None else {}

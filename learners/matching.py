@@ -18,11 +18,10 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.functional import one_hot
-from learners.nets.metric import (FullContextEmbedding, encode_queries, encode_support, entries,
-                                  fresh_params, without)
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.metric import FullContextEmbedding, encode_queries, encode_support
 
-FCE = "fce"
+FCE = "fce."
 
 
 class MatchingHyperparameters(Hyperparameters):
@@ -51,7 +50,7 @@ class Matching(Learner):
         return {**params, **fresh_params(self.fce, FCE)} if self.fce is not None else params
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        return call(self.backbone, without(params, [FCE]), x).flatten(start_dim=1)
+        return call(self.backbone, without(params, FCE), x).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.func import grad
 
 from learners.base import Adapted, Objective, Params
+from learners.functional import entries, fresh_params, without
 from learners.maml import MAML, HeadKnob
 from learners.nets.meta_lstm import MetaLearnerLSTM, initial_state, step
 
@@ -54,15 +55,12 @@ class MetaLSTM(MAML):
 
     def init_params(self, seed: int) -> Params:
         learner = super().init_params(seed)  # seeds, then draws the backbone first
-        self.meta_learner.reset_parameters()
-        return {**learner, **{PREFIX + k: v.detach().clone()
-                              for k, v in self.meta_learner.named_parameters()}}
+        return {**learner, **fresh_params(self.meta_learner, PREFIX)}
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        lstm = {k: v for k, v in params.items() if k.startswith(PREFIX)}
-        start = self.task_params({k: v for k, v in params.items() if k not in lstm},
-                                 self.ways_of(support_y, ways))
+        lstm = entries(params, PREFIX)
+        start = self.task_params(without(params, PREFIX), self.ways_of(support_y, ways))
         shapes = {k: v.shape for k, v in start.items()}
         sizes = [math.prod(shape) for shape in shapes.values()]
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.functional import one_hot
+from learners.functional import entries, fresh_params, one_hot, without
 from learners.nets.metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
 
 NETS = ("embed.", "d.", "m.")
@@ -76,10 +76,7 @@ class MetaNet(Learner):
     def init_params(self, seed: int) -> Params:
         params = super().init_params(seed)
         for prefix, net in zip(NETS, (self.embedding, self.d, self.m)):
-            for module in net.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-            params.update({prefix + k: p.detach().clone() for k, p in net.named_parameters()})
+            params.update(fresh_params(net, prefix))
         return params
 
     def check_ways(self, params: Params, ways: int) -> None:
@@ -89,11 +86,9 @@ class MetaNet(Learner):
                              f"it cannot tell {ways} classes apart (train it on {ways}-way tasks)")
 
     @staticmethod
-    def part(params: Params, prefix: str) -> Params:
-        return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
-
-    def base(self, params: Params) -> Params:
-        return {k: v for k, v in params.items() if not k.startswith(NETS)}
+    def base(params: Params) -> Params:
+        """The base learner's slow weights: the meta-parameters less the embedding, d and m."""
+        return without(params, *NETS)
 
     # -- the two kinds of fast weights ---------------------------------------------------------
 
@@ -112,7 +107,7 @@ class MetaNet(Learner):
     def task_fast_weights(self, params: Params, x: Tensor, y: Tensor) -> Params:
         """d over the representation-loss gradients of ``d_steps`` groups of support examples
         (example i in group i mod d_steps), one step per group."""
-        slow = {k: v.detach() for k, v in self.part(params, "embed.").items()}
+        slow = {k: v.detach() for k, v in entries(params, "embed.").items()}
 
         def loss(fast: Params, anchor: Tensor) -> Tensor:
             return self.representation_loss({**slow, **fast}, x, y, anchor)
@@ -137,7 +132,7 @@ class MetaNet(Learner):
         return self.call_net(self.m, "m.", params, flat)
 
     def call_net(self, net: nn.Module, prefix: str, params: Params, gradients: Tensor) -> Tensor:
-        return functional_call(net, self.part(params, prefix), (gradients.detach(),))
+        return functional_call(net, entries(params, prefix), (gradients.detach(),))
 
     @staticmethod
     def split(flat: Tensor, net: nn.Module, names: list[str]) -> Params:
@@ -150,7 +145,7 @@ class MetaNet(Learner):
     # -- the learner verbs ---------------------------------------------------------------------
 
     def keys(self, params: Params, embed_fast: Params, x: Tensor) -> Tensor:
-        return augmented(self.embedding, self.part(params, "embed."), embed_fast, x).flatten(1)
+        return augmented(self.embedding, entries(params, "embed."), embed_fast, x).flatten(1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -160,7 +155,7 @@ class MetaNet(Learner):
                 **{f"embed_fast.{k}": v for k, v in embed_fast.items()}}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        embed_fast = self.part(adapted, "embed_fast.")
+        embed_fast = entries(adapted, "embed_fast.")
         queries = self.keys(params, embed_fast, query_x)
         similarity = F.normalize(queries, dim=-1) @ F.normalize(adapted["keys"], dim=-1).T
         fast = self.split(torch.softmax(similarity, dim=-1) @ adapted["memory"], self.backbone,

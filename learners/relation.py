@@ -17,10 +17,10 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.functional import one_hot
-from learners.nets.metric import call_module, entries, fresh_params, relation_module, without
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.metric import relation_module
 
-RELATION = "relation"
+RELATION = "relation."
 
 
 def one_hot_mse(scores: Tensor, targets: Tensor) -> Tensor:
@@ -56,7 +56,7 @@ class Relation(Learner):
         return {**super().init_params(seed), **fresh_params(self.relation, RELATION)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        features = call(self.backbone, without(params, [RELATION]), x)
+        features = call(self.backbone, without(params, RELATION), x)
         return features.reshape(len(x), *self.feature_shape)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
@@ -73,6 +73,6 @@ class Relation(Learner):
         count, ways = len(queries), len(classes)
         pairs = torch.cat([classes.unsqueeze(0).expand(count, *classes.shape),
                            queries.unsqueeze(1).expand(count, ways, *queries.shape[1:])], dim=2)
-        logits = call_module(self.relation, entries(params, RELATION),
+        logits = call(self.relation, entries(params, RELATION),
                              pairs.reshape(count * ways, *pairs.shape[2:]))
         return torch.sigmoid(logits).reshape(count, ways)

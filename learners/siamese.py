@@ -18,11 +18,10 @@ from torch.func import grad
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.functional import one_hot
-from learners.nets.metric import call_module, entries, fresh_params, without
+from learners.functional import entries, fresh_params, one_hot, without
 from pipelines.base import Task
 
-VERIFY = "verify"
+VERIFY = "verify."
 
 
 class Siamese(Learner):
@@ -43,12 +42,12 @@ class Siamese(Learner):
         return {**super().init_params(seed), **fresh_params(self.verify, VERIFY)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        return call(self.backbone, without(params, [VERIFY]), x).flatten(start_dim=1)
+        return call(self.backbone, without(params, VERIFY), x).flatten(start_dim=1)
 
     def same_logits(self, params: Params, a: Tensor, b: Tensor) -> Tensor:
         """Logits ``[len(a), len(b)]`` that encodings ``a[i]`` and ``b[j]`` show the same class."""
         distance = (a.unsqueeze(1) - b.unsqueeze(0)).abs()
-        return call_module(self.verify, entries(params, VERIFY), distance).squeeze(-1)
+        return call(self.verify, entries(params, VERIFY), distance).squeeze(-1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.functional import one_hot
+from learners.functional import entries, fresh_params, one_hot, without
 from learners.nets.snail import AttentionBlock, SequenceModel
 
 PREFIX = "snail."
@@ -83,17 +83,14 @@ class SNAIL(Learner):
                                       query_sees_itself=hparams.query_sees_itself)
 
     def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
-        for module in self.sequence.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        params = {**super().init_params(seed), **fresh_params(self.sequence, PREFIX)}
         if self.hparams.tied_init:
-            with torch.no_grad():
-                for module in self.sequence.modules():
-                    if isinstance(module, AttentionBlock):
-                        module.key.load_state_dict(module.query.state_dict())
-        return {**params, **{PREFIX + name: p.detach().clone()
-                             for name, p in self.sequence.named_parameters()}}
+            for name, module in self.sequence.named_modules():
+                if isinstance(module, AttentionBlock):
+                    for kind in ("weight", "bias"):
+                        query = params[f"{PREFIX}{name}.query.{kind}"]
+                        params[f"{PREFIX}{name}.key.{kind}"] = query.clone()
+        return params
 
     @classmethod
     def check_task_shape(cls, hparams: SNAILHyperparameters, *, ways: int, support: int) -> None:
@@ -113,8 +110,7 @@ class SNAIL(Learner):
         self.check_task_shape(self.hparams, ways=ways, support=0)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        body = {k: v for k, v in params.items() if not k.startswith(PREFIX)}
-        return call(self.backbone, body, x).flatten(start_dim=1)
+        return call(self.backbone, without(params, PREFIX), x).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -130,6 +126,5 @@ class SNAIL(Learner):
         support, queries = adapted["support"], self.embed(params, query_x)
         sequence = torch.cat([support, torch.nn.functional.pad(labels, (0, width - ways))], dim=-1)
         queries = torch.cat([queries, queries.new_zeros(queries.shape[0], width)], dim=-1)
-        weights = {k.removeprefix(PREFIX): v for k, v in params.items() if k.startswith(PREFIX)}
-        _, logits = functional_call(self.sequence, weights, (sequence, queries))
+        _, logits = functional_call(self.sequence, entries(params, PREFIX), (sequence, queries))
         return logits[:, :ways]  # the task's classes only

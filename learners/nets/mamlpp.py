@@ -17,7 +17,7 @@ from torch.func import functional_call
 from torch.nn.functional import batch_norm
 
 from learners.backbones import ConvBlock
-from learners.functional import in_plain_autograd
+from learners.functional import entries, in_plain_autograd
 
 Params = dict[str, Tensor]
 WEIGHT, BIAS, MEAN, VAR = "weight", "bias", "running_mean", "running_var"
@@ -87,7 +87,6 @@ def forward(backbone: nn.Module, view: Params, x: Tensor, *,
                 moments[prefix] = (mean, variance)
             return batch_norm(h, None, None, view[prefix + WEIGHT], view[prefix + BIAS],
                               training=True, eps=EPS)
-        local = {k.removeprefix(prefix): v for k, v in view.items() if k.startswith(prefix)}
-        return functional_call(module, local, (h,))
+        return functional_call(module, entries(view, prefix), (h,))
 
     return run(backbone.head, "head.", run(backbone.body, "body.", x))

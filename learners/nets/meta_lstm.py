@@ -79,22 +79,23 @@ def initial_state(weights: Tensor, hidden: int) -> State:
 def step(params: dict[str, Tensor], weights: Tensor, state: State, loss: Tensor,
          gradient: Tensor) -> tuple[Tensor, State]:
     """One update of the flattened learner ``weights`` (the cell state) from its support ``loss``
-    and ``gradient``; ``params`` holds the ``lstm.*`` entries. Returns (new weights, new state)."""
+    and ``gradient``; ``params`` holds the LSTM's weights (the ``lstm.*`` entries, prefix removed).
+    Returns (new weights, new state)."""
     h, c, f_prev, i_prev = state
     hidden = h.shape[0]
-    w_ih = params["lstm.weight_ih"]
+    w_ih = params["weight_ih"]
     # The loss is the same for every coordinate: its share of the gates is one column, broadcast.
-    shared = w_ih[:, :2] @ preprocess(loss) + params["lstm.bias_ih"] + params["lstm.bias_hh"]
-    gates = (w_ih[:, 2:] @ preprocess(gradient).T + params["lstm.weight_hh"] @ h
+    shared = w_ih[:, :2] @ preprocess(loss) + params["bias_ih"] + params["bias_hh"]
+    gates = (w_ih[:, 2:] @ preprocess(gradient).T + params["weight_hh"] @ h
              + shared.unsqueeze(-1))
     in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=0)  # nn.LSTMCell's order
     c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
     h = torch.sigmoid(out_gate) * torch.tanh(c)
     # The meta-learner gates: W . [h, c_{t-1}, previous gate] + b, for W_F and W_I at once.
-    w_f, w_i = params["lstm.forget_weight"], params["lstm.input_weight"]
+    w_f, w_i = params["forget_weight"], params["input_weight"]
     both = torch.stack([w_f[:hidden], w_i[:hidden]]) @ h
     f = torch.sigmoid(both[0] + weights * w_f[hidden] + f_prev * w_f[hidden + 1]
-                      + params["lstm.forget_bias"])
+                      + params["forget_bias"])
     i = torch.sigmoid(both[1] + weights * w_i[hidden] + i_prev * w_i[hidden + 1]
-                      + params["lstm.input_bias"])
+                      + params["input_bias"])
     return f * weights - i * gradient, (h, c, f, i)

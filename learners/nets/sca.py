@@ -50,7 +50,8 @@ def task_summary(embeddings: Tensor, targets: Tensor, units: int | None) -> Tens
 
 def critic_loss(critic: Critic, params: dict[str, Tensor], outputs: Tensor, embeddings: Tensor,
                 summary: Tensor) -> Tensor:
-    """The critic's loss of one task's query predictions; ``params`` holds ``critic.*``."""
+    """The critic's loss of one task's query predictions; ``params`` holds the critic's weights
+    (the ``critic.*`` entries, prefix removed)."""
     queries, units = outputs.shape
     context, prototypes = summary[0], summary[1:]
     scores = (torch.softmax(outputs, dim=-1) if units > 1 else torch.ones_like(outputs))
@@ -59,5 +60,4 @@ def critic_loss(critic: Critic, params: dict[str, Tensor], outputs: Tensor, embe
         embeddings.unsqueeze(1).expand(queries, units, -1),
         prototypes.unsqueeze(0).expand(queries, units, -1),
         context.expand(queries, units, -1)], dim=-1)
-    weights = {k.removeprefix("critic."): v for k, v in params.items()}
-    return functional_call(critic, weights, (pairs,)).sum(dim=-1).mean()
+    return functional_call(critic, params, (pairs,)).sum(dim=-1).mean()
