@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from learners.functional import Params, entries
+from learners.nets.lstm import lstm_cell
 
 
 # -- Matching Networks: full context embeddings (Vinyals et al. 2016, appendix A) --------------
@@ -33,9 +34,7 @@ def lstm_step(params: Params, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, 
     """One step of an ``nn.LSTMCell`` (gates i, f, g, o) over its weight entries in ``params``."""
     gates = (x @ params["weight_ih"].T + params["bias_ih"]
              + h @ params["weight_hh"].T + params["bias_hh"])
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    return lstm_cell(gates, c)
 
 
 def encode_support(params: Params, embeddings: Tensor) -> Tensor:
