@@ -46,7 +46,6 @@ class ALPaCA(Learner):
     family = "closed-form"
     Hyperparameters = ALPaCAHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("regression",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.01, "log": True}}
 

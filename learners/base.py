@@ -126,9 +126,9 @@ class Learner(abc.ABC):
     # the registry groups learners by it and the contract tests are named after it.
     family: ClassVar[str]
     Hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
-    # False for learners with no per-task gradient steps (metric-based, closed-form): their
-    # ``adapt`` ignores ``steps``.
-    uses_inner_steps: ClassVar[bool] = True
+    # Whether ``adapt`` takes per-task gradient steps (its ``steps`` argument; the other families'
+    # learners ignore it): set from ``family`` for each subclass, so it is never declared twice.
+    uses_inner_steps: ClassVar[bool]
     # False for learners whose backbone ends at the embedding (metric-based): ``build_learner``
     # then builds it without the linear output head.
     needs_head: ClassVar[bool] = True
@@ -151,6 +151,10 @@ class Learner(abc.ABC):
     autograd_loop: ClassVar[bool] = True
     # False keeps image batches NCHW in that loop (``autograd_batch_gradient``).
     channels_last_images: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.uses_inner_steps = getattr(cls, "family", None) == "gradient"
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone

@@ -38,7 +38,6 @@ class Matching(Learner):
     family = "metric"
     Hyperparameters = MatchingHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def __init__(self, backbone, objective: Objective, hparams: MatchingHyperparameters):

@@ -52,7 +52,6 @@ class MetaNet(Learner):
     name = "metanet"
     family = "model-based"
     Hyperparameters = MetaNetHyperparameters
-    uses_inner_steps = False
     task_kinds = ("classification",)
     unsupported_backbones = {"resnet12": "its layer-augmented fast weights follow a plain chain "
                                          "of layers, which ResNet-12's skip connections are not; "

@@ -59,7 +59,6 @@ class MetaOptNet(Learner):
     family = "closed-form"
     Hyperparameters = MetaOptNetHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True},
                     "svm_c": {"low": 0.01, "high": 1.0, "log": True}}

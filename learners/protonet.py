@@ -21,7 +21,6 @@ class ProtoNet(Learner):
     name = "protonet"
     family = "metric"
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:

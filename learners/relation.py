@@ -41,7 +41,6 @@ class Relation(Learner):
     family = "metric"
     Hyperparameters = RelationHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     unsupported_backbones = {"resnet12": "its relation module compares spatial feature maps, "
                                          "which ResNet-12 flattens; use conv4"}

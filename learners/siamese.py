@@ -30,7 +30,6 @@ class Siamese(Learner):
     name = "siamese"
     family = "metric"
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def __init__(self, backbone, objective: Objective, hparams: Hyperparameters):

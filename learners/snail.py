@@ -71,7 +71,6 @@ class SNAIL(Learner):
     family = "model-based"
     Hyperparameters = SNAILHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 
