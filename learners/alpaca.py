@@ -43,9 +43,9 @@ class ALPaCA(Learner):
     """ALPaCA with a learned prior, learned diagonal noise and the exact predictive likelihood."""
 
     name = "alpaca"
+    family = "closed-form"
     Hyperparameters = ALPaCAHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("regression",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.01, "log": True}}
 

@@ -16,7 +16,7 @@ from torch.nn.functional import linear
 
 from learners.backbones import call
 from learners.base import Adapted, Params
-from learners.functional import HEAD_BIAS, HEAD_WEIGHT, gradient_steps
+from learners.functional import HEAD_BIAS, HEAD_WEIGHT, entries, gradient_steps
 from learners.maml import MAML, HeadKnob
 
 
@@ -39,8 +39,7 @@ class ANIL(MAML):
               ways: int | None = None, steps: int | None = None) -> Adapted:
         start = self.task_params(params, self.ways_of(support_y, ways))
         body = {k: v for k, v in start.items() if k not in (HEAD_WEIGHT, HEAD_BIAS)}
-        features = call(self.backbone.body, {k.removeprefix("body."): v for k, v in body.items()},
-                        support_x)
+        features = call(self.backbone.body, entries(body, "body."), support_x)
         head = gradient_steps(self.head_loss, {HEAD_WEIGHT: start[HEAD_WEIGHT],
                                                HEAD_BIAS: start[HEAD_BIAS]},
                               features, support_y, lr=self.hparams.inner_lr,

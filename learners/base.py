@@ -20,27 +20,29 @@ gradient of the query loss through ``adapt``; algorithms whose outer update is n
 (Reptile) override it. Shards of a meta-batch return the *sum* of their tasks' contributions so
 that a driver can add shards from any number of workers and divide once by the task count.
 
-How each family maps onto it:
+How each family (``Learner.family``, one of ``FAMILIES``) maps onto it:
 
-- Gradient-based (MAML, first-order MAML, Reptile, Meta-SGD, ANIL, MAML++, Self-Critique and
+- ``gradient`` (MAML, first-order MAML, Reptile, Meta-SGD, ANIL, MAML++, Self-Critique and
   Adapt): ``params`` are the backbone's initial weights plus any learned inner-loop state
   (Meta-SGD's per-weight learning rates, MAML++'s per-step rates, SCA's critic); ``adapt`` runs
   the functional inner loop of ``learners.functional`` and returns the fast weights; ``predict``
   calls the backbone with them. ANIL adapts only the head entries of the dict.
-- Metric-based (Prototypical, Matching with full-context embeddings, Relation, Siamese):
+- ``metric`` (Prototypical, Matching with full-context embeddings, Relation, Siamese):
   ``adapt`` embeds the support set and returns what a query is compared against (class
   prototypes, the FCE-encoded support, support embeddings and labels); ``predict`` returns
   logits from distances, attention or a learned relation module held in ``params``.
-- Closed-form heads (MetaOptNet, ALPaCA): ``adapt`` embeds the support set and solves the head in
-  closed form (differentiable SVM/ridge dual, Bayesian linear regression posterior), returning
-  the head's weights (and ALPaCA's posterior covariance); ``predict`` applies them to embedded
-  queries. Gradients flow through the solver into the embedding.
-- Model-based (SNAIL, MetaNet): ``adapt`` returns the support set itself, embedded (SNAIL) or with
-  the fast weights MetaNet's meta-learner generates from support-loss gradients; ``predict`` runs
-  the sequence model over support-then-query (SNAIL) or the base network with generated weights.
-- Learned optimisers (the LSTM meta-learner of Ravi and Larochelle): ``params`` hold the learner
-  network's initial weights *and* the LSTM's weights; ``adapt`` unrolls the LSTM-produced updates
-  over the support set; ``task_gradient`` is the query-loss gradient with respect to both.
+- ``closed-form`` heads (MetaOptNet, ALPaCA): ``adapt`` embeds the support set and solves the
+  head in closed form (differentiable SVM/ridge dual, Bayesian linear regression posterior),
+  returning the head's weights (and ALPaCA's posterior covariance); ``predict`` applies them to
+  embedded queries. Gradients flow through the solver into the embedding.
+- ``model-based`` (SNAIL, MetaNet): ``adapt`` returns the support set itself, embedded (SNAIL) or
+  with the fast weights MetaNet's meta-learner generates from support-loss gradients; ``predict``
+  runs the sequence model over support-then-query (SNAIL) or the base network with generated
+  weights.
+- Learned optimisers, in the ``gradient`` family (the LSTM meta-learner of Ravi and Larochelle):
+  ``params`` hold the learner network's initial weights *and* the LSTM's weights; ``adapt``
+  unrolls the LSTM-produced updates over the support set; ``task_gradient`` is the query-loss
+  gradient with respect to both.
 
 A learner never imports Ray, MLflow or Optuna.
 """
@@ -57,7 +59,7 @@ from torch import Tensor
 
 from torch.func import grad, vmap
 
-from learners.functional import plain_autograd
+from learners.functional import fresh_params, plain_autograd
 from pipelines.base import Task, TaskBatch
 
 Params = dict[str, Tensor]
@@ -111,14 +113,22 @@ def task_ways(support_y: Tensor) -> int:
     return int(support_y.max()) + 1
 
 
+# The families of the module docstring, in the order the registry, the README's algorithm table
+# and the contract test ids list them.
+FAMILIES = ("gradient", "metric", "closed-form", "model-based")
+
+
 class Learner(abc.ABC):
     """A meta-learning algorithm: see the module docstring for the contract."""
 
     name: ClassVar[str]
+    # One of ``FAMILIES``, declared by every algorithm (or inherited from the one it extends):
+    # the registry groups learners by it and the contract tests are named after it.
+    family: ClassVar[str]
     Hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
-    # False for learners with no per-task gradient steps (metric-based, closed-form): their
-    # ``adapt`` ignores ``steps``.
-    uses_inner_steps: ClassVar[bool] = True
+    # Whether ``adapt`` takes per-task gradient steps (its ``steps`` argument; the other families'
+    # learners ignore it): set from ``family`` for each subclass, so it is never declared twice.
+    uses_inner_steps: ClassVar[bool]
     # False for learners whose backbone ends at the embedding (metric-based): ``build_learner``
     # then builds it without the linear output head.
     needs_head: ClassVar[bool] = True
@@ -140,6 +150,10 @@ class Learner(abc.ABC):
     # False keeps image batches NCHW in that loop (``autograd_batch_gradient``).
     channels_last_images: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.uses_inner_steps = getattr(cls, "family", None) == "gradient"
+
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
         self.objective = objective
@@ -156,10 +170,7 @@ class Learner(abc.ABC):
     def init_params(self, seed: int) -> Params:
         """Fresh meta-parameters, the same for the same seed on any machine."""
         torch.manual_seed(seed)
-        for module in self.backbone.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        return {name: p.detach().clone() for name, p in self.backbone.named_parameters()}
+        return fresh_params(self.backbone)
 
     @abc.abstractmethod
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
@@ -368,10 +379,6 @@ class Learner(abc.ABC):
             correct = (outputs.argmax(dim=-1) == targets).float().mean(dim=-1)
             stats["accuracy"] = float(correct.sum())
         return stats
-
-    def evaluate(self, params: Params, task: Task, *, steps: int | None = None) -> dict[str, float]:
-        """Query loss (and accuracy for classification) after adapting on one task."""
-        return self.batch_evaluate(params, TaskBatch.stack([task]), steps=steps)
 
 
 def channels_last(x: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 
 ``gradient_steps`` is used for meta-training, validation and ``orch predict`` alike, so there is
 exactly one implementation of "adapt by gradient descent" in orch (``gradient_trajectory`` is the
-same loop, keeping every step's weights).
+same loop, keeping every step's weights). Beside it, the small pieces every family uses: a one-hot
+that runs under ``vmap`` (``one_hot``) and a meta-parameter dict's parts by key prefix
+(``entries``, ``without``, ``fresh_params``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from contextvars import ContextVar
 from typing import Callable, Iterator, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad
 
 Params = dict[str, Tensor]
@@ -108,7 +110,6 @@ def gradient_trajectory(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *
 
 # The any-way head of the gradient family (``head`` knob), after Ye and Chao (2022), "How to train
 # your MAML to excel in few-shot classification", and the zeroing trick of Kao et al. (2022).
-HEAD_MODES = ("fixed", "zero", "shared")
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 SHARED_HEAD = "head.shared_weight"
 
@@ -141,3 +142,34 @@ def task_head(params: Params, mode: str, *, ways: int | None, features: int) -> 
     else:
         weight = params[SHARED_HEAD].unsqueeze(0).expand(ways, -1)
     return {**body, HEAD_WEIGHT: weight, HEAD_BIAS: weight.new_zeros(ways)}
+
+
+def one_hot(labels: Tensor, classes: int) -> Tensor:
+    """``[*labels.shape, classes]`` booleans, True at each label's class. Made by comparison
+    rather than ``F.one_hot``, which reads the values and so does not run under ``vmap``; callers
+    cast it to the dtype they compute in."""
+    return labels.unsqueeze(-1) == torch.arange(classes, device=labels.device)
+
+
+# -- a meta-parameter dict's parts: a network's weights live under their own key prefix (``critic.``,
+# ``lstm.``, ``lr.`` for rates), the backbone's under none.
+
+def entries(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix`` (``"critic."``), the prefix removed: the weights
+    the network under it takes."""
+    return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
+
+
+def without(params: Params, *prefixes: str) -> Params:
+    """``params`` less the entries under any of ``prefixes``: what the network beside them takes."""
+    return {k: v for k, v in params.items() if not k.startswith(prefixes)}
+
+
+def fresh_params(module: nn.Module, prefix: str = "") -> Params:
+    """``module``'s freshly initialised weights (every submodule's ``reset_parameters``; the caller
+    seeds), detached copies under keys ``prefix + name``."""
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    return {prefix + name: p.detach().clone() for name, p in module.named_parameters()}
+

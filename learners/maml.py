@@ -36,6 +36,7 @@ class MAML(Learner):
     """Second-order MAML: the outer gradient flows through the inner loop's gradients."""
 
     name = "maml"
+    family = "gradient"
     Hyperparameters = MAMLHyperparameters
     first_order = False
     search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},

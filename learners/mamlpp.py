@@ -3,7 +3,7 @@
 MAML with the paper's fixes: a multi-step loss (the query loss after every inner step, weighted,
 the weights annealed toward the last step's), a learned inner rate per layer and per step
 (``lr.<weight>``, one entry per step), BatchNorm weights, biases and running statistics per step
-(see ``learners.nets_mamlpp``), first-order meta-gradients for the first part of training and
+(see ``learners.nets.mamlpp``), first-order meta-gradients for the first part of training and
 second-order after, and a cosine-annealed outer rate. The meta-parameters are the backbone's
 initial weights with per-step BatchNorm rows, the per-step rates and the running statistics;
 ``adapt`` returns the fast weights after ``inner_steps`` steps, with the BatchNorm row for that
@@ -15,15 +15,14 @@ also normalises with batch statistics, and each task's ``task_gradient`` returns
 statistic, the running value minus the mean of that row's batch moments on the task (support and
 query passes that used the row); the trainer moves the statistics by ``statistics_momentum`` (0.1,
 PyTorch's) times the meta-batch mean of that, outside the optimiser: an exponential moving average
-that is deterministic and the same on any number of workers. ``bn_statistics`` says whether
-evaluation and serving normalise with these running statistics or, like the authors' code,
-with each batch's own (the default: on a short Omniglot run, evaluation with the running
-statistics was near chance, since the weights were meta-trained with per-task normalisation).
+that is deterministic and the same on any number of workers. Evaluation and serving normalise
+with each batch's own statistics too, like the authors' code, so no prediction reads the running
+statistics: on a short Omniglot run (Conv-4, 8 filters, 60 iterations) evaluating with them
+scored 0.23 (chance 0.2) against over 0.4 with batch statistics, since the weights were
+meta-trained with per-task normalisation.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -31,9 +30,10 @@ from torch import Tensor
 from torch.func import grad
 
 from learners.base import Adapted, Objective, Params
-from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_trajectory
+from learners.functional import (HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, entries,
+                                 gradient_trajectory, without)
 from learners.maml import MAML, HeadKnob
-from learners.nets_mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
+from learners.nets.mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
 from pipelines.base import Task
 
 RATE = "lr."
@@ -52,10 +52,6 @@ class MAMLPlusPlusHyperparameters(HeadKnob):
     first_order_fraction: float = Field(1 / 3, ge=0, le=1, description="fraction of meta-"
                                         "training done with first-order meta-gradients before "
                                         "switching to second order (the paper: 50 of 150 epochs)")
-    bn_statistics: Literal["batch", "running"] = Field(
-        "batch", description="what BatchNorm normalises with at evaluation and serving: 'batch' "
-        "(each forward pass's own statistics, as in meta-training and the authors' code) or "
-        "'running' (the per-step running statistics gathered during meta-training)")
 
 
 class MAMLPlusPlus(MAML):
@@ -100,17 +96,16 @@ class MAMLPlusPlus(MAML):
         return [early] * (steps - 1) + [last]
 
     def trajectory(self, params: Params, support_x: Tensor, support_y: Tensor, *,
-                   ways: int | None, steps: int, first_order: bool, running: bool,
+                   ways: int | None, steps: int, first_order: bool,
                    seen: dict[int, list[dict]] | None = None) -> list[Params]:
         """The fast weights before and after each inner step (per-step rows still whole);
         ``seen``, when given, collects each support pass's BatchNorm moments by row."""
-        start = self.task_params({k: v for k, v in params.items() if not k.startswith(RATE)},
-                                 ways)
-        rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
+        start = self.task_params(without(params, RATE), ways)
+        rates = entries(params, RATE)
 
         def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
             moments = None if seen is None else {}
-            outputs = self.outputs(p, x, row=step, running=running, moments=moments)
+            outputs = self.outputs(p, x, row=step, moments=moments)
             if seen is not None:
                 seen.setdefault(step, []).append(moments)
             return self.objective.loss(outputs, y)
@@ -121,22 +116,19 @@ class MAMLPlusPlus(MAML):
             lr=lambda step: {k: r[min(step, len(r) - 1)] for k, r in rates.items()},
             adapt_keys=frozenset(rates), with_step=True)
 
-    def outputs(self, params: Params, x: Tensor, *, row: int, running: bool = False,
+    def outputs(self, params: Params, x: Tensor, *, row: int,
                 moments: dict | None = None) -> Tensor:
-        return forward(self.backbone, row_view(params, self.layers, row), x, running=running,
-                       moments=moments)
+        return forward(self.backbone, row_view(params, self.layers, row), x, moments=moments)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
         steps = self.hparams.inner_steps if steps is None else steps
         fast = self.trajectory(params, support_x, support_y, ways=self.ways_of(support_y, ways),
-                               steps=steps, first_order=False,
-                               running=self.hparams.bn_statistics == "running")[-1]
+                               steps=steps, first_order=False)[-1]
         return row_view(fast, self.layers, steps)
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        return forward(self.backbone, adapted, query_x,
-                       running=self.hparams.bn_statistics == "running")
+        return forward(self.backbone, adapted, query_x)
 
     def task_gradient(self, params: Params, task: Task, *,
                       ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
@@ -168,7 +160,7 @@ class MAMLPlusPlus(MAML):
         weights = self.loss_weights(self.progress)
         first_order = self.progress < self.hparams.first_order_fraction
         path = self.trajectory(params, task.support_x, task.support_y, ways=ways, steps=steps,
-                               first_order=first_order, running=False, seen=seen)
+                               first_order=first_order, seen=seen)
         total = 0.0
         for step, weight in enumerate(weights):
             if weight > 0:

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import (FullContextEmbedding, class_members, encode_queries,
-                                  encode_support, entries, fresh_params, without)
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.metric import FullContextEmbedding, encode_queries, encode_support
 
-FCE = "fce"
+FCE = "fce."
 
 
 class MatchingHyperparameters(Hyperparameters):
@@ -35,9 +35,9 @@ class Matching(Learner):
     """Matching Networks: cosine attention over the (context-embedded) support set."""
 
     name = "matching"
+    family = "metric"
     Hyperparameters = MatchingHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def __init__(self, backbone, objective: Objective, hparams: MatchingHyperparameters):
@@ -49,7 +49,7 @@ class Matching(Learner):
         return {**params, **fresh_params(self.fce, FCE)} if self.fce is not None else params
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        return call(self.backbone, without(params, [FCE]), x).flatten(start_dim=1)
+        return call(self.backbone, without(params, FCE), x).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -57,7 +57,7 @@ class Matching(Learner):
         support = self.embed(params, support_x)
         if self.fce is not None:
             support = encode_support(entries(params, FCE), support)
-        return {"support": support, "members": class_members(support_y, ways)}
+        return {"support": support, "members": one_hot(support_y, ways)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         support = adapted["support"]

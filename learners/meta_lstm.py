@@ -1,7 +1,7 @@
 """The LSTM meta-learner: "Optimization as a Model for Few-Shot Learning" (Ravi and Larochelle, 2017).
 
 The meta-parameters are the learner network's initial weights -- the LSTM's initial cell state --
-and the weights of a coordinate-wise two-layer LSTM (``lstm.*``, see ``learners.nets_meta_lstm``).
+and the weights of a coordinate-wise two-layer LSTM (``lstm.*``, see ``learners.nets.meta_lstm``).
 ``adapt`` flattens the learner's weights into one vector and lets the LSTM update every coordinate
 ``inner_steps`` (T) times from the preprocessed support loss and gradient; it returns the final
 cell state, unflattened: the task's weights. As in the paper, the learner's loss and gradients are
@@ -20,8 +20,9 @@ from torch import Tensor
 from torch.func import grad
 
 from learners.base import Adapted, Objective, Params
+from learners.functional import entries, fresh_params, without
 from learners.maml import MAML, HeadKnob
-from learners.nets_meta_lstm import MetaLearnerLSTM, initial_state, step
+from learners.nets.meta_lstm import MetaLearnerLSTM, initial_state, step
 
 PREFIX = "lstm."
 
@@ -54,15 +55,12 @@ class MetaLSTM(MAML):
 
     def init_params(self, seed: int) -> Params:
         learner = super().init_params(seed)  # seeds, then draws the backbone first
-        self.meta_learner.reset_parameters()
-        return {**learner, **{PREFIX + k: v.detach().clone()
-                              for k, v in self.meta_learner.named_parameters()}}
+        return {**learner, **fresh_params(self.meta_learner, PREFIX)}
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        lstm = {k: v for k, v in params.items() if k.startswith(PREFIX)}
-        start = self.task_params({k: v for k, v in params.items() if k not in lstm},
-                                 self.ways_of(support_y, ways))
+        lstm = entries(params, PREFIX)
+        start = self.task_params(without(params, PREFIX), self.ways_of(support_y, ways))
         shapes = {k: v.shape for k, v in start.items()}
         sizes = [math.prod(shape) for shape in shapes.values()]
 

@@ -2,7 +2,7 @@
 
 The meta-parameters are the slow weights of a base learner (the backbone with its N-way output
 layer), of an embedding function (a copy of the backbone's body, ``embed.*``) and of two
-meta-learners that turn loss gradients into fast weights (``learners.nets_metanet``): d
+meta-learners that turn loss gradients into fast weights (``learners.nets.metanet``): d
 (``d.*``, a coordinate-wise LSTM) and m (``m.*``, a coordinate-wise MLP). ``adapt`` makes
 task-level fast weights for the embedding -- d reads the gradients of a contrastive
 representation loss on support pairs, one step per group of support examples -- embeds the support set
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.metanet import CoordinateLSTM, CoordinateMLP, augmented, fast_names
 
 NETS = ("embed.", "d.", "m.")
 
@@ -49,8 +50,8 @@ class MetaNet(Learner):
     """Meta Networks with fast-parameterised, layer-augmented embedding and base learner."""
 
     name = "metanet"
+    family = "model-based"
     Hyperparameters = MetaNetHyperparameters
-    uses_inner_steps = False
     task_kinds = ("classification",)
     unsupported_backbones = {"resnet12": "its layer-augmented fast weights follow a plain chain "
                                          "of layers, which ResNet-12's skip connections are not; "
@@ -74,10 +75,7 @@ class MetaNet(Learner):
     def init_params(self, seed: int) -> Params:
         params = super().init_params(seed)
         for prefix, net in zip(NETS, (self.embedding, self.d, self.m)):
-            for module in net.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-            params.update({prefix + k: p.detach().clone() for k, p in net.named_parameters()})
+            params.update(fresh_params(net, prefix))
         return params
 
     def check_ways(self, params: Params, ways: int) -> None:
@@ -87,11 +85,9 @@ class MetaNet(Learner):
                              f"it cannot tell {ways} classes apart (train it on {ways}-way tasks)")
 
     @staticmethod
-    def part(params: Params, prefix: str) -> Params:
-        return {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
-
-    def base(self, params: Params) -> Params:
-        return {k: v for k, v in params.items() if not k.startswith(NETS)}
+    def base(params: Params) -> Params:
+        """The base learner's slow weights: the meta-parameters less the embedding, d and m."""
+        return without(params, *NETS)
 
     # -- the two kinds of fast weights ---------------------------------------------------------
 
@@ -110,14 +106,13 @@ class MetaNet(Learner):
     def task_fast_weights(self, params: Params, x: Tensor, y: Tensor) -> Params:
         """d over the representation-loss gradients of ``d_steps`` groups of support examples
         (example i in group i mod d_steps), one step per group."""
-        slow = {k: v.detach() for k, v in self.part(params, "embed.").items()}
+        slow = {k: v.detach() for k, v in entries(params, "embed.").items()}
 
         def loss(fast: Params, anchor: Tensor) -> Tensor:
             return self.representation_loss({**slow, **fast}, x, y, anchor)
 
         steps = min(self.hparams.d_steps, len(y))
-        anchors = (torch.arange(len(y), device=x.device) % steps
-                   == torch.arange(steps, device=x.device).unsqueeze(1)).to(x.dtype)
+        anchors = one_hot(torch.arange(len(y), device=x.device) % steps, steps).T.to(x.dtype)
         grads = vmap(grad(loss), in_dims=(None, 0))({k: slow[k] for k in self.embed_fast}, anchors)
         flat = torch.cat([grads[k].flatten(1) for k in self.embed_fast], dim=1)
         return self.split(self.call_net(self.d, "d.", params, flat), self.embedding,
@@ -136,7 +131,7 @@ class MetaNet(Learner):
         return self.call_net(self.m, "m.", params, flat)
 
     def call_net(self, net: nn.Module, prefix: str, params: Params, gradients: Tensor) -> Tensor:
-        return functional_call(net, self.part(params, prefix), (gradients.detach(),))
+        return functional_call(net, entries(params, prefix), (gradients.detach(),))
 
     @staticmethod
     def split(flat: Tensor, net: nn.Module, names: list[str]) -> Params:
@@ -149,7 +144,7 @@ class MetaNet(Learner):
     # -- the learner verbs ---------------------------------------------------------------------
 
     def keys(self, params: Params, embed_fast: Params, x: Tensor) -> Tensor:
-        return augmented(self.embedding, self.part(params, "embed."), embed_fast, x).flatten(1)
+        return augmented(self.embedding, entries(params, "embed."), embed_fast, x).flatten(1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -159,7 +154,7 @@ class MetaNet(Learner):
                 **{f"embed_fast.{k}": v for k, v in embed_fast.items()}}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        embed_fast = self.part(adapted, "embed_fast.")
+        embed_fast = entries(adapted, "embed_fast.")
         queries = self.keys(params, embed_fast, query_x)
         similarity = F.normalize(queries, dim=-1) @ F.normalize(adapted["keys"], dim=-1).T
         fast = self.split(torch.softmax(similarity, dim=-1) @ adapted["memory"], self.backbone,

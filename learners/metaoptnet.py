@@ -29,6 +29,7 @@ from torch.func import grad
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Params
 from learners.closed_form_heads import ridge_weights, svm_weights
+from learners.functional import one_hot
 from pipelines.base import Task
 
 SCALE = "scale"
@@ -55,9 +56,9 @@ class MetaOptNet(Learner):
     """MetaOptNet with an SVM or ridge-regression head and a learned logit scale."""
 
     name = "metaoptnet"
+    family = "closed-form"
     Hyperparameters = MetaOptNetHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True},
                     "svm_c": {"low": 0.01, "high": 1.0, "log": True}}
@@ -81,9 +82,7 @@ class MetaOptNet(Learner):
         """The head fitted to the embedded support set; ``svm_steps`` solver steps for the SVM."""
         ways = self.ways_of(support_y, ways)
         embeddings = self.embed(params, support_x)
-        # One-hot by comparison rather than F.one_hot, so adapt also runs under torch.func.vmap.
-        onehot = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
-        onehot = onehot.to(embeddings.dtype)
+        onehot = one_hot(support_y, ways).to(embeddings.dtype)
         h = self.hparams
         if h.head == "svm":
             weights = svm_weights(embeddings, onehot, c=h.svm_c, steps=svm_steps)

@@ -15,7 +15,8 @@ from pydantic import Field
 from torch import Tensor
 
 from learners.base import Adapted, Params
-from learners.functional import HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, gradient_steps
+from learners.functional import (HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, entries, gradient_steps,
+                                 without)
 from learners.maml import MAML, HeadKnob
 
 RATE = "lr."
@@ -51,9 +52,7 @@ class MetaSGD(MAML):
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        weights = {k: v for k, v in params.items() if not k.startswith(RATE)}
-        rates = {k.removeprefix(RATE): v for k, v in params.items() if k.startswith(RATE)}
-        start = self.task_params(weights, self.ways_of(support_y, ways))
-        return gradient_steps(self.support_loss, start, support_x, support_y, lr=rates,
+        start = self.task_params(without(params, RATE), self.ways_of(support_y, ways))
+        return gradient_steps(self.support_loss, start, support_x, support_y, lr=entries(params, RATE),
                               steps=self.hparams.inner_steps if steps is None else steps,
                               first_order=self.first_order)

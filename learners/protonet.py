@@ -8,19 +8,19 @@ the paper's distribution over classes. There is no inner loop: adaptation is one
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Learner, Params
+from learners.functional import one_hot
 
 
 class ProtoNet(Learner):
     """Prototypical Networks with squared Euclidean distance."""
 
     name = "protonet"
+    family = "metric"
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
@@ -30,9 +30,7 @@ class ProtoNet(Learner):
               ways: int | None = None, steps: int | None = None) -> Adapted:
         ways = self.ways_of(support_y, ways)
         embeddings = self.embed(params, support_x)
-        # One-hot by comparison rather than F.one_hot, so adapt also runs under torch.func.vmap.
-        members = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
-        members = members.to(embeddings.dtype)
+        members = one_hot(support_y, ways).to(embeddings.dtype)
         prototypes = members.transpose(0, 1) @ embeddings / members.sum(dim=0).unsqueeze(-1)
         return {"prototypes": prototypes}
 

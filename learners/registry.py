@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from learners.alpaca import ALPaCA
 from learners.anil import ANIL
-from learners.base import Learner
+from learners.base import FAMILIES, Learner
 from learners.fomaml import FOMAML
 from learners.maml import MAML
 from learners.mamlpp import MAMLPlusPlus
@@ -20,16 +20,31 @@ from learners.sca import SCA
 from learners.siamese import Siamese
 from learners.snail import SNAIL
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (
-    # gradient-based and learned optimisers
+# Within a family, in the order the README's algorithm table lists them.
+_CLASSES: tuple[type[Learner], ...] = (
     MAML, FOMAML, Reptile, MetaSGD, ANIL, MAMLPlusPlus, MetaLSTM, SCA,
-    # metric-based
     ProtoNet, Matching, Relation, Siamese,
-    # closed-form heads
     MetaOptNet, ALPaCA,
-    # model-based
     SNAIL, MetaNet,
-)}
+)
+
+
+def _family_rank(cls: type[Learner]) -> int:
+    """Where ``cls``'s family comes in ``FAMILIES``; a learner declaring none of them is refused."""
+    family = getattr(cls, "family", None)
+    if family not in FAMILIES:
+        raise TypeError(f"{cls.__name__}.family is {family!r}; allowed: {', '.join(FAMILIES)}")
+    return FAMILIES.index(family)
+
+
+# Grouped by family, in ``FAMILIES``' order; within a family, in ``_CLASSES``' order.
+LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in sorted(_CLASSES, key=_family_rank)}
+
+
+def learners_by_family() -> dict[str, list[str]]:
+    """Family -> the names of its learners, in ``LEARNERS``' order."""
+    return {family: [name for name, cls in LEARNERS.items() if cls.family == family]
+            for family in FAMILIES}
 
 
 def learner_class(name: str) -> type[Learner]:

@@ -17,16 +17,16 @@ from torch import Tensor
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import (call_module, class_members, entries, fresh_params,
-                                  relation_module, without)
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.metric import relation_module
 
-RELATION = "relation"
+RELATION = "relation."
 
 
 def one_hot_mse(scores: Tensor, targets: Tensor) -> Tensor:
     """Mean squared error of relation scores ``[queries, ways]`` against one-hot targets."""
-    one_hot = class_members(targets, scores.shape[-1]).to(scores.dtype)
-    return torch.nn.functional.mse_loss(scores, one_hot)
+    targets = one_hot(targets, scores.shape[-1]).to(scores.dtype)
+    return torch.nn.functional.mse_loss(scores, targets)
 
 
 class RelationHyperparameters(Hyperparameters):
@@ -38,9 +38,9 @@ class Relation(Learner):
     """Relation Networks: a learned relation module scores (class, query) feature pairs."""
 
     name = "relation"
+    family = "metric"
     Hyperparameters = RelationHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     unsupported_backbones = {"resnet12": "its relation module compares spatial feature maps, "
                                          "which ResNet-12 flattens; use conv4"}
@@ -55,12 +55,12 @@ class Relation(Learner):
         return {**super().init_params(seed), **fresh_params(self.relation, RELATION)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        features = call(self.backbone, without(params, [RELATION]), x)
+        features = call(self.backbone, without(params, RELATION), x)
         return features.reshape(len(x), *self.feature_shape)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        members = class_members(support_y, self.ways_of(support_y, ways))
+        members = one_hot(support_y, self.ways_of(support_y, ways))
         features = self.embed(params, support_x)
         # K-shot: the element-wise sum of the class's support features.
         classes = torch.einsum("sw,s...->w...", members.to(features.dtype), features)
@@ -72,6 +72,6 @@ class Relation(Learner):
         count, ways = len(queries), len(classes)
         pairs = torch.cat([classes.unsqueeze(0).expand(count, *classes.shape),
                            queries.unsqueeze(1).expand(count, ways, *queries.shape[1:])], dim=2)
-        logits = call_module(self.relation, entries(params, RELATION),
+        logits = call(self.relation, entries(params, RELATION),
                              pairs.reshape(count * ways, *pairs.shape[2:]))
         return torch.sigmoid(logits).reshape(count, ways)

@@ -1,7 +1,7 @@
 """Self-Critique and Adapt: "Learning to Learn via Self-Critique" (Antoniou and Storkey, 2019).
 
 The meta-parameters are the backbone's initial weights and a critic network's weights
-(``critic.*``, see ``learners.nets_sca``). ``adapt`` takes MAML's ``inner_steps`` on the labelled
+(``critic.*``, see ``learners.nets.sca``). ``adapt`` takes MAML's ``inner_steps`` on the labelled
 support set and returns the fast weights with a summary of the support set (task embedding and
 class embeddings). ``predict`` is where the query set is first seen, unlabelled: the critic scores
 the adapted model's query predictions, ``critic_steps`` (I) gradient steps on that score refine
@@ -24,9 +24,9 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Objective, Params
-from learners.functional import gradient_steps
+from learners.functional import entries, fresh_params, gradient_steps, without
 from learners.maml import MAML, HeadKnob
-from learners.nets_sca import Critic, critic_loss, task_summary
+from learners.nets.sca import Critic, critic_loss, task_summary
 
 PREFIX = "critic."
 SUMMARY = "task.summary"  # the adapted state's support summary, beside the fast weights
@@ -66,21 +66,16 @@ class SCA(MAML):
 
     def init_params(self, seed: int) -> Params:
         learner = super().init_params(seed)  # seeds, then draws the backbone first
-        for module in self.critic.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.reset_parameters()
-        return {**learner, **{PREFIX + k: v.detach().clone()
-                              for k, v in self.critic.named_parameters()}}
+        return {**learner, **fresh_params(self.critic, PREFIX)}
 
     def embed(self, weights: Params, x: Tensor) -> Tensor:
-        body = {k.removeprefix("body."): v for k, v in weights.items() if k.startswith("body.")}
+        body = entries(weights, "body.")
         return functional_call(self.backbone.body, body, (x,)).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
         ways = self.ways_of(support_y, ways)
-        start = self.task_params({k: v for k, v in params.items() if not k.startswith(PREFIX)},
-                                 ways)
+        start = self.task_params(without(params, PREFIX), ways)
         fast = gradient_steps(self.support_loss, start, support_x, support_y,
                               lr=self.hparams.inner_lr,
                               steps=self.hparams.inner_steps if steps is None else steps,
@@ -90,7 +85,7 @@ class SCA(MAML):
         return {**fast, SUMMARY: task_summary(self.embed(fast, support_x), support_y, units)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
-        critic = {k: v for k, v in params.items() if k.startswith(PREFIX)}
+        critic = entries(params, PREFIX)
         fast = {k: v for k, v in adapted.items() if k != SUMMARY}
 
         def head(weights: Params, embeddings: Tensor) -> Tensor:

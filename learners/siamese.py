@@ -18,18 +18,18 @@ from torch.func import grad
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_metric import call_module, class_members, entries, fresh_params, without
+from learners.functional import entries, fresh_params, one_hot, without
 from pipelines.base import Task
 
-VERIFY = "verify"
+VERIFY = "verify."
 
 
 class Siamese(Learner):
     """Siamese verification network; one-shot classification by the most similar support image."""
 
     name = "siamese"
+    family = "metric"
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
 
     def __init__(self, backbone, objective: Objective, hparams: Hyperparameters):
@@ -41,16 +41,16 @@ class Siamese(Learner):
         return {**super().init_params(seed), **fresh_params(self.verify, VERIFY)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        return call(self.backbone, without(params, [VERIFY]), x).flatten(start_dim=1)
+        return call(self.backbone, without(params, VERIFY), x).flatten(start_dim=1)
 
     def same_logits(self, params: Params, a: Tensor, b: Tensor) -> Tensor:
         """Logits ``[len(a), len(b)]`` that encodings ``a[i]`` and ``b[j]`` show the same class."""
         distance = (a.unsqueeze(1) - b.unsqueeze(0)).abs()
-        return call_module(self.verify, entries(params, VERIFY), distance).squeeze(-1)
+        return call(self.verify, entries(params, VERIFY), distance).squeeze(-1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
-        members = class_members(support_y, self.ways_of(support_y, ways))
+        members = one_hot(support_y, self.ways_of(support_y, ways))
         return {"support": self.embed(params, support_x), "members": members}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class Siamese(Learner):
         """The gradient of the verification loss over all pairs of the episode's images (same-
         class pairs and different-class pairs weighted half each, the balanced mix of Koch's
         training set without sampling it), with the query outputs of one-shot classification."""
-        members = class_members(task.support_y, self.ways_of(task.support_y, ways))
+        members = one_hot(task.support_y, self.ways_of(task.support_y, ways))
         labels = torch.cat([task.support_y, task.query_y])
         count, support = len(labels), len(task.support_y)
         upper = torch.ones(count, count, dtype=torch.bool, device=labels.device).triu(1)

@@ -1,12 +1,10 @@
 """SNAIL, a Simple Neural Attentive Meta-Learner (Mishra, Rohaninejad, Chen and Abbeel, 2018).
 
 The meta-parameters are an embedding network's weights (a backbone without a head) and a causal
-sequence model's (``learners.nets_snail``: TC blocks and key-value attention, ``snail.*``). An
+sequence model's (``learners.nets.snail``: TC blocks and key-value attention, ``snail.*``). An
 episode is a sequence: each support example as (embedding, one-hot label), then the query with a
 zero label; the query's class is read at its position. There is no inner loop: ``adapt`` embeds
-the support set and returns it with its one-hot labels (or, with ``joint_embedding``, the raw
-support images, embedded in ``predict`` in one batch with the queries); ``predict`` runs the
-sequence model.
+the support set and returns it with its one-hot labels; ``predict`` runs the sequence model.
 
 Several queries share one pass: every query sits right after the whole support set and sees the
 support (and, with ``query_sees_itself``, itself), never another query (the same as one sequence
@@ -25,8 +23,9 @@ minutes; tied, attention starts as a similarity and matches from the first itera
 query's attention covers the support only (``query_sees_itself: false``; the paper's causal mask
 includes the current step, but at the query that is its own zero label, and leaving it out gained
 about 3 points). The embedding's BatchNorm normalises the support set and the queries as separate
-batches (``joint_embedding: false``); the queries of an episode share their batch statistics, so
-a query influences the other queries' embeddings (not their sequence-model outputs).
+batches (embedding both as one batch, as the SNAIL code we read does, scored the same 92% in
+benchmarks/omniglot.py's 2-minute runs); the queries of an episode share their batch statistics,
+so a query influences the other queries' embeddings (not their sequence-model outputs).
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ from torch.func import functional_call
 
 from learners.backbones import call
 from learners.base import Adapted, Hyperparameters, Learner, Objective, Params
-from learners.nets_snail import AttentionBlock, SequenceModel
+from learners.functional import entries, fresh_params, one_hot, without
+from learners.nets.snail import AttentionBlock, SequenceModel
 
 PREFIX = "snail."
 
@@ -62,21 +62,15 @@ class SNAILHyperparameters(Hyperparameters):
                             "projection as a copy of its query projection, so attention starts "
                             "as a similarity between elements (trained apart afterwards); "
                             "false: independent random projections, attention starts uniform")
-    joint_embedding: bool = Field(False, description="embed the support set and the queries "
-                                  "as one batch, so the embedding's BatchNorm statistics are "
-                                  "shared (transductive: queries then shift the support "
-                                  "embeddings; the SNAIL code we read embeds a whole batch of "
-                                  "episodes at once); false: support and queries are normalised "
-                                  "as separate batches")
 
 
 class SNAIL(Learner):
     """SNAIL with the paper's attention/TC/attention/TC/attention stack over embeddings."""
 
     name = "snail"
+    family = "model-based"
     Hyperparameters = SNAILHyperparameters
     needs_head = False
-    uses_inner_steps = False
     task_kinds = ("classification",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
 
@@ -88,17 +82,14 @@ class SNAIL(Learner):
                                       query_sees_itself=hparams.query_sees_itself)
 
     def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
-        for module in self.sequence.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        params = {**super().init_params(seed), **fresh_params(self.sequence, PREFIX)}
         if self.hparams.tied_init:
-            with torch.no_grad():
-                for module in self.sequence.modules():
-                    if isinstance(module, AttentionBlock):
-                        module.key.load_state_dict(module.query.state_dict())
-        return {**params, **{PREFIX + name: p.detach().clone()
-                             for name, p in self.sequence.named_parameters()}}
+            for name, module in self.sequence.named_modules():
+                if isinstance(module, AttentionBlock):
+                    for kind in ("weight", "bias"):
+                        query = params[f"{PREFIX}{name}.query.{kind}"]
+                        params[f"{PREFIX}{name}.key.{kind}"] = query.clone()
+        return params
 
     @classmethod
     def check_task_shape(cls, hparams: SNAILHyperparameters, *, ways: int, support: int) -> None:
@@ -118,31 +109,21 @@ class SNAIL(Learner):
         self.check_task_shape(self.hparams, ways=ways, support=0)
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
-        body = {k: v for k, v in params.items() if not k.startswith(PREFIX)}
-        return call(self.backbone, body, x).flatten(start_dim=1)
+        return call(self.backbone, without(params, PREFIX), x).flatten(start_dim=1)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
         ways = self.ways_of(support_y, ways)
         self.check_task_shape(self.hparams, ways=ways, support=support_x.shape[0])
-        # One-hot over the task's classes (comparison, so it runs under vmap); predict pads it.
-        labels = (support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device))
-        if self.hparams.joint_embedding:  # embedded with the queries, in predict
-            return {"support_x": support_x, "labels": labels.to(support_x.dtype)}
         embeddings = self.embed(params, support_x)
-        return {"support": embeddings, "labels": labels.to(embeddings.dtype)}
+        # One-hot over the task's classes; predict pads it to max_ways.
+        return {"support": embeddings, "labels": one_hot(support_y, ways).to(embeddings.dtype)}
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         labels = adapted["labels"]
         ways, width = labels.shape[-1], self.hparams.max_ways
-        if "support_x" in adapted:
-            shots = adapted["support_x"].shape[0]
-            embedded = self.embed(params, torch.cat([adapted["support_x"], query_x]))
-            support, queries = embedded[:shots], embedded[shots:]
-        else:
-            support, queries = adapted["support"], self.embed(params, query_x)
+        support, queries = adapted["support"], self.embed(params, query_x)
         sequence = torch.cat([support, torch.nn.functional.pad(labels, (0, width - ways))], dim=-1)
         queries = torch.cat([queries, queries.new_zeros(queries.shape[0], width)], dim=-1)
-        weights = {k.removeprefix(PREFIX): v for k, v in params.items() if k.startswith(PREFIX)}
-        _, logits = functional_call(self.sequence, weights, (sequence, queries))
+        _, logits = functional_call(self.sequence, entries(params, PREFIX), (sequence, queries))
         return logits[:, :ways]  # the task's classes only

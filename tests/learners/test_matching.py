@@ -8,7 +8,8 @@ from torch import nn
 from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.matching import Matching
-from learners.nets_metric import encode_support, entries, lstm_step
+from learners.functional import entries
+from learners.nets.metric import encode_support, lstm_step
 
 
 def make(*, fce: bool, steps: int = 3) -> Matching:
@@ -34,7 +35,7 @@ def test_outputs_are_log_attention_weighted_labels():
 def test_full_context_embeddings_are_a_bidirectional_lstm_and_an_attention_lstm():
     learner = make(fce=True)
     params = learner.init_params(0)
-    fce = entries(params, "fce")
+    fce = entries(params, "fce.")
     embeddings = torch.randn(5, 12)
     # g: the same as torch's bidirectional LSTM with these weights, plus the skip connection.
     reference = nn.LSTM(12, 12, bidirectional=True)

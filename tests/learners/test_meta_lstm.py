@@ -11,7 +11,8 @@ from torch.func import functional_call
 from learners.backbones import build_backbone, call
 from learners.base import Objective
 from learners.meta_lstm import MetaLSTM
-from learners.nets_meta_lstm import preprocess
+from learners.nets.lstm import preprocess
+from learners.nets.meta_lstm import PREPROCESS_P
 from pipelines.base import TaskBatch
 from pipelines.episodes import EpisodeFamily
 from pipelines.sinusoid import Sinusoid
@@ -46,7 +47,7 @@ def paper_preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 
 def test_preprocessing_is_the_papers():
     x = torch.tensor([3.0, -0.2, 1e-3, -1e-6, 0.0, 2e-5], dtype=torch.float64)
-    torch.testing.assert_close(preprocess(x), paper_preprocess(x))
+    torch.testing.assert_close(preprocess(x, PREPROCESS_P), paper_preprocess(x))
 
 
 def explicit_gradient(learner, params, batch):

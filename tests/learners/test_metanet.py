@@ -10,7 +10,7 @@ import torch
 from learners.backbones import build_backbone, call
 from learners.base import Objective
 from learners.metanet import MetaNet
-from learners.nets_metanet import augmented
+from learners.nets.metanet import augmented
 from pipelines.episodes import EpisodeFamily
 
 from meta_training import meta_train, trainable

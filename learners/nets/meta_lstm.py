@@ -18,20 +18,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from learners.nets.lstm import lstm_cell, preprocess
+
 PREPROCESS_P = 10.0  # the paper's (Andrychowicz et al. 2016) preprocessing constant p
-
-
-def preprocess(x: Tensor) -> Tensor:
-    """The log/sign preprocessing of gradients and losses: ``x`` -> ``[..., 2]``.
-
-    (log|x| / p, sign x) where |x| >= e^-p, else (-1, e^p x): inputs of very different scales
-    become comparable. The clamp keeps the unused branch finite so that gradients through
-    ``torch.where`` stay finite too."""
-    big = x.abs() >= math.exp(-PREPROCESS_P)
-    magnitude = torch.log(x.abs().clamp(min=math.exp(-PREPROCESS_P))) / PREPROCESS_P
-    first = torch.where(big, magnitude, -torch.ones_like(x))
-    second = torch.where(big, torch.sign(x), math.exp(PREPROCESS_P) * x)
-    return torch.stack([first, second], dim=-1)
 
 
 class MetaLearnerLSTM(nn.Module):
@@ -79,22 +68,22 @@ def initial_state(weights: Tensor, hidden: int) -> State:
 def step(params: dict[str, Tensor], weights: Tensor, state: State, loss: Tensor,
          gradient: Tensor) -> tuple[Tensor, State]:
     """One update of the flattened learner ``weights`` (the cell state) from its support ``loss``
-    and ``gradient``; ``params`` holds the ``lstm.*`` entries. Returns (new weights, new state)."""
+    and ``gradient``; ``params`` holds the LSTM's weights (the ``lstm.*`` entries, prefix removed).
+    Returns (new weights, new state)."""
     h, c, f_prev, i_prev = state
     hidden = h.shape[0]
-    w_ih = params["lstm.weight_ih"]
+    w_ih = params["weight_ih"]
     # The loss is the same for every coordinate: its share of the gates is one column, broadcast.
-    shared = w_ih[:, :2] @ preprocess(loss) + params["lstm.bias_ih"] + params["lstm.bias_hh"]
-    gates = (w_ih[:, 2:] @ preprocess(gradient).T + params["lstm.weight_hh"] @ h
+    shared = (w_ih[:, :2] @ preprocess(loss, PREPROCESS_P) + params["bias_ih"]
+              + params["bias_hh"])
+    gates = (w_ih[:, 2:] @ preprocess(gradient, PREPROCESS_P).T + params["weight_hh"] @ h
              + shared.unsqueeze(-1))
-    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=0)  # nn.LSTMCell's order
-    c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-    h = torch.sigmoid(out_gate) * torch.tanh(c)
+    h, c = lstm_cell(gates, c, dim=0)
     # The meta-learner gates: W . [h, c_{t-1}, previous gate] + b, for W_F and W_I at once.
-    w_f, w_i = params["lstm.forget_weight"], params["lstm.input_weight"]
+    w_f, w_i = params["forget_weight"], params["input_weight"]
     both = torch.stack([w_f[:hidden], w_i[:hidden]]) @ h
     f = torch.sigmoid(both[0] + weights * w_f[hidden] + f_prev * w_f[hidden + 1]
-                      + params["lstm.forget_bias"])
+                      + params["forget_bias"])
     i = torch.sigmoid(both[1] + weights * w_i[hidden] + i_prev * w_i[hidden + 1]
-                      + params["lstm.input_bias"])
+                      + params["input_bias"])
     return f * weights - i * gradient, (h, c, f, i)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from learners.functional import one_hot
+
 
 class Critic(nn.Module):
     """A two-hidden-layer network from one (query, class) pair's features to a score.
@@ -40,9 +42,7 @@ def task_summary(embeddings: Tensor, targets: Tensor, units: int | None) -> Tens
     if units is None:
         weights = targets.reshape(len(targets), -1) / len(targets)
     else:
-        # One-hot by comparison, so this runs under vmap.
-        members = (targets.unsqueeze(-1) == torch.arange(units, device=targets.device))
-        members = members.to(embeddings.dtype)
+        members = one_hot(targets, units).to(embeddings.dtype)
         weights = members / members.sum(dim=0).clamp(min=1)
     prototypes = weights.transpose(0, 1) @ embeddings
     return torch.cat([embeddings.mean(dim=0, keepdim=True), prototypes])
@@ -50,7 +50,8 @@ def task_summary(embeddings: Tensor, targets: Tensor, units: int | None) -> Tens
 
 def critic_loss(critic: Critic, params: dict[str, Tensor], outputs: Tensor, embeddings: Tensor,
                 summary: Tensor) -> Tensor:
-    """The critic's loss of one task's query predictions; ``params`` holds ``critic.*``."""
+    """The critic's loss of one task's query predictions; ``params`` holds the critic's weights
+    (the ``critic.*`` entries, prefix removed)."""
     queries, units = outputs.shape
     context, prototypes = summary[0], summary[1:]
     scores = (torch.softmax(outputs, dim=-1) if units > 1 else torch.ones_like(outputs))
@@ -59,5 +60,4 @@ def critic_loss(critic: Critic, params: dict[str, Tensor], outputs: Tensor, embe
         embeddings.unsqueeze(1).expand(queries, units, -1),
         prototypes.unsqueeze(0).expand(queries, units, -1),
         context.expand(queries, units, -1)], dim=-1)
-    weights = {k.removeprefix("critic."): v for k, v in params.items()}
-    return functional_call(critic, weights, (pairs,)).sum(dim=-1).mean()
+    return functional_call(critic, params, (pairs,)).sum(dim=-1).mean()

@@ -17,7 +17,7 @@ from torch.func import functional_call
 from torch.nn.functional import batch_norm
 
 from learners.backbones import ConvBlock
-from learners.functional import in_plain_autograd
+from learners.functional import entries, in_plain_autograd
 
 Params = dict[str, Tensor]
 WEIGHT, BIAS, MEAN, VAR = "weight", "bias", "running_mean", "running_var"
@@ -53,12 +53,12 @@ def row_view(params: Params, layers: list[str], row: int) -> Params:
     return out
 
 
-def forward(backbone: nn.Module, view: Params, x: Tensor, *, running: bool = False,
+def forward(backbone: nn.Module, view: Params, x: Tensor, *,
             moments: dict[str, tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """The backbone (``body`` then ``head``) on ``x`` with a ``row_view``'s weights. BatchNorm
-    normalises with the running statistics of the view when ``running``, else with the batch's
-    own (as in training); ``moments``, when given, receives each BatchNorm input's batch mean
-    and unbiased variance, detached, keyed by layer prefix."""
+    normalises with the batch's own statistics (in training and evaluation alike, see
+    ``learners.mamlpp``); ``moments``, when given, receives each BatchNorm input's batch mean and
+    unbiased variance, detached, keyed by layer prefix."""
 
     def run(module: nn.Module, prefix: str, h: Tensor) -> Tensor:
         if isinstance(module, nn.Sequential):
@@ -69,7 +69,7 @@ def forward(backbone: nn.Module, view: Params, x: Tensor, *, running: bool = Fal
                 h = run(child, f"{prefix}{name}.", h)
             return h
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if moments is not None and not running and in_plain_autograd():
+            if moments is not None and in_plain_autograd():
                 # Outside torch.func, BatchNorm's own kernel reports the batch moments: with
                 # momentum 1 it writes them into the buffers it is given, at no extra cost.
                 mean, variance = h.new_zeros(h.shape[1]), h.new_ones(h.shape[1])
@@ -85,12 +85,8 @@ def forward(backbone: nn.Module, view: Params, x: Tensor, *, running: bool = Fal
                 mean = flat.mean(dim=0)
                 variance = (flat - mean).square().sum(dim=0) / (flat.shape[0] - 1)
                 moments[prefix] = (mean, variance)
-            if running:
-                return batch_norm(h, view[prefix + MEAN], view[prefix + VAR], view[prefix + WEIGHT],
-                                  view[prefix + BIAS], training=False, eps=EPS)
             return batch_norm(h, None, None, view[prefix + WEIGHT], view[prefix + BIAS],
                               training=True, eps=EPS)
-        local = {k.removeprefix(prefix): v for k, v in view.items() if k.startswith(prefix)}
-        return functional_call(module, local, (h,))
+        return functional_call(module, entries(view, prefix), (h,))
 
     return run(backbone.head, "head.", run(backbone.body, "body.", x))

@@ -2,44 +2,17 @@
 
 Matching Networks' full context embeddings (two LSTMs), Relation Networks' relation module and the
 Siamese verification head. The ``nn.Module``s here only hold weights and their initialisation;
-the learners call them through ``torch.func.functional_call`` or, for the LSTMs, through
+the learners call them through ``learners.backbones.call`` or, for the LSTMs, through
 ``lstm_step``, which is written over the weight tensors so that it runs under ``vmap``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-Params = dict[str, Tensor]
-
-
-def fresh_params(module: nn.Module, prefix: str) -> Params:
-    """``module``'s freshly initialised weights with keys ``prefix.<name>`` (the caller seeds)."""
-    for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
-    return {f"{prefix}.{name}": p.detach().clone() for name, p in module.named_parameters()}
-
-
-def entries(params: Params, prefix: str) -> Params:
-    """The entries of ``params`` under ``prefix.``, with the prefix removed."""
-    start = len(prefix) + 1
-    return {k[start:]: v for k, v in params.items() if k.startswith(prefix + ".")}
-
-
-def without(params: Params, prefixes: Sequence[str]) -> Params:
-    """``params`` less the entries under any of ``prefixes`` (what the backbone takes)."""
-    return {k: v for k, v in params.items() if not k.startswith(tuple(p + "." for p in prefixes))}
-
-
-def class_members(support_y: Tensor, ways: int) -> Tensor:
-    """``[support, ways]`` booleans, True where a support item belongs to a class. Made by
-    comparison rather than F.one_hot, so it runs under ``vmap``."""
-    return support_y.unsqueeze(-1) == torch.arange(ways, device=support_y.device)
+from learners.functional import Params, entries
+from learners.nets.lstm import lstm_cell
 
 
 # -- Matching Networks: full context embeddings (Vinyals et al. 2016, appendix A) --------------
@@ -61,9 +34,7 @@ def lstm_step(params: Params, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, 
     """One step of an ``nn.LSTMCell`` (gates i, f, g, o) over its weight entries in ``params``."""
     gates = (x @ params["weight_ih"].T + params["bias_ih"]
              + h @ params["weight_hh"].T + params["bias_hh"])
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    return lstm_cell(gates, c)
 
 
 def encode_support(params: Params, embeddings: Tensor) -> Tensor:
@@ -79,8 +50,8 @@ def encode_support(params: Params, embeddings: Tensor) -> Tensor:
         return states
 
     items = list(embeddings.unbind(0))
-    forward = run(entries(params, "support_forward"), items)
-    backward = run(entries(params, "support_backward"), items[::-1])[::-1]
+    forward = run(entries(params, "support_forward."), items)
+    backward = run(entries(params, "support_backward."), items[::-1])[::-1]
     return embeddings + torch.stack(forward) + torch.stack(backward)
 
 
@@ -88,7 +59,7 @@ def encode_queries(params: Params, queries: Tensor, support: Tensor, steps: int)
     """f(x, S): ``steps`` reads of an attention LSTM over the encoded support ``[support, width]``
     for each query embedding ``[queries, width]``; the state starts at the query embedding and
     every step adds it back (the skip connection), as in the paper's appendix."""
-    cell = entries(params, "read")
+    cell = entries(params, "read.")
     h, c = queries, torch.zeros_like(queries)
     for _ in range(steps):
         attention = torch.softmax(h @ support.T, dim=-1)
@@ -132,7 +103,3 @@ def relation_module(feature_shape: Sequence[int], hidden: int) -> nn.Sequential:
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * height * width, hidden),
                          nn.ReLU(), nn.Linear(hidden, 1))
 
-
-def call_module(module: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """Run ``module`` with ``params`` (its own entries, prefix removed) in place of its weights."""
-    return functional_call(module, params, (x,))

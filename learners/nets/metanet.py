@@ -11,16 +11,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learners.nets.lstm import lstm_cell, preprocess
+
 Params = dict[str, Tensor]
 WEIGHTED = (nn.Conv2d, nn.Linear)
 UNIT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU)
+PREPROCESS_K = 7.0  # the authors' k of the gradient preprocessing
 
 
 def layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,16 +80,6 @@ def augmented(net: nn.Module, slow: Params, fast: Params | None, x: Tensor) -> T
     return x
 
 
-def preprocess(gradient: Tensor, k: float = 7.0) -> Tensor:
-    """Andrychowicz et al.'s gradient preprocessing: (log|g| / k, sign g) for |g| >= e^-k, else
-    (-1, e^k g); adds a trailing dimension of 2."""
-    big = gradient.abs() >= math.exp(-k)
-    first = torch.where(big, gradient.abs().clamp_min(math.exp(-k)).log() / k,
-                        -torch.ones_like(gradient))
-    second = torch.where(big, gradient.sign(), gradient * math.exp(k))
-    return torch.stack([first, second], dim=-1)
-
-
 class CoordinateMLP(nn.Module):
     """m: 2 -> hidden -> hidden -> 1 with ReLU, for every gradient coordinate alike."""
 
@@ -97,7 +89,7 @@ class CoordinateMLP(nn.Module):
                                     nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, gradients: Tensor) -> Tensor:
-        return self.layers(preprocess(gradients)).squeeze(-1)
+        return self.layers(preprocess(gradients, PREPROCESS_K)).squeeze(-1)
 
 
 class CoordinateLSTM(nn.Module):
@@ -111,11 +103,9 @@ class CoordinateLSTM(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, gradients: Tensor) -> Tensor:
-        inputs = preprocess(gradients)
+        inputs = preprocess(gradients, PREPROCESS_K)
         h = inputs.new_zeros(*inputs.shape[1:-1], self.hidden)
         c = torch.zeros_like(h)
         for step in range(inputs.shape[0]):
-            i, f, g, o = self.gates(torch.cat([inputs[step], h], dim=-1)).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = lstm_cell(self.gates(torch.cat([inputs[step], h], dim=-1)), c)
         return self.out(h).squeeze(-1)
