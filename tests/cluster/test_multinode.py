@@ -6,6 +6,7 @@ down` ends every process of the cluster and nothing else. One cluster for the wh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,21 +96,21 @@ def trial_runs(run_dir: Path) -> dict[str, object]:
 
 def test_quickstart_runs_on_both_nodes_at_the_printed_address(loopback_cluster, tmp_path):
     address, node_ids, _ = loopback_cluster
-    cluster_runs, local_runs = tmp_path / "cluster-runs", tmp_path / "local-runs"
+    cluster_runs = tmp_path / "cluster-runs"
     # MAML's trial of the quickstart only: the other two algorithms take the same path and would
     # add two minutes to CI.
-    launch([str(quickstart(tmp_path / "c.yaml", cluster_runs, strategy="SPREAD", only="maml")),
-            "--address", address], tmp_path)
+    sweep_file = quickstart(tmp_path / "c.yaml", cluster_runs, strategy="SPREAD", only="maml")
+    launch([str(sweep_file), "--address", address], tmp_path)
     on_cluster = trial_runs(cluster_runs)
     assert set(on_cluster) == {"maml"}
-    for algorithm, run in on_cluster.items():
-        assert set(run.data.tags[tracking.TAG_NODES].split(",")) == set(node_ids), algorithm
-    # The same trial in one process (Ray on this machine, no cluster) reaches the same metric.
-    launch([str(quickstart(tmp_path / "l.yaml", local_runs, strategy="PACK", only="maml"))], tmp_path)
-    (single,) = trial_runs(local_runs).values()
-    assert len(single.data.tags[tracking.TAG_NODES].split(",")) == 1
-    assert on_cluster["maml"].data.metrics["val_loss"] == pytest.approx(
-        single.data.metrics["val_loss"], rel=1e-5)
+    run = on_cluster["maml"]
+    assert set(run.data.tags[tracking.TAG_NODES].split(",")) == set(node_ids)
+    # The same trial (the knobs Optuna gave it) in this one process reaches the same metric.
+    config = sweep_from_dict(yaml.safe_load(sweep_file.read_text()))
+    knobs = {name: json.loads(run.data.params[name]) for name in config.space("maml")}
+    alone = MetaTrainer(config, "maml", knobs, LocalFarm(
+        ShardWorker(config.model_dump(), "maml", knobs))).train().final["val_loss"]
+    assert run.data.metrics["val_loss"] == pytest.approx(alone, rel=1e-5)
 
 
 def cpu_ticks(pid: int) -> int:
