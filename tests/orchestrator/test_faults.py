@@ -184,7 +184,7 @@ def test_two_sweeps_and_two_promotions_at_once(tmp_path):
     assert champions(client, versions) == [winner]
     # The store still takes a promotion afterwards: the other version then holds it alone.
     (other,) = [v for v in versions if v != winner]
-    finish(orch("promote", "orch-maml", other, "--tracking-uri", uri, cwd=tmp_path), timeout=120)
+    tracking.promote(uri, "orch-maml", other)
     assert str(client.get_registered_model("orch-maml").aliases["champion"]) == other
     assert champions(client, versions) == [other]
 
