@@ -8,6 +8,8 @@ the learners call them through ``learners.backbones.call`` or, for the LSTMs, th
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
