@@ -67,15 +67,14 @@ def in_process_times(sweep: dict, knobs: dict, seconds: float, first: int) -> li
 def trial_seconds(raw: dict, knobs: dict, store: Path | None) -> tuple[float, float, int]:
     """(wall seconds, seconds spent saving, checkpoints saved) of one whole in-process trial
     loop, with checkpoints into ``store`` at the sweep's default interval, or none."""
-    sweep = sweep_from_dict(raw)
+    where = {"checkpoint_storage": str(store)} if store is not None else {}
+    sweep = sweep_from_dict({**raw, "training": {**raw.get("training", {}), **where}})
     trainer = MetaTrainer(sweep, "maml", knobs, LocalFarm(ShardWorker(sweep.model_dump(), "maml",
                                                                       knobs)))
     saver = None
     if store is not None:
-        target = checkpoints.CheckpointStore(str(store))
-        saver = checkpoints.TrialCheckpointer(target, target.trial_folder("bench", "maml", 0),
-                                              checkpoints.identity(sweep, "maml", knobs),
-                                              sweep.training)
+        saver = checkpoints.TrialCheckpointer(
+            checkpoints.TrialCheckpoints.of(sweep, "maml", 0, knobs), sweep.training)
     started = time.perf_counter()
     trainer.train(checkpointer=saver)
     wall = time.perf_counter() - started

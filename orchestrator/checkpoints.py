@@ -69,8 +69,9 @@ def encode(state: LoopState, trial_identity: str) -> bytes:
     return MAGIC + json.dumps(header).encode() + b"\n" + payload
 
 
-def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
-    """The state in ``data`` (the file ``name``), or CheckpointError saying why not."""
+def verified_payload(data: bytes, name: str, trial_identity: str) -> tuple[int, bytes]:
+    """(iteration, payload) of a checkpoint file whose header reads, whose identity is the
+    trial's and whose payload is whole (length and digest); else CheckpointError saying why."""
     def refuse(reason: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {name} refused: {reason}")
 
@@ -91,15 +92,23 @@ def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
     if len(payload) != length or hashlib.sha256(payload).hexdigest() != digest:
         raise refuse(f"truncated or corrupt ({len(payload)} of {length} payload bytes, digest "
                      "mismatch)")
+    return iteration, payload
+
+
+def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
+    """The state in ``data`` (the file ``name``), or CheckpointError saying why not."""
+    iteration, payload = verified_payload(data, name, trial_identity)
     try:
         raw = torch.load(io.BytesIO(payload), weights_only=True)
         state = LoopState(int(raw["iteration"]), dict(raw["params"]), raw["optimizer"],
                           [Validation(int(i), dict(m)) for i, m in raw["evaluations"]],
                           raw["rng"], dict(raw["extra"]))
     except Exception as error:  # noqa: BLE001 -- any unreadable payload is refused alike
-        raise refuse(f"unreadable payload ({type(error).__name__})") from None
+        raise CheckpointError(f"checkpoint {name} refused: unreadable payload "
+                              f"({type(error).__name__})") from None
     if state.iteration != iteration:
-        raise refuse("its header and payload disagree on the iteration")
+        raise CheckpointError(f"checkpoint {name} refused: its header and payload disagree on "
+                              "the iteration")
     return state
 
 
@@ -172,34 +181,59 @@ class Resumption:
     refused: list[str] = field(default_factory=list)
 
 
-def latest(store: CheckpointStore, folder: str, trial_identity: str) -> Resumption:
-    """The newest checkpoint of ``folder`` that loads, skipping (and naming) those that do not."""
-    found = Resumption()
-    for _, path in store.listing(folder):
+@dataclass(frozen=True)
+class TrialCheckpoints:
+    """One trial's checkpoints: where they live and the identity they must carry."""
+
+    store: CheckpointStore
+    folder: str
+    identity: str
+
+    @classmethod
+    def of(cls, sweep: Sweep, algorithm: str, number: int,
+           knobs: Mapping[str, Any]) -> "TrialCheckpoints | None":
+        """The trial's checkpoints, or None where the sweep saves none."""
+        if not sweep.training.checkpoints_enabled():
+            return None
+        store = CheckpointStore(sweep.checkpoint_uri())
+        return cls(store, store.trial_folder(sweep.name, algorithm, number),
+                   identity(sweep, algorithm, knobs))
+
+    def latest(self) -> Resumption:
+        """The newest checkpoint that is whole and the trial's, skipping (and naming) those
+        that are not. Verified by header and digest only: the trial's process unpickles it."""
+        found = Resumption()
+        for _, path in self.store.listing(self.folder):
+            try:
+                iteration, _ = verified_payload(self._read(path), path, self.identity)
+            except CheckpointError as error:
+                found.refused.append(str(error))
+                continue
+            found.path, found.iteration = path, iteration
+            break
+        return found
+
+    def load(self, path: str) -> LoopState:
+        return decode(self._read(path), path, self.identity)
+
+    def remove(self) -> None:
+        """Delete the trial's checkpoints (it has finished)."""
+        self.store.remove(self.folder)
+
+    def _read(self, path: str) -> bytes:
         try:
-            state = load(store, path, trial_identity)
-        except CheckpointError as error:
-            found.refused.append(str(error))
-            continue
-        found.path, found.iteration = path, state.iteration
-        break
-    return found
-
-
-def load(store: CheckpointStore, path: str, trial_identity: str) -> LoopState:
-    try:
-        data = store.read(path)
-    except OSError as error:
-        raise CheckpointError(f"checkpoint {path} refused: cannot read it ({_first_line(error)})") from None
-    return decode(data, path, trial_identity)
+            return self.store.read(path)
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {path} refused: cannot read it "
+                                  f"({_first_line(error)})") from None
 
 
 class TrialCheckpointer:
     """Saves one trial's loop state at the sweep's interval (``training.checkpoint_*``) and
     counts what saving cost, for the run's record."""
 
-    def __init__(self, store: CheckpointStore, folder: str, trial_identity: str, training: Training):
-        self.store, self.folder, self.identity = store, folder, trial_identity
+    def __init__(self, trial: TrialCheckpoints, training: Training):
+        self.trial = trial
         self.every = training.checkpoint_interval()
         self.seconds = None if training.checkpoint_minutes is None else training.checkpoint_minutes * 60
         self.last_save = time.monotonic()
@@ -214,7 +248,8 @@ class TrialCheckpointer:
 
     def save(self, state: LoopState) -> None:
         started = time.perf_counter()
-        self.store.save(self.folder, state.iteration, encode(state, self.identity))
+        self.trial.store.save(self.trial.folder, state.iteration,
+                              encode(state, self.trial.identity))
         self.cost_s += time.perf_counter() - started
         self.saved += 1
         self.last_save = time.monotonic()

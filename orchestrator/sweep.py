@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from orchestrator import checkpoints, cluster, study as studies, tracking
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
-from orchestrator.trial import (TrialRequest, TrialResult, describe_failure, run_trial,
-                                trial_checkpoints)
+from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
 from orchestrator.factory import build_family, split_names
 
 # User attribute of a trial whose driver died and that could not be continued (its knobs were
@@ -138,6 +137,7 @@ def check_sweep_name(sweep: Sweep, uri: str, storage_url: str, resume: bool) -> 
 class _Running:
     trial: studies.TrialRecord
     request: TrialRequest
+    saves: checkpoints.TrialCheckpoints | None = None  # its checkpoints; None: the sweep saves none
     group: Any = None
     attempt: int = 0  # retries after the trial's code raised
     restarts: int = 0  # restarts after its process or node died
@@ -197,18 +197,17 @@ class StudyRunner:
             run_id = trial.user_attrs.get("mlflow_run_id") or next(iter(runs), None)
             if run_id is None:
                 run_id = self.create_run(trial, knobs)
-            continued.append(_Running(trial, self.request(trial, knobs, run_id)))
+            continued.append(self.entry(trial, knobs, run_id))
         return continued
 
     def launch_next(self) -> None:
         # A sampler seeded by the trial's slot: a resumed sweep asks exactly what an
         # uninterrupted one would have asked, given the same finished trials.
         trial, knobs = self.study.ask(self.sweep.training.seed + self.launched, self.space)
-        run_id = self.create_run(trial, knobs)
-        saving = trial_checkpoints(self.sweep, self.algorithm, trial.number, knobs)
-        if saving is not None:  # left by an earlier sweep of the same name, long deleted
-            saving[0].remove(saving[1])
-        self.start(_Running(trial, self.request(trial, knobs, run_id)))
+        entry = self.entry(trial, knobs, self.create_run(trial, knobs))
+        if entry.saves is not None:  # left by an earlier sweep of the same name, deleted
+            entry.saves.remove()
+        self.start(entry)
         self.launched += 1
         self.report()
 
@@ -225,18 +224,18 @@ class StudyRunner:
         self.study.set_user_attr(trial, "mlflow_run_id", run.run_id)
         return run.run_id
 
-    def request(self, trial: studies.TrialRecord, knobs: dict[str, Any], run_id: str) -> TrialRequest:
-        return TrialRequest(sweep=self.sweep_dict, algorithm=self.algorithm, number=trial.number,
-                            study_name=self.study.name,
-                            knobs=knobs, run_id=run_id, tracking_uri=self.uri,
-                            storage_url=self.storage_url)
+    def entry(self, trial: studies.TrialRecord, knobs: dict[str, Any], run_id: str) -> _Running:
+        """A trial ready to start: what its process needs, and where its checkpoints live."""
+        request = TrialRequest(sweep=self.sweep_dict, algorithm=self.algorithm,
+                               number=trial.number, study_name=self.study.name, knobs=knobs,
+                               run_id=run_id, tracking_uri=self.uri, storage_url=self.storage_url)
+        return _Running(trial, request, checkpoints.TrialCheckpoints.of(
+            self.sweep, self.algorithm, trial.number, knobs))
 
     def start(self, entry: _Running) -> None:
         """Place the trial on Ray, continuing from its newest loadable checkpoint if any."""
-        saving = trial_checkpoints(self.sweep, self.algorithm, entry.request.number,
-                                   entry.request.knobs)
-        if saving is not None:
-            found = checkpoints.latest(*saving)
+        if entry.saves is not None:
+            found = entry.saves.latest()
             for line in found.refused:
                 self.say(line)
             if found.path is not None:
@@ -282,14 +281,12 @@ class StudyRunner:
 
     def forget_checkpoints(self, entry: _Running) -> None:
         """A finished trial's checkpoints are of no further use."""
-        saving = trial_checkpoints(self.sweep, self.algorithm, entry.request.number,
-                                   entry.request.knobs)
-        if saving is None:
+        if entry.saves is None:
             return
         try:
-            saving[0].remove(saving[1])
+            entry.saves.remove()
         except OSError as error:
-            self.say(f"could not delete {saving[1]}: {str(error).splitlines()[0]}")
+            self.say(f"could not delete {entry.saves.folder}: {str(error).splitlines()[0]}")
 
     def say(self, line: str) -> None:
         if self.notice is not None:

@@ -60,23 +60,14 @@ def make_farm(sweep: Sweep, request: TrialRequest):
                            device=sweep.training.device, group=cluster.current_placement_group())
 
 
-def trial_checkpoints(sweep: Sweep, algorithm: str, number: int,
-                      knobs: dict[str, Any]) -> tuple[checkpoints.CheckpointStore, str, str] | None:
-    """(store, this trial's folder, its identity), or None where the sweep saves none."""
-    if not sweep.training.checkpoints_enabled():
-        return None
-    store = checkpoints.CheckpointStore(sweep.checkpoint_uri())
-    return (store, store.trial_folder(sweep.name, algorithm, number),
-            checkpoints.identity(sweep, algorithm, knobs))
-
-
 def run_trial(request: TrialRequest) -> TrialResult:
     """Train, validate, report and log one trial; a diverging trial is returned as failed.
     Any other exception propagates, so the sweep driver can retry or restart the trial."""
     sweep = Sweep.model_validate(request.sweep)
     run = TrialRun(request.tracking_uri, request.run_id)
     reporter = TrialReporter(request.storage_url, request.study_name, request.number, sweep.search)
-    saving = trial_checkpoints(sweep, request.algorithm, request.number, request.knobs)
+    saving = checkpoints.TrialCheckpoints.of(sweep, request.algorithm, request.number,
+                                             request.knobs)
     state = resume(run, request, saving)
     farm = make_farm(sweep, request)
     try:
@@ -85,20 +76,20 @@ def run_trial(request: TrialRequest) -> TrialResult:
                       TAG_DRIVER: f"{cluster.current_node_id()} {os.getpid()}"})
         trainer = MetaTrainer(sweep, request.algorithm, request.knobs, farm)
         extra = state.extra if state else {}
-        train_curve: list[list[float]] = list(extra.get("train_curve", []))
-        val_curve: list[list[float]] = list(extra.get("val_curve", []))
+        train_curve: list[tuple[int, float]] = list(extra.get("train_curve", []))
+        val_curve: list[tuple[int, float]] = list(extra.get("val_curve", []))
 
         def on_eval(iteration: int, metrics: dict[str, float]) -> bool:
             run.log_metrics(metrics, step=iteration)
-            val_curve.append([iteration, metrics[sweep.search.metric]])
+            val_curve.append((iteration, metrics[sweep.search.metric]))
             return reporter.report(metrics[sweep.search.metric], iteration)
 
         def on_iteration(iteration: int, stats: dict[str, float]) -> None:
-            train_curve.append([iteration + 1, stats["train_loss"]])
+            train_curve.append((iteration + 1, stats["train_loss"]))
             if iteration % 10 == 0:
                 run.log_metrics(stats, step=iteration + 1)
 
-        checkpointer = (checkpoints.TrialCheckpointer(*saving, sweep.training)
+        checkpointer = (checkpoints.TrialCheckpointer(saving, sweep.training)
                         if saving is not None else None)
         try:
             outcome = trainer.train(on_eval, on_iteration=on_iteration, resume=state,
@@ -115,9 +106,9 @@ def run_trial(request: TrialRequest) -> TrialResult:
             run.log_metrics({"checkpoint_seconds": checkpointer.cost_s}, step=0)
         with tempfile.TemporaryDirectory() as folder:
             run.log_artifact(plots.learning_curves(
-                [tuple(p) for p in train_curve], [tuple(p) for p in val_curve],
-                sweep.search.metric, f"{request.algorithm} trial {request.number}",
-                Path(folder) / "learning_curves.png"), "plots")
+                train_curve, val_curve, sweep.search.metric,
+                f"{request.algorithm} trial {request.number}", Path(folder) / "learning_curves.png"),
+                "plots")
         if outcome.stopped_early:
             run.finish("pruned")
             return TrialResult("pruned", value, metrics, "", nodes, outcome.tasks_per_second)
@@ -133,7 +124,7 @@ def run_trial(request: TrialRequest) -> TrialResult:
 
 
 def resume(run: TrialRun, request: TrialRequest,
-           saving: tuple[checkpoints.CheckpointStore, str, str] | None) -> LoopState | None:
+           saving: checkpoints.TrialCheckpoints | None) -> LoopState | None:
     """The loop state to continue from, and the run's record of this start: a start after the
     first (the run already names a driver) counts as a restart, and the iterations done before
     it beyond the checkpoint -- as far as the run's metrics show -- as recomputed."""
@@ -141,7 +132,7 @@ def resume(run: TrialRun, request: TrialRequest,
     state, note = None, ""
     if request.resume_from and saving is not None:
         try:
-            state = checkpoints.load(saving[0], request.resume_from, saving[2])
+            state = saving.load(request.resume_from)
         except checkpoints.CheckpointError as error:  # vanished or changed since the driver chose it
             note = f"; {error}; starting from scratch"
     if TAG_DRIVER not in tags:

@@ -49,10 +49,9 @@ def interrupted_then_resumed(raw: dict, algorithm: str, knobs: dict, store_dir: 
                              die_after: int) -> tuple[torch.Tensor, dict, LoopState]:
     """Train until iteration ``die_after`` raises, then resume a fresh trainer from the newest
     checkpoint; returns the final params, final metrics and the state resumed from."""
-    sweep = sweep_from_dict({**raw, "algorithms": {algorithm: {}}})
-    store = checkpoints.CheckpointStore(str(store_dir))
-    folder = store.trial_folder("ckpt", algorithm, 0)
-    identity = checkpoints.identity(sweep, algorithm, knobs)
+    sweep = sweep_from_dict({**raw, "algorithms": {algorithm: {}},
+                             "training": {**raw["training"], "checkpoint_storage": str(store_dir)}})
+    saves = checkpoints.TrialCheckpoints.of(sweep, algorithm, 0, knobs)
 
     def die(iteration: int, stats: dict) -> None:
         if iteration + 1 == die_after:
@@ -60,14 +59,12 @@ def interrupted_then_resumed(raw: dict, algorithm: str, knobs: dict, store_dir: 
 
     with pytest.raises(Interrupted):
         trainer_for(raw, algorithm, knobs).train(
-            on_iteration=die, checkpointer=checkpoints.TrialCheckpointer(
-                store, folder, identity, sweep.training))
-    found = checkpoints.latest(store, folder, identity)
+            on_iteration=die, checkpointer=checkpoints.TrialCheckpointer(saves, sweep.training))
+    found = saves.latest()
     assert found.path is not None and not found.refused
-    state = checkpoints.load(store, found.path, identity)
+    state = saves.load(found.path)
     outcome = trainer_for(raw, algorithm, knobs).train(
-        resume=state, checkpointer=checkpoints.TrialCheckpointer(store, folder, identity,
-                                                                 sweep.training))
+        resume=state, checkpointer=checkpoints.TrialCheckpointer(saves, sweep.training))
     return outcome.params, outcome.final, state
 
 
@@ -103,44 +100,43 @@ def test_mamlpp_resumes_its_schedule_and_running_statistics_bitwise(tmp_path, om
     assert final == reference.final
 
 
-def saved_states(tmp_path: Path, iterations: tuple[int, ...]) -> tuple[checkpoints.CheckpointStore, str, str]:
-    sweep = sweep_from_dict(sinusoid_sweep(tmp_path))
-    store = checkpoints.CheckpointStore(str(tmp_path / "store"))
-    folder = store.trial_folder("ckpt", "maml", 3)
-    identity = checkpoints.identity(sweep, "maml", {"inner_lr": 0.01})
-    saver = checkpoints.TrialCheckpointer(store, folder, identity, sweep.training)
+def saved_states(tmp_path: Path, iterations: tuple[int, ...]) -> checkpoints.TrialCheckpoints:
+    sweep = sweep_from_dict(sinusoid_sweep(tmp_path, checkpoint_storage=str(tmp_path / "store")))
+    saves = checkpoints.TrialCheckpoints.of(sweep, "maml", 3, {"inner_lr": 0.01})
+    saver = checkpoints.TrialCheckpointer(saves, sweep.training)
     for iteration in iterations:
         saver.save(LoopState(iteration, {"w": torch.full((3,), float(iteration))}))
-    return store, folder, identity
+    return saves
 
 
 def test_only_the_newest_two_are_kept_and_staging_files_are_ignored(tmp_path):
-    store, folder, identity = saved_states(tmp_path, (4, 8, 12))
-    assert [i for i, _ in store.listing(folder)] == [12, 8]
+    saves = saved_states(tmp_path, (4, 8, 12))
+    assert [i for i, _ in saves.store.listing(saves.folder)] == [12, 8]
     # A kill mid-write leaves a staging file under another name: never listed, never loaded.
-    Path(folder, ".ckpt-00000016.123.abcd.tmp").write_bytes(b"orch-checkpoint 1\n{")
-    found = checkpoints.latest(store, folder, identity)
+    Path(saves.folder, ".ckpt-00000016.123.abcd.tmp").write_bytes(b"orch-checkpoint 1\n{")
+    found = saves.latest()
     assert found.iteration == 12 and not found.refused
 
 
 def test_a_truncated_checkpoint_is_refused_in_one_line_and_the_previous_one_loaded(tmp_path):
-    store, folder, identity = saved_states(tmp_path, (4, 8))
-    newest = Path(folder) / "ckpt-00000008.pt"
+    saves = saved_states(tmp_path, (4, 8))
+    newest = Path(saves.folder) / "ckpt-00000008.pt"
     newest.write_bytes(newest.read_bytes()[:-40])  # torn: the tail never reached the disk
-    found = checkpoints.latest(store, folder, identity)
+    found = saves.latest()
     assert found.iteration == 4
     (line,) = found.refused
     assert "\n" not in line and str(newest) in line and "truncated" in line
-    state = checkpoints.load(store, found.path, identity)
+    state = saves.load(found.path)
     assert torch.equal(state.params["w"], torch.full((3,), 4.0))
 
 
 def test_foreign_and_other_sweeps_checkpoints_are_refused(tmp_path):
-    store, folder, identity = saved_states(tmp_path, (4,))
+    saves = saved_states(tmp_path, (4,))
+    folder, identity = saves.folder, saves.identity
     other = checkpoints.identity(sweep_from_dict(sinusoid_sweep(tmp_path)), "maml",
                                  {"inner_lr": 0.02})  # another knob value: another sweep file
     with pytest.raises(checkpoints.CheckpointError, match="another sweep file"):
-        checkpoints.load(store, f"{folder}/ckpt-00000004.pt", other)
+        checkpoints.TrialCheckpoints(saves.store, folder, other).load(f"{folder}/ckpt-00000004.pt")
     backbone = sweep_from_dict({**sinusoid_sweep(tmp_path), "model": {"hidden": [20]}})
     assert checkpoints.identity(backbone, "maml", {"inner_lr": 0.01}) != identity
     # Where it runs or how often it saves does not make another experiment.
@@ -149,7 +145,7 @@ def test_foreign_and_other_sweeps_checkpoints_are_refused(tmp_path):
 
     Path(folder, "ckpt-00000009.pt").write_bytes(b"PK\x03\x04 a zip file, not a checkpoint")
     Path(folder, "ckpt-00000010.pt").write_bytes(checkpoints.MAGIC + b"{not json\n")
-    found = checkpoints.latest(store, folder, identity)
+    found = saves.latest()
     assert found.iteration == 4
     assert [line.split(" refused: ")[1].split(" ")[0] for line in found.refused] == ["its", "not"]
 
@@ -162,8 +158,8 @@ def test_checkpoint_settings(tmp_path):
     by_time = sweep_from_dict(sinusoid_sweep(tmp_path, checkpoint_every=0,
                                              checkpoint_minutes=0.5)).training
     assert by_time.checkpoints_enabled()
-    saver = checkpoints.TrialCheckpointer(checkpoints.CheckpointStore(str(tmp_path)), "x", "id",
-                                          by_time)
+    saver = checkpoints.TrialCheckpointer(checkpoints.TrialCheckpoints(
+        checkpoints.CheckpointStore(str(tmp_path)), "x", "id"), by_time)
     assert not saver.due(4, last=False) and saver.due(5, last=True)
     saver.last_save -= 31
     assert saver.due(6, last=False)
@@ -190,7 +186,7 @@ def test_a_pyarrow_filesystem_uri_stores_checkpoints_too(tmp_path):
     state = LoopState(7, {"w": torch.arange(4.0)}, None, [], torch.get_rng_state(), {"a": [1, 2]})
     path = store.save(folder, 7, checkpoints.encode(state, "id"))
     assert (tmp_path / "bucket" / "ckpt" / "maml" / "trial-00000" / "ckpt-00000007.pt").is_file()
-    loaded = checkpoints.load(store, path, "id")
+    loaded = checkpoints.TrialCheckpoints(store, folder, "id").load(path)
     assert loaded.iteration == 7 and torch.equal(loaded.params["w"], state.params["w"])
     assert torch.equal(loaded.rng, state.rng) and loaded.extra == {"a": [1, 2]}
     store.remove(folder)
