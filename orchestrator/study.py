@@ -44,19 +44,15 @@ def storage(url: str) -> RDBStorage:
         return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=None)
 
 
-# The study's user attribute holding its algorithm's grid and the seed that orders it
-# (``search.sampler: grid``).
-GRID = "orch_grid"
-
-
 def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler ``search.sampler`` names, seeded; the sweep file's validation has already
-    refused a space it cannot search (a continuous range for grid, choices for cmaes)."""
+    """The sampler ``search.sampler`` names, seeded (a grid is the study's: ``SweepStudy``); the
+    sweep file's validation has already refused a space it cannot search (a continuous range
+    for grid, choices for cmaes)."""
     startup = min(5, max(1, search.trials // 2))
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if search.sampler == "grid":
-        return StudyGridSampler()
+        raise ValueError("a grid sampler is built from the algorithm's grid: SweepStudy makes it")
     if search.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if search.sampler == "cmaes":
@@ -70,42 +66,14 @@ def grid(space: Mapping[str, Any]) -> dict[str, list[Any]]:
             if isinstance(knob, (Range, Choices))}
 
 
-class StudyGridSampler(optuna.samplers.BaseSampler):
-    """Optuna's ``GridSampler`` over the grid ``SweepStudy`` stored in the study.
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's ``GridSampler`` without its stop at the end of the grid: its ``after_trial``
+    calls ``study.stop()``, which raises outside ``study.optimize``, and orch asks and tells.
+    The sweep driver stops at ``search.trials``, at most the grid's size (checked at load)."""
 
-    The sweep driver makes a new sampler from ``search`` alone before each ask, so the grid,
-    which is the algorithm's, travels with the study (and a resumed sweep walks the same one).
-    GridSampler hands trial ``n`` point ``n`` of the grid in an order its seed shuffles: the
-    seed is the study's, not the one each ask's sampler gets, or two trials could draw one
-    point. Its ``after_trial`` is not called: it stops ``study.optimize`` once the grid is used
-    up, which raises under ask/tell; the driver stops at ``search.trials``, at most the grid's
-    size.
-    """
-
-    def __init__(self) -> None:
-        self.grid: optuna.samplers.GridSampler | None = None
-
-    def grid_of(self, study: optuna.Study) -> optuna.samplers.GridSampler:
-        if self.grid is None:
-            stored = study.user_attrs[GRID]
-            self.grid = optuna.samplers.GridSampler(stored["values"], seed=stored["seed"])
-        return self.grid
-
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.grid_of(study).before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study,
-                                    trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-        return {}
-
-    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                        search_space: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                           param_name: str, param_distribution: Any) -> Any:
-        return self.grid_of(study).sample_independent(study, trial, param_name,
-                                                      param_distribution)
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        pass
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:
@@ -167,16 +135,14 @@ class SweepStudy:
     driver never holds an Optuna object."""
 
     def __init__(self, sweep: Sweep, algorithm: str, *, load_if_exists: bool):
-        self.search = sweep.search
+        self.search, self.seed = sweep.search, sweep.training.seed
+        self.grid = grid(sweep.space(algorithm)) if sweep.search.sampler == "grid" else None
         self.name = study_name(sweep.name, algorithm)
         self.storage = storage(sweep.storage_url())
         self.study = optuna.create_study(
             study_name=self.name, storage=self.storage, direction=sweep.search.direction,
-            sampler=make_sampler(sweep.search, sweep.training.seed),
-            pruner=make_pruner(sweep.search), load_if_exists=load_if_exists)
-        if sweep.search.sampler == "grid":
-            self.study.set_user_attr(GRID, {"values": grid(sweep.space(algorithm)),
-                                            "seed": sweep.training.seed})
+            sampler=self.sampler(self.seed), pruner=make_pruner(sweep.search),
+            load_if_exists=load_if_exists)
         self.study_id = self.storage.get_study_id_from_name(self.name)
 
     def trials(self, *states: str) -> list[TrialRecord]:
@@ -188,12 +154,20 @@ class SweepStudy:
     def ask(self, seed: int, space: Mapping[str, Any]) -> tuple[TrialRecord, dict[str, Any]]:
         """A new trial and its knobs, from a sampler seeded ``seed``: the sweep driver seeds it
         by the trial's slot, so a resumed sweep asks what an uninterrupted one would have."""
-        self.study.sampler = make_sampler(self.search, seed)
+        self.study.sampler = self.sampler(seed)
         trial = self.study.ask()
         knobs = suggest(trial, space)
         record = TrialRecord(trial.number, self._id_of(trial.number), "running",
                              dict(trial.params), dict(trial.user_attrs))
         return record, knobs
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        """The sampler of the next ask, seeded ``seed``. A grid instead keeps one order, shuffled
+        by the sweep's seed, in which trial n takes point n: every ask's sampler agrees on it, a
+        resumed sweep's too, so no point is drawn twice."""
+        if self.grid is not None:
+            return AskTellGridSampler(self.grid, seed=self.seed)
+        return make_sampler(self.search, seed)
 
     def set_user_attr(self, trial: TrialRecord, key: str, value: Any) -> None:
         self.storage.set_trial_user_attr(trial.trial_id, key, value)
