@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import torch
 
 from orchestrator.config import ConfigError, Sweep, Training
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 from orchestrator.training import LoopState, Validation
 
 MAGIC = b"orch-checkpoint 1\n"
@@ -121,7 +121,7 @@ class CheckpointStore:
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except (ValueError, OSError) as error:
-                raise ConfigError(f"training.checkpoint_storage {uri}: {_first_line(error)}") from None
+                raise ConfigError(f"training.checkpoint_storage {uri}: {first_line(error)}") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
         self.root = self.root.rstrip("/")
@@ -136,7 +136,7 @@ class CheckpointStore:
             self.fs.delete_file(probe)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot write checkpoints to {self.uri} (training.checkpoint_storage): "
-                              f"{_first_line(error)}") from None
+                              f"{first_line(error)}") from None
 
     def trial_folder(self, sweep_name: str, algorithm: str, number: int) -> str:
         return f"{self.root}/{sweep_name}/{algorithm}/trial-{number:05d}"
@@ -225,7 +225,7 @@ class TrialCheckpoints:
             return self.store.read(path)
         except OSError as error:
             raise CheckpointError(f"checkpoint {path} refused: cannot read it "
-                                  f"({_first_line(error)})") from None
+                                  f"({first_line(error)})") from None
 
 
 class TrialCheckpointer:
@@ -253,8 +253,3 @@ class TrialCheckpointer:
         self.cost_s += time.perf_counter() - started
         self.saved += 1
         self.last_save = time.monotonic()
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -39,7 +39,7 @@ from rich.table import Table
 
 from orchestrator import addresses
 from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, load_sweep
-from orchestrator.errors import MachineryError, UserError
+from orchestrator.errors import MachineryError, UserError, first_line
 from orchestrator.cluster_cli import cluster
 from orchestrator.compare_cli import compare
 from orchestrator.data_cli import data
@@ -61,8 +61,7 @@ class OrchGroup(click.Group):
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    message = text[0] if text else type(error).__name__
+    message = first_line(error)
     plain = (UserError, MachineryError, FileNotFoundError, PermissionError)
     return message if isinstance(error, plain) else f"{type(error).__name__}: {message}"
 

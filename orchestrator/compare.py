@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import DEFAULT_RUN_DIR
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate,
                                     evaluation_family, interval95, load, resolve)
 from orchestrator.meta_model import MetaModel
@@ -197,7 +197,7 @@ def check_comparable(entrants: Sequence[Entrant], *, data: str | os.PathLike[str
     try:
         probe = EpisodeFamily(path, ways=2, shots=1, queries=1)
     except ValueError as error:  # DatasetError: no import there
-        raise CompareError(str(error).splitlines()[0]) from None
+        raise CompareError(first_line(error)) from None
     preprocessing = probe.preprocessing()
     for entrant in entrants:
         trained = entrant.model.spec["preprocessing"]
@@ -239,7 +239,7 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
     try:
         family = episodes.family(setting, model)
     except (InferenceError, ValueError) as error:  # check_ways / check_task_shape refusals
-        return Cell(entrant, setting, refused=str(error).splitlines()[0])
+        return Cell(entrant, setting, refused=first_line(error))
     key = _cache_key(entrant, setting, episodes, steps)
     cached = _read_cache(cache, key)
     if cached is not None:

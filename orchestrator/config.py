@@ -320,7 +320,7 @@ class Sweep(Section):
                 origin = "" if knob in self.algorithms[algorithm].knobs() else \
                     f" (from {algorithm}'s default search space)"
                 if (self.search.sampler == "grid" and isinstance(value, Range)
-                        and not (value.int and value.step is None) and not (value.step or 0) > 0):
+                        and not value.int and value.step is None):
                     raise _KeyError(where, f"search.sampler grid cannot enumerate a continuous "
                                     f"range{origin}; give it a step > 0, int: true, choices or "
                                     f"a fixed value")

@@ -18,3 +18,10 @@ class UserError(ValueError):
 
 class MachineryError(RuntimeError):
     """A process, cluster or store that failed orch; the message is one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or
+    its type's name where it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -202,7 +202,7 @@ def _single_thread() -> Iterator[None]:
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     """What a user can fix becomes one line and a non-zero exit."""
-    from orchestrator.errors import UserError
+    from orchestrator.errors import UserError, first_line
     from pipelines.dataset import DatasetError
 
     # MLflow's artifact downloads draw a tqdm bar on stderr; our own output is the report.
@@ -212,4 +212,4 @@ def _one_line_errors() -> Iterator[None]:
     except (UserError, DatasetError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     except ValueError as error:  # a support set the model cannot take (e.g. too many classes)
-        raise click.ClickException(str(error).strip().splitlines()[0]) from None
+        raise click.ClickException(first_line(error)) from None

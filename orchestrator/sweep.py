@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from orchestrator import checkpoints, cluster, study as studies, tracking
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
+from orchestrator.errors import first_line
 from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
 from orchestrator.factory import build_family, split_names
 
@@ -93,7 +94,7 @@ def validate_data(sweep: Sweep, source: str = "sweep") -> None:
         for split in (train_split, val_split):
             family.task(split, sweep.training.seed, 0)
     except (ValueError, OSError) as error:
-        raise ConfigError(f"{source}: data: {str(error).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{source}: data: {first_line(error)}") from None
 
 
 def check_cluster(sweep: Sweep, uri: str, storage_url: str) -> None:
@@ -286,7 +287,7 @@ class StudyRunner:
         try:
             entry.saves.remove()
         except OSError as error:
-            self.say(f"could not delete {entry.saves.folder}: {str(error).splitlines()[0]}")
+            self.say(f"could not delete {entry.saves.folder}: {first_line(error)}")
 
     def say(self, line: str) -> None:
         if self.notice is not None:

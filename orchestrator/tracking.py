@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestrator.errors import MachineryError, UserError
+from orchestrator.errors import MachineryError, UserError, first_line
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -400,8 +400,7 @@ def resolve_model(uri: str, store: str) -> ModelSource:
         return ModelSource(uri, mlflow_client.get_model_version_download_uri(name, version), store,
                            name, version)
     except MlflowException as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelReferenceError(f"{uri}: not found in {store} ({first})") from None
+        raise ModelReferenceError(f"{uri}: not found in {store} ({first_line(error)})") from None
 
 
 def _registry_version(mlflow_client, uri: str, store: str) -> tuple[str, str | None]:
