@@ -24,11 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from orchestrator import tracking
 from orchestrator.config import DEFAULT_TRACKING_URI, ImageData, SinusoidData
 from orchestrator.errors import UserError
-from orchestrator.tracking import URI_FORMS, ModelSource
-from orchestrator.meta_model import MetaModel, Prediction
+from orchestrator.meta_model import URI_FORMS, MetaModel, ModelSource, Prediction
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
@@ -53,6 +51,8 @@ def resolve(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
         if not Path(uri).exists():
             raise InferenceError(f"{uri}: no such model folder (a model is {URI_FORMS})")
         return ModelSource(uri, str(Path(uri).resolve()))
+    from orchestrator import tracking  # MLflow is imported only where a store is read
+
     return tracking.resolve_model(uri, tracking_uri_or_default(tracking_uri))
 
 
@@ -61,6 +61,8 @@ def load(source: ModelSource) -> MetaModel:
     folder that is removed again)."""
     if source.tracking_uri is None:
         return MetaModel.load(source.location)
+    from orchestrator import tracking
+
     with tempfile.TemporaryDirectory(prefix="orch-model-") as folder:
         try:
             return MetaModel.load(tracking.download_model(source, folder))
@@ -333,5 +335,7 @@ def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
     model is not a registered version (a run, a logged model or a folder)."""
     if source.name is None or source.version is None or source.tracking_uri is None:
         return False
+    from orchestrator import tracking
+
     tracking.tag_model_version(source, evaluation.tags())
     return True

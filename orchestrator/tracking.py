@@ -26,6 +26,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from orchestrator.errors import MachineryError, UserError, first_line
+from orchestrator.meta_model import (URI_FORMS, MetaModel, ModelSource, decode_inputs,
+                                     input_example)
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -187,8 +189,6 @@ class TrialRun:
         """Log the saved meta-model folder as this run's pyfunc model (run artifact ``model``);
         returns its ``runs:/`` URI. Saved locally and uploaded with this run's client, so no
         process-wide MLflow state is touched."""
-        from orchestrator.meta_model import MetaModel, input_example
-
         with tempfile.TemporaryDirectory() as staging:
             path = Path(staging) / "model"
             mlflow.pyfunc.save_model(
@@ -364,23 +364,8 @@ def trial_runs(mlflow_client: MlflowClient, experiment_id: str, *, algorithm: st
 
 # -- finding a logged or registered model -------------------------------------------------------
 
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
-
-
 class ModelReferenceError(UserError):
     """A model URI that names nothing in the tracking store; the message is one line."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model URI points: an artifact location (or local folder) and, for registry URIs,
-    the registered model version it names."""
-
-    uri: str
-    location: str
-    tracking_uri: str | None = None
-    name: str | None = None
-    version: str | None = None
 
 
 def resolve_model(uri: str, store: str) -> ModelSource:
@@ -510,8 +495,6 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from orchestrator.meta_model import MetaModel
-
         self.model = MetaModel.load(context.artifacts["meta_model"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
@@ -519,8 +502,6 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
 
         steps = int(params["steps"]) if params and params.get("steps") is not None else None
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        from orchestrator.meta_model import decode_inputs
-
         support = frame[frame["role"] == "support"]
         query = frame[frame["role"] == "query"]
         support_x = decode_inputs(self.model, list(support["input"]))
