@@ -41,12 +41,6 @@ def _family_rank(cls: type[Learner]) -> int:
 LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in sorted(_CLASSES, key=_family_rank)}
 
 
-def learners_by_family() -> dict[str, list[str]]:
-    """Family -> the names of its learners, in ``LEARNERS``' order."""
-    return {family: [name for name, cls in LEARNERS.items() if cls.family == family]
-            for family in FAMILIES}
-
-
 def learner_class(name: str) -> type[Learner]:
     try:
         return LEARNERS[name]
