@@ -95,12 +95,17 @@ def tracking_option(function):
 @click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True),
               default=addresses.CONNECT_TIMEOUT_S, show_default=True,
               help="Seconds to join the Ray cluster before giving up.")
-@click.option("--resume", is_flag=True, help="Continue a sweep of the same name; finished trials are kept.")
-@click.option("--quiet", is_flag=True, help="No progress display; the summary table only.")
+@click.option("--resume", is_flag=True,
+              help="Continue a sweep of the same name: finished trials are kept, unfinished ones "
+                   "continue from their checkpoints.")
+@click.option("--quiet", is_flag=True,
+              help="No progress display; the summary table, and notices (restarts, refused "
+                   "checkpoints), only.")
 def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, connect_timeout: float,
            resume: bool, quiet: bool) -> None:
     """Run the sweep in SWEEP_FILE: one Optuna study per algorithm, trials on Ray, everything
-    tracked in MLflow, the best model per algorithm registered."""
+    tracked in MLflow, the best model per algorithm registered. Trials save checkpoints; one
+    whose process or node dies restarts from its last (search.restarts times)."""
     sweep = load_sweep(sweep_file)
     addresses.prepare_environment(address or sweep.ray.address)  # before anything imports Ray
     from orchestrator.sweep import launch as run_sweep
