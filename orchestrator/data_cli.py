@@ -3,23 +3,32 @@
     orch data import omniglot images_background.zip images_evaluation.zip --out data/omniglot
     orch data import image-folder photos/ --out data/photos
     orch data import mini-imagenet mini-imagenet/ --out data/mini-imagenet
+    orch data import cifar-fs cifar-100-python.tar.gz --out data/cifar-fs
+    orch data import fc100 cifar-100-python.tar.gz --out data/fc100
+    orch data import tiered-imagenet tiered-imagenet/ --out data/tiered --allow-pickle
+    orch data import cub CUB_200_2011.tgz --out data/cub --crop
     orch data info data/omniglot --verify
 
-Errors are one line naming the file and what is wrong; an import that fails leaves no files behind
-and an existing import in ``--out`` untouched.
+Errors are one line naming the file and what is wrong; an import refused for its input leaves no
+files behind and an existing import in ``--out`` untouched. An import that is interrupted keeps the
+classes it finished (in ``--out``/.import.partial): the same command again resumes it.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
 
-from pipelines.dataset import DatasetError, read_manifest, summary, verify
+from pipelines.dataset import GROUPS, DatasetError, read_manifest, summary, verify
+from pipelines.cifar import import_cifar_fs, import_fc100
+from pipelines.cub import import_cub
 from pipelines.importers import import_image_folder, import_mini_imagenet, import_omniglot
+from pipelines.tiered import import_tiered_imagenet
 
 data = click.Group("data", help="Import few-shot image data sets (Parquet) and inspect imports.")
 
@@ -68,11 +77,11 @@ def import_omniglot_command(sources: tuple[Path, ...], out: Path, size: int, see
     Give several SOURCES to combine them; identical files given twice are kept once. Splits are
     by alphabet, so no character is in two splits.
     """
-    with _reporting() as progress:
+    with _reporting() as report:
         manifest = import_omniglot(
             sources, out, size=size, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
             val_alphabets=_names(val_alphabets), test_alphabets=_names(test_alphabets),
-            overwrite=overwrite, progress=progress)
+            overwrite=overwrite, progress=report.progress, log=report.log)
     _print_summary(out, manifest)
 
 
@@ -93,11 +102,11 @@ def import_image_folder_command(source: Path, out: Path, size: int, grayscale: b
                                 no_normalize: bool, seed: int, val_ratio: float, test_ratio: float,
                                 overwrite: bool) -> None:
     """Import any <class>/<image> tree of PNG/JPEG files; classes are split by a seeded ratio."""
-    with _reporting() as progress:
+    with _reporting() as report:
         manifest = import_image_folder(
             source, out, size=size, grayscale=grayscale, invert=invert, seed=seed,
             val_ratio=val_ratio, test_ratio=test_ratio, normalize=not no_normalize,
-            overwrite=overwrite, progress=progress)
+            overwrite=overwrite, progress=report.progress, log=report.log)
     _print_summary(out, manifest)
 
 
@@ -107,16 +116,88 @@ def import_image_folder_command(source: Path, out: Path, size: int, grayscale: b
 @click.option("--size", default=84, show_default=True, type=click.IntRange(4, 1024),
               help="Side of the stored square images, in pixels.")
 @click.option("--allow-pickle", is_flag=True,
-              help="Read mini-imagenet-cache-*.pkl files. Loading a pickle can run arbitrary code: "
-                   "only pass this for files you trust.")
+              help="Read mini-imagenet-cache-*.pkl files (only plain data and NumPy arrays are "
+                   "loaded from them; anything else is refused). Pass it for files you trust.")
 @_overwrite
 def import_mini_imagenet_command(source: Path, out: Path, size: int, allow_pickle: bool,
                                  overwrite: bool) -> None:
     """Import mini-ImageNet in Ravi and Larochelle's split: train.csv, val.csv, test.csv
     (filename,label) beside images/, or the mini-imagenet-cache-{train,val,test}.pkl files."""
-    with _reporting() as progress:
+    with _reporting() as report:
         manifest = import_mini_imagenet(source, out, size=size, allow_pickle=allow_pickle,
-                                        overwrite=overwrite, progress=progress)
+                                        overwrite=overwrite, progress=report.progress, log=report.log)
+    _print_summary(out, manifest)
+
+
+_cifar100 = click.argument("cifar100", metavar="CIFAR100",
+                           type=click.Path(exists=True, path_type=Path))
+
+
+@import_.command("cifar-fs")
+@_cifar100
+@_out
+@click.option("--size", default=32, show_default=True, type=click.IntRange(4, 1024),
+              help="Side of the stored square images, in pixels (CIFAR's are 32).")
+@_overwrite
+def import_cifar_fs_command(cifar100: Path, out: Path, size: int, overwrite: bool) -> None:
+    """Import CIFAR-FS (Bertinetto et al. 2019): CIFAR-100's classes in the published 64/16/20
+    split. CIFAR100 is cifar-100-python.tar.gz or its unpacked folder (train, test, meta)."""
+    with _reporting() as report:
+        manifest = import_cifar_fs(cifar100, out, size=size, overwrite=overwrite,
+                                   progress=report.progress, log=report.log)
+    _print_summary(out, manifest)
+
+
+@import_.command("fc100")
+@_cifar100
+@_out
+@click.option("--size", default=32, show_default=True, type=click.IntRange(4, 1024),
+              help="Side of the stored square images, in pixels (CIFAR's are 32).")
+@_overwrite
+def import_fc100_command(cifar100: Path, out: Path, size: int, overwrite: bool) -> None:
+    """Import FC100 (Oreshkin et al. 2018): CIFAR-100's superclasses in the published 12/4/4 split
+    (60/20/20 classes). CIFAR100 is cifar-100-python.tar.gz or its unpacked folder."""
+    with _reporting() as report:
+        manifest = import_fc100(cifar100, out, size=size, overwrite=overwrite,
+                                progress=report.progress, log=report.log)
+    _print_summary(out, manifest)
+
+
+@import_.command("tiered-imagenet")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_out
+@click.option("--size", default=84, show_default=True, type=click.IntRange(4, 1024),
+              help="Side of the stored square images, in pixels (the pickled caches hold 84).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read Ren et al.'s {train,val,test}_images_png.pkl and _labels.pkl caches (only "
+                   "plain data and NumPy arrays are loaded; anything else is refused).")
+@_overwrite
+def import_tiered_imagenet_command(source: Path, out: Path, size: int, allow_pickle: bool,
+                                   overwrite: bool) -> None:
+    """Import tieredImageNet (Ren et al. 2018) in its published 351/97/160 class split, with its 34
+    categories: SOURCE holds train/ val/ test/ with one folder of images per WordNet id, or the
+    pickled caches {train,val,test}_images_png.pkl with {train,val,test}_labels.pkl."""
+    with _reporting() as report:
+        manifest = import_tiered_imagenet(source, out, size=size, allow_pickle=allow_pickle,
+                                          overwrite=overwrite, progress=report.progress,
+                                          log=report.log)
+    _print_summary(out, manifest)
+
+
+@import_.command("cub")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@_out
+@click.option("--size", default=84, show_default=True, type=click.IntRange(4, 1024),
+              help="Side of the stored square images, in pixels.")
+@click.option("--crop", is_flag=True,
+              help="Crop every image to its bounding box (bounding_boxes.txt) before resizing.")
+@_overwrite
+def import_cub_command(source: Path, out: Path, size: int, crop: bool, overwrite: bool) -> None:
+    """Import CUB-200-2011 in the 100/50/50 class split of Chen et al. 2019, bounding boxes kept
+    in a bbox column. SOURCE is CUB_200_2011.tgz or its unpacked CUB_200_2011 folder."""
+    with _reporting() as report:
+        manifest = import_cub(source, out, size=size, crop=crop, overwrite=overwrite,
+                              progress=report.progress, log=report.log)
     _print_summary(out, manifest)
 
 
@@ -139,7 +220,16 @@ def info(path: Path, check: bool, as_json: bool) -> None:
     click.echo(f"preprocessing: {prep['size']}x{prep['size']} {prep['mode']}, {prep['resample']} "
                f"resize, {'inverted, ' if prep['invert'] else ''}normalisation {prep['normalization']} "
                f"(mean {prep['mean']}, std {prep['std']})")
+    if manifest.get("crop"):
+        click.echo(f"cropped to: {manifest['crop']}")
     click.echo(f"split rule: {json.dumps(manifest['split_rule'])}")
+    if manifest.get("extra_columns"):
+        click.echo(f"extra columns: {', '.join(manifest['extra_columns'])}")
+    for source in manifest.get("sources", []):
+        official = {True: ", the official release", False: ", not the official release's digest",
+                    None: ""}[source.get("official_release")]
+        click.echo(f"source {source['path']}: {source['images']:,} images, "
+                   f"sha256 {source['sha256'] or '- (a folder; each image has its own)'}{official}")
     for name, file in manifest["files"].items():
         click.echo(f"{name}: {file['bytes']:,} bytes, {file['rows']:,} rows, sha256 {file['sha256']}")
     if check:
@@ -147,32 +237,41 @@ def info(path: Path, check: bool, as_json: bool) -> None:
 
 
 def _print_summary(path: Path, manifest: dict[str, Any]) -> None:
+    group = next((g for g in GROUPS if manifest.get(g) is not None), None)
     head = [f"{manifest['classes']:,} classes", f"{manifest['images']:,} images"]
-    if manifest.get("alphabets") is not None:
-        head.insert(0, f"{manifest['alphabets']} alphabets")
+    if group is not None:
+        head.insert(0, f"{manifest[group]} {group}")
     channels, height, width = manifest["shape"]
     click.echo(f"{path}: {manifest['kind']}, {', '.join(head)}, {channels}x{height}x{width}"
                + (f", {manifest['duplicates_skipped']:,} duplicates skipped"
                   if manifest.get("duplicates_skipped") else ""))
-    rows = [("split", "alphabets", "classes", "images")]
+    rows = [("split", group or "alphabets", "classes", "images")]
     for split, entry in manifest["splits"].items():
-        alphabets = entry.get("alphabets")
-        rows.append((split, str(len(alphabets)) if alphabets is not None else "-",
+        members = entry.get(group) if group else None
+        rows.append((split, str(len(members)) if members is not None else "-",
                      f"{entry['classes']:,}", f"{entry['images']:,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for split, entry in manifest["splits"].items():
-        if entry.get("alphabets"):
-            click.echo(f"  {split}: {', '.join(entry['alphabets'])}")
+        if group is not None and entry.get(group):
+            click.echo(f"  {split}: {', '.join(entry[group])}")
+
+
+@dataclass
+class _Report:
+    """Where an import reports: a progress bar, and lines printed above it."""
+
+    progress: Callable[[int, int], None] | None
+    log: Callable[[str], None] | None
 
 
 @contextmanager
-def _reporting(*, progress_bar: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+def _reporting(*, progress_bar: bool = True) -> Iterator[_Report]:
     """Turn ``DatasetError`` into a one-line ``ClickException``; show a progress bar meanwhile."""
     if not progress_bar:
         with _one_line_errors():
-            yield None
+            yield _Report(None, None)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -187,8 +286,11 @@ def _reporting(*, progress_bar: bool = True) -> Iterator[Callable[[int, int], No
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        def log(line: str) -> None:  # above the bar, which redraws below it
+            console.print(f"orch: {line}", markup=False, highlight=False, soft_wrap=True)
+
         with _one_line_errors():
-            yield advance
+            yield _Report(advance, log)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 # Rows per record batch: large enough that a class rarely spans batches, small enough to stream.
 BATCH_ROWS = 4096
 _OWN_FILES = {MANIFEST, PARQUET, ARROW}
+# What the ``alphabet`` column holds, as the manifest counts it: Omniglot's alphabets, or the
+# superclasses of CIFAR-100 and tieredImageNet.
+GROUPS = ("alphabets", "superclasses")
 
 
 class DatasetError(ValueError):
@@ -46,18 +49,33 @@ class DatasetError(ValueError):
     """
 
 
-def schema(values_per_image: int) -> pa.Schema:
+# Per-image metadata columns an importer may add after the common ones; the manifest's
+# ``extra_columns`` names those an import holds, in this order.
+EXTRA_COLUMNS = {
+    # CUB-200-2011's bounding_boxes.txt: x, y, width, height in the source image's pixels.
+    "bbox": pa.list_(pa.float32(), 4),
+    # Width and height of the source image as decoded, before any crop or resize.
+    "source_size": pa.list_(pa.int32(), 2),
+}
+
+
+def schema(values_per_image: int, extra_columns: Sequence[str] = ()) -> pa.Schema:
     """Columns of an import; ``pixels`` is ``C*H*W`` uint8 values, row-major ``[C, H, W]``."""
+    unknown = [c for c in extra_columns if c not in EXTRA_COLUMNS]
+    if unknown:
+        raise DatasetError(f"unknown extra column {unknown[0]!r}; known: {', '.join(EXTRA_COLUMNS)}")
     return pa.schema([
         pa.field("pixels", pa.list_(pa.uint8(), values_per_image), nullable=False),
         pa.field("class_id", pa.int32(), nullable=False),
         pa.field("class_name", pa.string(), nullable=False),
-        # The Omniglot alphabet; null for data sets without a level above the class.
+        # The level above the class: Omniglot's alphabet, the superclass of CIFAR-100 classes
+        # and of tieredImageNet's; null for data sets without one.
         pa.field("alphabet", pa.string()),
         pa.field("split", pa.string(), nullable=False),
         # Where the image came from ("archive.zip:member" or a file path), and its sha256.
         pa.field("source", pa.string(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),
+        *[pa.field(name, EXTRA_COLUMNS[name]) for name in extra_columns],
     ])
 
 
@@ -79,45 +97,41 @@ class DatasetWriter:
     existing import in ``out`` is only replaced by ``finish``.
     """
 
-    def __init__(self, out: Path, *, channels: int, size: int, overwrite: bool = False):
+    def __init__(self, out: Path, *, channels: int, size: int, overwrite: bool = False,
+                 extra_columns: Sequence[str] = ()):
         self.out = Path(out)
         self.shape = (channels, size, size)
-        self.schema = schema(channels * size * size)
-        _check_target(self.out, overwrite=overwrite)
+        self.schema = schema(channels * size * size, extra_columns)
+        check_target(self.out, overwrite=overwrite)
         self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self._partial = {name: self.out / f".{name}.partial" for name in (PARQUET, ARROW)}
         self._parquet = pq.ParquetWriter(self._partial[PARQUET], self.schema, compression="zstd")
         self._arrow = pa.ipc.new_file(str(self._partial[ARROW]), self.schema)
-        self._pending: dict[str, list[Any]] = {name: [] for name in self.schema.names}
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self.rows = 0
         self._closed = False
 
-    def add(self, pixels: np.ndarray, *, class_id: int, class_name: str, alphabet: str | None,
-            split: str, source: str, sha256: str) -> None:
-        if pixels.shape != self.shape or pixels.dtype != np.uint8:
-            raise ValueError(f"{source}: pixels are {pixels.dtype}{list(pixels.shape)}, "
-                             f"expected uint8{list(self.shape)}")
-        row = {"pixels": pixels.reshape(-1), "class_id": class_id, "class_name": class_name,
-               "alphabet": alphabet, "split": split, "source": source, "sha256": sha256}
-        for name, value in row.items():
-            self._pending[name].append(value)
-        if len(self._pending["class_id"]) >= BATCH_ROWS:
+    def add_rows(self, rows: pa.Table) -> None:
+        """Append rows (already in the import's schema); written in record batches of at least
+        ``BATCH_ROWS`` rows, so the files do not depend on how the rows were handed in."""
+        if not rows.schema.equals(self.schema):
+            raise ValueError(f"rows have columns {rows.schema.names}, expected {self.schema.names}")
+        self._pending.append(rows)
+        self._pending_rows += rows.num_rows
+        if self._pending_rows >= BATCH_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        count = len(self._pending["class_id"])
-        if not count:
+        if not self._pending_rows:
             return
-        flat = np.concatenate(self._pending["pixels"])
-        pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()),
-                                                   int(np.prod(self.shape)))
-        columns = [pixels] + [pa.array(self._pending[f.name], f.type) for f in list(self.schema)[1:]]
-        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
-        self._parquet.write_batch(batch)
-        self._arrow.write_batch(batch)
-        self.rows += count
-        self._pending = {name: [] for name in self.schema.names}
+        table = pa.concat_tables(self._pending).combine_chunks()
+        for batch in table.to_batches():
+            self._parquet.write_batch(batch)
+            self._arrow.write_batch(batch)
+        self.rows += table.num_rows
+        self._pending, self._pending_rows = [], 0
 
     def finish(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Close the data files, move them into place, then write the manifest (last)."""
@@ -163,7 +177,9 @@ class DatasetWriter:
             self._close()
 
 
-def _check_target(out: Path, *, overwrite: bool) -> None:
+def check_target(out: Path, *, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is absent, empty, or an import (replaced only with ``overwrite``);
+    files named ``*.partial`` are an unfinished import's and allowed."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: exists and is not a folder; choose another --out")
     if not out.exists():
@@ -288,7 +304,7 @@ def open_dataset(path: str | os.PathLike[str], *, verify_checksums: bool = False
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
     except (pa.ArrowException, OSError) as error:
         raise DatasetError(f"{arrow}: not a readable Arrow file ({_one_line(error)})") from None
-    expected = schema(int(np.prod(manifest["shape"])))
+    expected = schema(int(np.prod(manifest["shape"])), manifest.get("extra_columns", ()))
     if not reader.schema.equals(expected):
         raise DatasetError(f"{arrow}: columns do not match the manifest's image shape "
                            f"{manifest['shape']}; re-import")
@@ -318,15 +334,20 @@ def open_dataset(path: str | os.PathLike[str], *, verify_checksums: bool = False
 def summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What ``orch data info --json`` prints: counts overall and per split, preprocessing, files."""
     out: dict[str, Any] = {"kind": manifest["kind"]}
-    if manifest.get("alphabets") is not None:
-        out["alphabets"] = manifest["alphabets"]
+    for group in GROUPS:
+        if manifest.get(group) is not None:
+            out[group] = manifest[group]
     out.update({"classes": manifest["classes"], "images": manifest["images"],
                 "shape": manifest["shape"], "splits": {}})
     for split, info in manifest["splits"].items():
         entry = {"classes": info["classes"], "images": info["images"]}
-        if info.get("alphabets") is not None:
-            entry["alphabets"] = info["alphabets"]
+        for group in GROUPS:
+            if info.get(group) is not None:
+                entry[group] = info[group]
         out["splits"][split] = entry
+    for optional in ("crop", "extra_columns"):
+        if manifest.get(optional):
+            out[optional] = manifest[optional]
     out.update({"split_rule": manifest["split_rule"], "preprocessing": manifest["preprocessing"],
                 "duplicates_skipped": manifest.get("duplicates_skipped", 0),
                 "sources": manifest.get("sources", []),
