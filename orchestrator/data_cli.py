@@ -133,7 +133,7 @@ _cifar100 = click.argument("cifar100", metavar="CIFAR100",
                            type=click.Path(exists=True, path_type=Path))
 
 
-@import_.command("cifar-fs")
+@import_.command("cifar-fs", short_help="CIFAR-100 in the CIFAR-FS split (64/16/20 classes).")
 @_cifar100
 @_out
 @click.option("--size", default=32, show_default=True, type=click.IntRange(4, 1024),
@@ -148,7 +148,7 @@ def import_cifar_fs_command(cifar100: Path, out: Path, size: int, overwrite: boo
     _print_summary(out, manifest)
 
 
-@import_.command("fc100")
+@import_.command("fc100", short_help="CIFAR-100 in the FC100 split (12/4/4 superclasses).")
 @_cifar100
 @_out
 @click.option("--size", default=32, show_default=True, type=click.IntRange(4, 1024),
@@ -163,7 +163,7 @@ def import_fc100_command(cifar100: Path, out: Path, size: int, overwrite: bool) 
     _print_summary(out, manifest)
 
 
-@import_.command("tiered-imagenet")
+@import_.command("tiered-imagenet", short_help="tieredImageNet (351/97/160 classes), folders or caches.")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_out
 @click.option("--size", default=84, show_default=True, type=click.IntRange(4, 1024),
@@ -184,7 +184,7 @@ def import_tiered_imagenet_command(source: Path, out: Path, size: int, allow_pic
     _print_summary(out, manifest)
 
 
-@import_.command("cub")
+@import_.command("cub", short_help="CUB-200-2011 in the 100/50/50 split, with bounding boxes.")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @_out
 @click.option("--size", default=84, show_default=True, type=click.IntRange(4, 1024),

@@ -1,8 +1,8 @@
 """Converting a listing into an import, once per image, resumably.
 
-Images are decoded and preprocessed class by class into staged parts, each a run of complete
-classes (``OUT/.import.partial/classes-FIRST-LAST.arrow``, about ``PART_ROWS`` rows) written under a
-temporary name and renamed when done. A run that stops half way
+Images are decoded and preprocessed into staged parts, each a set of complete classes (a record
+batch per class, about ``PART_ROWS`` rows per part, ``OUT/.import.partial/part-NNNNN.arrow``)
+written under a temporary name and renamed when done. A run that stops half way
 (Ctrl-C, a killed process, a full disk) leaves its finished parts; running the same import again
 (same sources, digests and options: the plan digest in ``plan.json``) converts only the classes
 still missing, and the last step assembles all parts into the import (``DatasetWriter``, manifest
@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -96,65 +96,79 @@ def write_import(listing: Listing, class_splits: Mapping[str, Sequence[str]], ou
 
 
 @dataclass
-class _ClassRows:
-    """One class's converted images, kept until the class is complete."""
+class _Row:
+    """One converted image."""
 
-    rows: list[tuple[tuple[Any, ...], SourceImage, str, np.ndarray, tuple[int, int]]] = field(
-        default_factory=list)
+    image: SourceImage
+    sha256: str
+    pixels: np.ndarray  # uint8 [C, H, W], after the stored steps
+    size: tuple[int, int]  # width, height of the source image as decoded
+    class_id: int = -1
+    split: str = ""
 
-    def table(self, *, class_id: int, split: str, schema: pa.Schema, dedupe: bool,
-              normalize: bool) -> tuple[pa.Table, dict[str, Any]]:
-        """The class's rows in listing order, and the statistics the manifest needs."""
-        self.rows.sort(key=lambda row: row[0])
-        kept, seen, duplicates = [], set(), 0
-        for row in self.rows:
-            if row[2] in seen:
-                duplicates += 1
-                if dedupe:
-                    continue
-            seen.add(row[2])
-            kept.append(row)
-        pixels = np.stack([row[3] for row in kept])
-        channels = pixels.shape[1]
-        stats: dict[str, Any] = {"rows": len(kept), "duplicates": duplicates,
-                                 "groups": sorted({r[1].alphabet for r in kept if r[1].alphabet})}
-        if normalize and split == "train":
-            flat = pixels.reshape(len(kept), channels, -1).astype(np.float64) / 255.0
-            stats.update(sums=flat.sum(axis=(0, 2)).tolist(),
-                         squares=(flat * flat).sum(axis=(0, 2)).tolist(),
-                         pixels=int(flat.shape[0] * flat.shape[2]))
-        values = int(np.prod(pixels.shape[1:]))
-        columns: dict[str, pa.Array] = {
-            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1), pa.uint8()), values),
-            "class_id": pa.array([class_id] * len(kept), pa.int32()),
-            "class_name": pa.array([r[1].class_name for r in kept], pa.string()),
-            "alphabet": pa.array([r[1].alphabet for r in kept], pa.string()),
-            "split": pa.array([split] * len(kept), pa.string()),
-            "source": pa.array([r[1].name for r in kept], pa.string()),
-            "sha256": pa.array([r[2] for r in kept], pa.string()),
-        }
-        for extra in schema.names[len(columns):]:
-            values_of = ([list(r[4]) for r in kept] if extra == "source_size"
-                         else [r[1].extra[extra] for r in kept])
-            columns[extra] = pa.array(values_of, schema.field(extra).type)
-        return pa.table(columns, schema=schema), stats
+
+def _finish_class(rows: list[_Row], *, class_id: int, split: str, dedupe: bool,
+                  normalize: bool) -> tuple[list[_Row], dict[str, Any]]:
+    """A complete class's rows in listing order (one of identical files if ``dedupe``), and the
+    statistics the manifest needs."""
+    rows = sorted(rows, key=lambda row: row.image.order)
+    kept, seen, duplicates = [], set(), 0
+    for row in rows:
+        if row.sha256 in seen:
+            duplicates += 1
+            if dedupe:
+                continue
+        seen.add(row.sha256)
+        row.class_id, row.split = class_id, split
+        kept.append(row)
+    stats: dict[str, Any] = {"rows": len(kept), "duplicates": duplicates,
+                             "groups": sorted({r.image.alphabet for r in kept if r.image.alphabet})}
+    if normalize and split == "train":
+        pixels = np.stack([row.pixels for row in kept])
+        flat = pixels.reshape(len(kept), pixels.shape[1], -1).astype(np.float64) / 255.0
+        stats.update(sums=flat.sum(axis=(0, 2)).tolist(),
+                     squares=(flat * flat).sum(axis=(0, 2)).tolist(),
+                     pixels=int(flat.shape[0] * flat.shape[2]))
+    return kept, stats
+
+
+def _table(rows: list[_Row], schema: pa.Schema) -> pa.Table:
+    """Rows in the import's schema."""
+    pixels = np.stack([row.pixels for row in rows])
+    values = int(np.prod(pixels.shape[1:]))
+    columns: dict[str, pa.Array] = {
+        "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1), pa.uint8()), values),
+        "class_id": pa.array([r.class_id for r in rows], pa.int32()),
+        "class_name": pa.array([r.image.class_name for r in rows], pa.string()),
+        "alphabet": pa.array([r.image.alphabet for r in rows], pa.string()),
+        "split": pa.array([r.split for r in rows], pa.string()),
+        "source": pa.array([r.image.name for r in rows], pa.string()),
+        "sha256": pa.array([r.sha256 for r in rows], pa.string()),
+    }
+    for extra in schema.names[len(columns):]:
+        values_of = ([list(r.size) for r in rows] if extra == "source_size"
+                     else [r.image.extra[extra] for r in rows])
+        columns[extra] = pa.array(values_of, schema.field(extra).type)
+    return pa.table(columns, schema=schema)
 
 
 def _convert(listing: Listing, todo: list[str], by_class: Mapping[str, list[SourceImage]], *,
              class_ids: Mapping[str, int], split_of: Mapping[str, str], preprocessing: dict[str, Any],
              schema: pa.Schema, dedupe: bool, normalize: bool, staging: "_Staging",
              progress: Progress | None, done: int, total: int) -> None:
-    """Convert the images of the classes in ``todo``, staging each class as soon as it is complete."""
+    """Convert the images of the classes in ``todo``, staging complete classes as parts."""
     images = [image for name in todo for image in by_class[name]]
     remaining = {name: len(by_class[name]) for name in todo}
-    pending: dict[str, _ClassRows] = {}
-    run: list[tuple[int, pa.Table, dict[str, Any]]] = []  # complete classes with consecutive ids
+    pending: dict[str, list[_Row]] = {}
+    ready: list[tuple[int, list[_Row], dict[str, Any]]] = []  # complete classes, not yet staged
+    ready_rows = 0
 
-    def stage_run() -> None:
-        if run:
-            staging.write_part([class_id for class_id, _, _ in run], [t for _, t, _ in run],
-                               [stats for _, _, stats in run])
-            run.clear()
+    def stage() -> None:
+        nonlocal ready_rows
+        if ready:
+            staging.write_part(ready, schema)
+            ready.clear()
+            ready_rows = 0
 
     if progress is not None:
         progress(done, total)
@@ -165,23 +179,21 @@ def _convert(listing: Listing, todo: list[str], by_class: Mapping[str, list[Sour
         size = picture.size
         if image.crop is not None:
             picture = _crop(picture, image.crop, name=image.name)
-        pixels = to_pixels(picture, preprocessing)
-        digest = hashlib.sha256(raw).hexdigest()
-        pending.setdefault(name, _ClassRows()).rows.append((image.order, image, digest, pixels, size))
+        row = _Row(image, hashlib.sha256(raw).hexdigest(), to_pixels(picture, preprocessing), size)
+        pending.setdefault(name, []).append(row)
         remaining[name] -= 1
         if remaining[name] == 0:
             class_id = class_ids[name]
-            table, stats = pending.pop(name).table(class_id=class_id, split=split_of[name],
-                                                   schema=schema, dedupe=dedupe, normalize=normalize)
-            if run and run[-1][0] != class_id - 1:
-                stage_run()
-            run.append((class_id, table, stats))
-            if sum(t.num_rows for _, t, _ in run) >= PART_ROWS:
-                stage_run()
+            rows, stats = _finish_class(pending.pop(name), class_id=class_id, split=split_of[name],
+                                        dedupe=dedupe, normalize=normalize)
+            ready.append((class_id, rows, stats))
+            ready_rows += len(rows)
+            if ready_rows >= PART_ROWS:
+                stage()
         done += 1
         if progress is not None and (done % 64 == 0 or done == total):
             progress(done, total)
-    stage_run()
+    stage()
     unfinished = sorted(name for name, left in remaining.items() if left)
     if unfinished:  # a source stream that ended early: a bug in its importer, not the user's input
         raise RuntimeError(f"the source gave no bytes for {remaining[unfinished[0]]} images of "
@@ -306,48 +318,58 @@ class _Staging:
         for leftover in self.path.glob("*.tmp"):  # a part a killed run was writing
             leftover.unlink()
 
-    def _ranges(self) -> list[tuple[int, int, Path]]:
-        """(first, last class id, file) of every finished part, in class order."""
-        found = []
-        for part in self.path.glob("classes-*-*.arrow"):
-            first, last = part.stem.split("-")[1:]
-            found.append((int(first), int(last), part))
-        return sorted(found)
+    def _parts(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.arrow"))
+
+    @staticmethod
+    def _classes(reader: pa.ipc.RecordBatchFileReader) -> list[tuple[int, dict[str, Any]]]:
+        """(class id, statistics) of each record batch of a part, in batch order."""
+        return [(int(i), stats) for i, stats in json.loads(reader.schema.metadata[_PART_METADATA])]
+
+    def _open(self, part: Path) -> pa.ipc.RecordBatchFileReader:
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(part), "r"))
+        except (pa.ArrowException, OSError) as error:
+            raise DatasetError(f"{part}: unreadable staged part ({error}); run the import again "
+                               "(it starts over)") from None
 
     def completed(self) -> set[int]:
-        return {i for first, last, _ in self._ranges() for i in range(first, last + 1)}
+        return {class_id for part in self._parts() for class_id, _ in self._classes(self._open(part))}
 
-    def write_part(self, class_ids: list[int], tables: list[pa.Table],
-                   stats: list[dict[str, Any]]) -> None:
-        """Stage complete classes with consecutive ids as one part."""
-        part = self.path / f"classes-{class_ids[0]:05d}-{class_ids[-1]:05d}.arrow"
+    def write_part(self, classes: list[tuple[int, list[Any], dict[str, Any]]], schema: pa.Schema) -> None:
+        """Stage complete classes as one part: a record batch per class, in one Arrow file."""
+        part = self.path / f"part-{len(self._parts()):05d}.arrow"
         staged = part.with_name(part.name + ".tmp")
-        table = pa.concat_tables(tables)
-        tagged = table.replace_schema_metadata(
-            {_PART_METADATA: json.dumps(list(zip(class_ids, stats))).encode()})
+        table = _table([row for _, rows, _ in classes for row in rows], schema).combine_chunks()
+        tagged = schema.with_metadata(
+            {_PART_METADATA: json.dumps([[class_id, stats] for class_id, _, stats in classes]).encode()})
         # One thread: on a busy machine the codec's pool costs more than it saves on small parts.
         options = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
-        with pa.OSFile(str(staged), "wb") as sink, pa.ipc.new_file(sink, tagged.schema,
-                                                                   options=options) as writer:
-            writer.write_table(tagged)
+        with pa.OSFile(str(staged), "wb") as sink, pa.ipc.new_file(sink, tagged, options=options) as writer:
+            offset = 0
+            for _, rows, _ in classes:
+                for batch in table.slice(offset, len(rows)).to_batches():
+                    writer.write_batch(batch)
+                offset += len(rows)
         os.replace(staged, part)
 
     def parts(self, classes: int) -> Iterator[tuple[pa.Table, list[tuple[int, dict[str, Any]]]]]:
-        """Each part's rows and its classes' statistics, in class order; every class exactly once."""
-        ranges = self._ranges()
-        covered = [i for first, last, _ in ranges for i in range(first, last + 1)]
-        if covered != list(range(classes)):
-            raise DatasetError(f"{self.path}: staged parts do not cover each class once; run the "
-                               "import again (it starts over)")
-        for _, _, part in ranges:
-            try:
-                with pa.OSFile(str(part), "rb") as source:  # read into memory: parts are compressed
-                    table = pa.ipc.open_file(source).read_all()
-            except (pa.ArrowException, OSError) as error:
-                raise DatasetError(f"{part}: unreadable staged part ({error}); run the import "
-                                   "again") from None
-            stats = [(int(i), s) for i, s in json.loads(table.schema.metadata[_PART_METADATA])]
-            yield table.replace_schema_metadata(None), stats
+        """Each class's rows and statistics, in class order, from whichever part holds it."""
+        where: dict[int, tuple[pa.ipc.RecordBatchFileReader, int, dict[str, Any]]] = {}
+        for part in self._parts():
+            reader = self._open(part)
+            for batch, (class_id, stats) in enumerate(self._classes(reader)):
+                if class_id in where:
+                    raise DatasetError(f"{self.path}: class {class_id} is staged twice; run the "
+                                       "import again (it starts over)")
+                where[class_id] = (reader, batch, stats)
+        if sorted(where) != list(range(classes)):
+            raise DatasetError(f"{self.path}: staged parts do not cover every class; run the import "
+                               "again (it starts over)")
+        for class_id in range(classes):
+            reader, batch, stats = where[class_id]
+            rows = pa.Table.from_batches([reader.get_batch(batch)]).replace_schema_metadata(None)
+            yield rows, [(class_id, stats)]
 
     def discard(self) -> None:
         """Bad input: no part is worth keeping."""

@@ -52,8 +52,10 @@ def import_tiered_imagenet(source: str | Path, out: str | Path, *, size: int = 8
     if caches:
         if not allow_pickle:
             raise DatasetError(f"{caches[0]}: {PICKLE_NEEDS_PERMISSION}, or use the class-folder layout")
-        if log is not None:
-            log(f"hashing the caches in {source} (their digests go in the manifest)")
+        cache_bytes = sum(path.stat().st_size for path in caches)
+        if log is not None and cache_bytes > 1 << 30:  # the real ones: about 13 GB, a minute or more
+            log(f"hashing {cache_bytes / (1 << 30):.1f} GB of caches in {source} (the manifest names "
+                "their digests)")
         listing = _list_caches(source, split)
         layout = "pickle"
     elif all((source / s).is_dir() for s in SPLITS):

@@ -139,7 +139,7 @@ def test_interrupted_import_resumes_where_it_stopped(archive: Path, cifar_fs: Pa
 
     with pytest.raises(KeyboardInterrupt):
         import_cifar_fs(archive, out, progress=interrupt)
-    parts = sorted(p.name for p in (out / staging.STAGING).glob("classes-*.arrow"))
+    parts = sorted(p.name for p in (out / staging.STAGING).glob("part-*.arrow"))
     assert parts and not (out / "manifest.json").exists()
     assert "an unfinished import" in one_line_refusal(run("info", out))
     seen, lines = [], []
