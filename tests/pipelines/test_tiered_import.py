@@ -92,7 +92,7 @@ def test_cache_names_map_to_wordnet_ids_with_or_without_the_name_files(caches: P
     assert len({without[words[w]] for w in split.split_of()}) == 608
 
 
-def test_pickles_need_permission_and_must_hold_data(caches: Path, tmp_path: Path):
+def test_pickles_need_permission_and_must_hold_data(caches: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     line = one_line_refusal(run("import", "tiered-imagenet", caches, "--out", out))
     assert "pickle caches are read only with --allow-pickle" in line and not out.exists()
@@ -104,6 +104,15 @@ def test_pickles_need_permission_and_must_hold_data(caches: Path, tmp_path: Path
     (evil / "val_labels.pkl").unlink()
     line = one_line_refusal(run("import", "tiered-imagenet", evil, "--out", out, "--allow-pickle"))
     assert "val_labels.pkl: missing" in line and not out.exists()
+    # A truncated image cache shows only when it is read, after train's classes are staged.
+    monkeypatch.setattr(staging, "PART_ROWS", 50)
+    shutil.copy(caches / "val_labels.pkl", evil)
+    images = (caches / "val_images_png.pkl").read_bytes()
+    (evil / "val_images_png.pkl").write_bytes(images[: len(images) // 2])
+    line = one_line_refusal(run("import", "tiered-imagenet", evil, "--out", out, "--allow-pickle",
+                                "--size", SIDE))
+    assert "val_images_png.pkl: unreadable pickle (UnpicklingError: pickle data was truncated)" in line
+    assert not out.exists()
 
 
 def test_class_folders(split, tmp_path: Path, from_caches: Path):
