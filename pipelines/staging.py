@@ -221,17 +221,16 @@ def _assemble(staging: "_Staging", class_names: list[str], class_splits: Mapping
     sums, squares, train_pixels, duplicates = np.zeros(channels), np.zeros(channels), 0, 0
     with DatasetWriter(out, channels=channels, size=size, overwrite=overwrite,
                        extra_columns=extra_columns) as writer:
-        for table, class_stats in staging.parts(len(class_names)):
-            writer.add_rows(table)
-            for class_id, stats in class_stats:
-                split = split_of[class_names[class_id]]
-                per_split[split]["images"] += stats["rows"]
-                per_split[split]["groups"].update(stats["groups"])
-                duplicates += stats["duplicates"]
-                if "pixels" in stats:
-                    sums += stats["sums"]
-                    squares += stats["squares"]
-                    train_pixels += stats["pixels"]
+        for class_id, rows, stats in staging.classes(len(class_names)):
+            writer.add_rows(rows)
+            split = split_of[class_names[class_id]]
+            per_split[split]["images"] += stats["rows"]
+            per_split[split]["groups"].update(stats["groups"])
+            duplicates += stats["duplicates"]
+            if "pixels" in stats:
+                sums += stats["sums"]
+                squares += stats["squares"]
+                train_pixels += stats["pixels"]
         if normalize and train_pixels:
             mean = sums / train_pixels
             std = np.sqrt(np.maximum(squares / train_pixels - mean * mean, 1e-12))
@@ -322,7 +321,7 @@ class _Staging:
         return sorted(self.path.glob("part-*.arrow"))
 
     @staticmethod
-    def _classes(reader: pa.ipc.RecordBatchFileReader) -> list[tuple[int, dict[str, Any]]]:
+    def _contents(reader: pa.ipc.RecordBatchFileReader) -> list[tuple[int, dict[str, Any]]]:
         """(class id, statistics) of each record batch of a part, in batch order."""
         return [(int(i), stats) for i, stats in json.loads(reader.schema.metadata[_PART_METADATA])]
 
@@ -334,7 +333,7 @@ class _Staging:
                                "(it starts over)") from None
 
     def completed(self) -> set[int]:
-        return {class_id for part in self._parts() for class_id, _ in self._classes(self._open(part))}
+        return {class_id for part in self._parts() for class_id, _ in self._contents(self._open(part))}
 
     def write_part(self, classes: list[tuple[int, list[Any], dict[str, Any]]], schema: pa.Schema) -> None:
         """Stage complete classes as one part: a record batch per class, in one Arrow file."""
@@ -353,12 +352,12 @@ class _Staging:
                 offset += len(rows)
         os.replace(staged, part)
 
-    def parts(self, classes: int) -> Iterator[tuple[pa.Table, list[tuple[int, dict[str, Any]]]]]:
-        """Each class's rows and statistics, in class order, from whichever part holds it."""
+    def classes(self, classes: int) -> Iterator[tuple[int, pa.Table, dict[str, Any]]]:
+        """(class id, rows, statistics) of every class, in class order, from whichever part holds it."""
         where: dict[int, tuple[pa.ipc.RecordBatchFileReader, int, dict[str, Any]]] = {}
         for part in self._parts():
             reader = self._open(part)
-            for batch, (class_id, stats) in enumerate(self._classes(reader)):
+            for batch, (class_id, stats) in enumerate(self._contents(reader)):
                 if class_id in where:
                     raise DatasetError(f"{self.path}: class {class_id} is staged twice; run the "
                                        "import again (it starts over)")
@@ -369,7 +368,7 @@ class _Staging:
         for class_id in range(classes):
             reader, batch, stats = where[class_id]
             rows = pa.Table.from_batches([reader.get_batch(batch)]).replace_schema_metadata(None)
-            yield rows, [(class_id, stats)]
+            yield class_id, rows, stats
 
     def discard(self) -> None:
         """Bad input: no part is worth keeping."""

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from fake_benchmarks import CUB_CLASSES, cub_box, write_cub_archive, write_tar
 from orchestrator.data_cli import data
 from pipelines.dataset import read_manifest
+from pipelines.episodes import EpisodeFamily
 
 SIZE = 8
 
@@ -71,6 +72,8 @@ def test_chen_split_counts_boxes_and_digests(cub: Path, archive: Path):
     assert manifest["split_rule"]["definition"]["file"] == "pipelines/splits/cub.json"
     info = json.loads(run("info", cub, "--verify", "--json").stdout)
     assert info["verified"] is True and info["extra_columns"] == ["bbox", "source_size"]
+    task = EpisodeFamily(cub, ways=5, shots=1, queries=1).task("test", 0, 0)  # the sampler reads it
+    assert task.support_x.shape == (5, 3, SIZE, SIZE)
 
 
 def test_crop_to_the_boxes_from_the_unpacked_folder(cub: Path, tmp_path: Path):
