@@ -258,13 +258,14 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
         return Cell(entrant, setting, cached, cached=True)
     transform = None
     if setting.shift is not None:
-        shift, level = setting.shift, setting.level
+        shift, level, treatment = setting.shift, setting.level, family.preprocessing()
 
         def transform(index: int, queries: torch.Tensor) -> torch.Tensor:
             # The same distortion for every model: seeded by the episode, not the model.
             generator = torch.Generator().manual_seed(
                 task_seed(episodes.seed, f"{episodes.split}/shift", index))
-            return apply_shift(queries, shift, level, preprocessing=episodes.preprocessing,
+            # In the treatment of the tensors this model sees (its own where converted).
+            return apply_shift(queries, shift, level, preprocessing=treatment,
                                generator=generator)
 
     evaluation = evaluate(model, family, split=episodes.split, tasks=episodes.tasks,
