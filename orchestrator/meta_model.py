@@ -2,8 +2,9 @@
 
 The folder holds ``weights.pt`` (a plain tensor dict, loaded with ``weights_only=True``) and
 ``spec.json`` (algorithm, resolved knobs, model and data sections of the sweep, the data's
-preprocessing -- per import in ``data_sources`` -- and the task fingerprint). MLflow stores this folder as the artifact of its pyfunc
-model, and ``orch predict``, ``orch evaluate`` and notebooks all use it through ``MetaModel``.
+preprocessing, each import's path, digest and preprocessing in ``data_sources``, and the task
+fingerprint). MLflow stores this folder as the artifact of its pyfunc model, and ``orch
+predict``, ``orch evaluate`` and notebooks all use it through ``MetaModel``.
 """
 
 from __future__ import annotations
