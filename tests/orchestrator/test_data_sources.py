@@ -344,6 +344,9 @@ def test_compare_records_the_import_and_who_saw_it_converted(world, swept, tmp_p
 
     one_line_failure(run(), f"omni: {rgb} holds 3x32x32 (RGB) images but the model was trained "
                             "on 1x28x28 (grey)")
+    mixed_first = CliRunner().invoke(compare, [models[1], "--tracking-uri", swept.uri, "--out",
+                                               str(tmp_path / "out")])
+    one_line_failure(mixed_first, "was trained on several imports; give --data the one")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
     first = run("--convert", "--json")
     assert first.exit_code == 0, first.output
