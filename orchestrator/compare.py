@@ -11,7 +11,10 @@ the query images distorted at each level (``pipelines.shifts``). A model that ca
 setting (a fixed 5-way head asked for 20 ways, SNAIL asked for a longer support sequence than it
 was built for) is marked refused in that setting, with the reason, and left out of its pairing;
 models that cannot be compared at all (trained on other image sizes or channels than the data,
-regression beside classification) are refused before anything is scored.
+regression beside classification) are refused before anything is scored -- unless ``--convert``
+gives the data's images each such model's own treatment (cross-domain: every model still sees
+the same episodes, each converted to its input). Every row records the import its episodes came
+from and whether they were converted.
 
 Each (model content, setting, episodes) result is cached as JSON under the run folder, so a rerun
 with one more model scores only that model.
@@ -35,7 +38,8 @@ import torch
 from orchestrator.config import DEFAULT_RUN_DIR
 from orchestrator.errors import UserError, first_line
 from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate,
-                                    evaluation_family, interval95, load, resolve)
+                                    evaluation_family, interval95, load, needs_conversion,
+                                    resolve)
 from orchestrator.meta_model import MetaModel
 from pipelines.base import TaskFamily, task_seed
 from pipelines.shifts import apply_shift
@@ -44,7 +48,8 @@ EXPERIMENT = "orch-compare"
 DEFAULT_QUERIES = 15  # query images per class at test, as in the papers' protocols
 CSV_COLUMNS = ("setting", "ways", "shots", "shift", "level", "model", "uri", "metric", "mean",
                "ci95", "tasks", "diff_to_best", "diff_ci95", "significant", "best",
-               "log_likelihood", "log_likelihood_ci95", "coverage95", "refused", "cached")
+               "log_likelihood", "log_likelihood_ci95", "coverage95", "refused", "cached",
+               "data", "converted")
 
 
 class CompareError(UserError):
@@ -153,20 +158,23 @@ class Episodes:
     tasks: int
     seed: int
     queries: int
-    data: str | None  # image import folder; None for sampled (regression) families
+    data: str | None  # image import (folder or URI); None for sampled (regression) families
     digest: str  # the data's identity, for the cache
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    convert: bool = False  # --convert: models of another treatment see the images converted
+    converted: frozenset[str] = frozenset()  # labels of the models that see them converted
 
     def family(self, setting: Setting, reference: MetaModel) -> TaskFamily:
         return evaluation_family(reference, data=self.data, ways=setting.ways,
-                                 shots=setting.shots, queries=self.queries)
+                                 shots=setting.shots, queries=self.queries, convert=self.convert)
 
 
 def check_comparable(entrants: Sequence[Entrant], *, data: str | os.PathLike[str] | None,
-                     split: str, tasks: int, seed: int, queries: int | None) -> Episodes:
+                     split: str, tasks: int, seed: int, queries: int | None,
+                     convert: bool = False) -> Episodes:
     """The episodes every model is scored on; ``CompareError`` if the models cannot be compared
-    on them (mixed regression and classification, other image sizes or channels, other task
-    families)."""
+    on them (mixed regression and classification, other image sizes or channels without
+    ``convert``, other task families)."""
     kinds = {entrant.model.classification for entrant in entrants}
     if len(kinds) > 1:
         regression = next(e for e in entrants if not e.model.classification)
@@ -183,6 +191,8 @@ def check_comparable(entrants: Sequence[Entrant], *, data: str | os.PathLike[str
         if data is not None:
             raise CompareError("--data is for image models; regression tasks are sampled from "
                                "the family the models were trained on")
+        if convert:
+            raise CompareError("--convert is for image models; these models do regression")
         family = _without_shots(first.spec["sweep"]["data"])
         for entrant in entrants[1:]:
             other = _without_shots(entrant.model.spec["sweep"]["data"])
@@ -193,30 +203,30 @@ def check_comparable(entrants: Sequence[Entrant], *, data: str | os.PathLike[str
         return Episodes("regression", split, tasks, seed, queries, None, digest)
     from pipelines.episodes import EpisodeFamily
 
-    path = str(data if data is not None else first.spec["sweep"]["data"]["path"])
+    recorded = first.spec["sweep"]["data"]["path"]
+    if data is None and not isinstance(recorded, str):
+        raise CompareError(f"{entrants[0].label} was trained on several imports; give --data "
+                           "the one to compare on")
+    path = str(data if data is not None else recorded)
     try:
         probe = EpisodeFamily(path, ways=2, shots=1, queries=1)
     except ValueError as error:  # DatasetError: no import there
         raise CompareError(first_line(error)) from None
-    preprocessing = probe.preprocessing()
+    converted = set()
     for entrant in entrants:
-        trained = entrant.model.spec["preprocessing"]
-        if trained != preprocessing:
-            raise CompareError(f"{entrant.label}: trained on {_describe(trained)}, but {path} "
-                               f"holds {_describe(preprocessing)}; leave the model out or give "
-                               "--data an import with its preprocessing")
+        try:
+            if needs_conversion(entrant.model, probe, entrant.model.spec.get("data_sources", []),
+                                convert=convert):
+                converted.add(entrant.label)
+        except InferenceError as error:
+            raise CompareError(f"{entrant.label}: {error}; or leave the model out") from None
     digest = probe.fingerprint_spec()["dataset"]
-    return Episodes("classification", split, tasks, seed, queries, path, digest, preprocessing)
+    return Episodes("classification", split, tasks, seed, queries, path, digest,
+                    probe.preprocessing(), convert, frozenset(converted))
 
 
 def _without_shots(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("shots", "queries", "eval_shots")}
-
-
-def _describe(preprocessing: dict[str, Any]) -> str:
-    size, channels = preprocessing.get("size"), preprocessing.get("channels")
-    extra = {k: v for k, v in preprocessing.items() if k not in ("size", "channels", "mode")}
-    return f"{size}x{size} images with {channels} channel{'s' * (channels != 1)} ({extra})"
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -248,13 +258,14 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
         return Cell(entrant, setting, cached, cached=True)
     transform = None
     if setting.shift is not None:
-        shift, level = setting.shift, setting.level
+        shift, level, treatment = setting.shift, setting.level, family.preprocessing()
 
         def transform(index: int, queries: torch.Tensor) -> torch.Tensor:
             # The same distortion for every model: seeded by the episode, not the model.
             generator = torch.Generator().manual_seed(
                 task_seed(episodes.seed, f"{episodes.split}/shift", index))
-            return apply_shift(queries, shift, level, preprocessing=episodes.preprocessing,
+            # In the treatment of the tensors this model sees (its own where converted).
+            return apply_shift(queries, shift, level, preprocessing=treatment,
                                generator=generator)
 
     evaluation = evaluate(model, family, split=episodes.split, tasks=episodes.tasks,
@@ -268,6 +279,8 @@ def _cache_key(entrant: Entrant, setting: Setting, episodes: Episodes, steps: in
     what = {"model": entrant.digest, "setting": asdict(setting), "split": episodes.split,
             "tasks": episodes.tasks, "seed": episodes.seed, "queries": episodes.queries,
             "data": episodes.digest, "steps": steps, "version": 1}
+    if entrant.label in episodes.converted:  # only then: earlier entries keep their keys
+        what["converted"] = True
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -314,6 +327,8 @@ class Row:
     coverage95: float | None = None
     refused: str | None = None
     cached: bool = False  # read from the cache, not scored in this call
+    data: str | None = None  # the import the episodes came from; None: sampled (regression)
+    converted: bool = False  # its images converted to this model's treatment (--convert)
 
     def record(self) -> dict[str, Any]:
         """The row as plain values (the CSV and JSON forms)."""
@@ -323,7 +338,7 @@ class Row:
                 "level": self.setting.level if self.setting.shift else 0.0, **values}
 
 
-def paired_rows(cells: Sequence[Cell]) -> list[Row]:
+def paired_rows(cells: Sequence[Cell], episodes: Episodes | None = None) -> list[Row]:
     """Rows of one setting: each served model's mean with its interval and its per-episode
     difference to the best model (highest accuracy, lowest MSE) with the difference's interval;
     ``significant`` when that interval excludes zero."""
@@ -336,7 +351,8 @@ def paired_rows(cells: Sequence[Cell]) -> list[Row]:
     rows = []
     for cell in cells:
         row = Row(cell.setting, cell.entrant.label, cell.entrant.uri, refused=cell.refused,
-                  cached=cell.cached)
+                  cached=cell.cached, data=episodes.data if episodes else None,
+                  converted=bool(episodes) and cell.entrant.label in episodes.converted)
         evaluation = cell.evaluation
         if evaluation is not None:
             row.metric, row.mean, row.ci95 = evaluation.metric, evaluation.mean, evaluation.ci95
@@ -360,6 +376,7 @@ class Comparison:
     rows: list[Row]
     kind: str
     notes: list[str] = field(default_factory=list)
+    data: str | None = None  # the import the episodes came from; None: sampled (regression)
 
     def records(self) -> list[dict[str, Any]]:
         return [row.record() for row in self.rows]
@@ -384,7 +401,7 @@ def run_comparison(entrants: Sequence[Entrant], settings: Sequence[Setting], epi
             cells.append(score(entrant, setting, episodes, steps=steps, cache=cache,
                                on_task=on_task))
             done += 1
-        rows += paired_rows(cells)
+        rows += paired_rows(cells, episodes)
     if progress is not None:
         progress(total, "done")
     notes = [f"{row.model} refused in {row.setting.name}: {row.refused}"
@@ -393,7 +410,20 @@ def run_comparison(entrants: Sequence[Entrant], settings: Sequence[Setting], epi
         notes += [f"{e.label} was trained with 90-degree rotations as classes: rotations by "
                   "multiples of 90 degrees are not a shift for it" for e in entrants
                   if e.model.spec["sweep"]["data"].get("augment_rotations")]
-    return Comparison(list(settings), rows, episodes.kind, notes)
+    notes += [f"{e.label} saw the episodes of {episodes.data} converted to its input "
+              f"({describe_treatment(e.model.spec['preprocessing'])}) from "
+              f"{describe_treatment(episodes.preprocessing)}"
+              for e in entrants if e.label in episodes.converted]
+    return Comparison(list(settings), rows, episodes.kind, notes, episodes.data)
+
+
+def describe_treatment(preprocessing: dict[str, Any]) -> str:
+    """``28x28 L, inverted`` for a preprocessing record."""
+    size = preprocessing.get("size")
+    return (f"{size}x{size} {preprocessing.get('mode')}"
+            + (", inverted" if preprocessing.get("invert") else "")
+            + (f", {preprocessing['normalization']}"
+               if preprocessing.get("normalization", "none") != "none" else ""))
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -447,6 +477,8 @@ def markdown(comparison: Comparison, command: str | None = None) -> str:
     out = io.StringIO()
     if command:
         out.write(f"Made by: `{command}`\n\n")
+    if comparison.data is not None:
+        out.write(f"Episodes from: `{comparison.data}`\n\n")
     out.write("| " + " | ".join(columns) + " |\n")
     out.write("|" + "|".join(" --- " for _ in columns) + "|\n")
     for line in table_cells(comparison):

@@ -4,6 +4,7 @@
         --data data/omniglot --split test --ways 5,20 --shots 1,5 --tasks 600 \\
         --shift shear:0,0.2,0.4,0.6 --out compare/
     orch compare --sweep omniglot --shift blur:0,0.5,1 --json
+    orch compare --sweep mini --data s3://bucket/cub --convert     # cross-domain
 
 Writes compare.csv, compare.md and the plots into --out, logs them as one run of the MLflow
 experiment ``orch-compare`` and prints the table (or, with --json, the rows as JSON).
@@ -46,8 +47,13 @@ def _number_list(kind: type, least: int):
 @click.argument("models", nargs=-1, metavar="[MODEL_URI]...")
 @click.option("--sweep", default=None,
               help="Compare every champion registered by this sweep (with or instead of URIs).")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Image import to draw episodes from (default: the first model's).")
+@click.option("--data", default=None, metavar="PATH|URI",
+              help="Image import to draw episodes from: a folder or a pyarrow.fs URI (s3://, "
+                   "gs://, hdfs://, file://); default: the first model's.")
+@click.option("--convert", is_flag=True,
+              help="Give --data's images each model's treatment where it differs (resize with "
+                   "the model's resampling, grey <-> RGB, its inversion and normalisation) "
+                   "instead of refusing models trained on another image size or channel count.")
 @click.option("--split", default="test", show_default=True, help="Split to draw episodes from.")
 @click.option("--ways", callback=_number_list(int, 2), default=None,
               help="N classes per episode, a list (e.g. 5,20); default: the first model's.")
@@ -71,8 +77,8 @@ def _number_list(kind: type, least: int):
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
               show_default=True, help="MLflow tracking URI (or MLFLOW_TRACKING_URI).")
-def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split: str,
-            ways: list[int] | None, shots: list[int] | None, queries: int | None, tasks: int,
+def compare(models: tuple[str, ...], sweep: str | None, data: str | None, convert: bool,
+            split: str, ways: list[int] | None, shots: list[int] | None, queries: int | None, tasks: int,
             seed: int, shift: str | None, steps: int | None, out: Path, cache: Path | None,
             as_json: bool, tracking_uri: str) -> None:
     """Score MODEL_URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or model
@@ -92,7 +98,7 @@ def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split
         uris = list(models) + (comparing.sweep_champions(sweep, tracking_uri) if sweep else [])
         entrants = comparing.load_entrants(uris, tracking_uri=tracking_uri)
         episodes = comparing.check_comparable(entrants, data=data, split=split, tasks=tasks,
-                                              seed=seed, queries=queries)
+                                              seed=seed, queries=queries, convert=convert)
         first = entrants[0].model.spec["sweep"]["data"]
         if episodes.kind == "regression":
             if ways is not None:
@@ -118,15 +124,17 @@ def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split
         files = comparing.write_outputs(comparison, out, command)
         params = {"models": " ".join(uris), "split": split, "tasks": tasks, "seed": seed,
                   "queries": episodes.queries, "settings": ",".join(s.name for s in settings),
-                  "data": episodes.data or "sampled", "steps": steps}
+                  "data": episodes.data or "sampled", "steps": steps,
+                  "converted": ",".join(sorted(episodes.converted)) or "none"}
         run_id = comparing.log_to_mlflow(comparison, files, tracking_uri=tracking_uri,
                                          params=params)
     if as_json:
         click.echo(json.dumps({"kind": comparison.kind, "tasks": tasks, "split": split,
-                               "rows": comparison.records(), "notes": comparison.notes},
-                              indent=1))
+                               "data": comparison.data, "rows": comparison.records(),
+                               "notes": comparison.notes}, indent=1))
         return
-    table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}")
+    origin = f" of {comparison.data}" if comparison.data else ""
+    table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}{origin}")
     for column in comparing.table_columns(comparison):
         table.add_column(column, no_wrap=True)
     previous = None

@@ -71,8 +71,13 @@ class SinusoidData(Section):
 
 class ImageData(Section):
     family: Literal["images"] = "images"
-    # Folder written by `orch data import ...` (holds manifest.json and Parquet files).
-    path: str
+    # The import `orch data import ...` wrote (manifest.json and Parquet files): a folder, or a
+    # copy of it behind a pyarrow.fs URI every node can read (s3://bucket/prefix, gs://...,
+    # hdfs://..., file://...). A list of them: multi-source training, each episode from one.
+    path: str | list[str]
+    # With a list of imports: how often each meta-training episode comes from each (relative
+    # weights, one per import; default equal). Validation takes the imports in turn.
+    weights: list[float] | None = None
     ways: int = Field(5, ge=2)
     shots: int = Field(1, ge=1)
     queries: int = Field(15, ge=1)
@@ -83,6 +88,57 @@ class ImageData(Section):
     val_split: str = "val"
     # Rotations by multiples of 90 degrees as new classes (the Omniglot convention).
     augment_rotations: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _imports(cls, value: str | list[str]) -> str | list[str]:
+        paths = [value] if isinstance(value, str) else value
+        if any(not path.strip() for path in paths):
+            raise ValueError("an import's path is empty")
+        if isinstance(value, list):
+            if len(value) < 2:
+                raise ValueError("a list names 2 or more imports (multi-source); give one "
+                                 "import as its path alone")
+            twice = sorted({path for path in value if value.count(path) > 1})
+            if twice:
+                raise ValueError(f"{twice[0]} is named twice")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_per_import(self) -> "ImageData":
+        if self.weights is None:
+            return self
+        if isinstance(self.path, str):
+            raise _KeyError(("data", "weights"), "weights are for a list of imports in data.path; "
+                            "it names one")
+        if len(self.weights) != len(self.path):
+            raise _KeyError(("data", "weights"), f"{len(self.weights)} weights for "
+                            f"{len(self.path)} imports in data.path; give one per import")
+        if any(not math.isfinite(w) or w <= 0 for w in self.weights):
+            raise _KeyError(("data", "weights"), f"weights must be positive numbers, got "
+                            f"{self.weights}")
+        return self
+
+    def paths(self) -> list[str]:
+        """The imports episodes are drawn from, in the file's order."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    def source_weights(self) -> list[float]:
+        """Each import's share of the meta-training episodes (they sum to 1)."""
+        weights = self.weights or [1.0] * len(self.paths())
+        return [w / sum(weights) for w in weights]
+
+    def resolved(self) -> "ImageData":
+        """Local paths made absolute (trial processes may start in another directory); URIs
+        as they are."""
+        absolute = [path if "://" in path else str(Path(path).resolve()) for path in self.paths()]
+        return self.model_copy(update={"path": absolute[0] if isinstance(self.path, str)
+                                       else absolute})
+
+    def relative_paths(self) -> list[str]:
+        """Local paths given relative to the working directory: each node of a cluster would
+        read its own disk there."""
+        return [path for path in self.paths() if "://" not in path and not Path(path).is_absolute()]
 
 
 def _data_tag(value: Any) -> str:
@@ -370,8 +426,13 @@ class Sweep(Section):
         if isinstance(self.data, ImageData):
             from pipelines.dataset import read_manifest  # pyarrow only where images are used
 
-            files = read_manifest(Path(self.data.path))["files"]
-            spec["path"] = {name: entry["sha256"] for name, entry in sorted(files.items())}
+            digests = [{name: entry["sha256"] for name, entry in
+                        sorted(read_manifest(path)["files"].items())} for path in self.data.paths()]
+            spec["path"] = digests[0] if isinstance(self.data.path, str) else digests
+            if isinstance(self.data.path, str):  # as before mixes: champions stay comparable
+                del spec["weights"]
+            else:  # [2, 1] and [0.67, 0.33] are the same mix
+                spec["weights"] = self.data.source_weights()
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

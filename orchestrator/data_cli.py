@@ -8,6 +8,7 @@
     orch data import tiered-imagenet tiered-imagenet/ --out data/tiered --allow-pickle
     orch data import cub CUB_200_2011.tgz --out data/cub --crop
     orch data info data/omniglot --verify
+    orch data info s3://bucket/omniglot --verify
 
 Errors are one line naming the file and what is wrong; an import refused for its input leaves no
 files behind and an existing import in ``--out`` untouched. An import that is interrupted keeps the
@@ -24,9 +25,9 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from pipelines.dataset import GROUPS, DatasetError, read_manifest, summary, verify
 from pipelines.cifar import import_cifar_fs, import_fc100
 from pipelines.cub import import_cub
+from pipelines.dataset import GROUPS, DatasetError, locate, read_manifest, summary, verify
 from pipelines.importers import import_image_folder, import_mini_imagenet, import_omniglot
 from pipelines.tiered import import_tiered_imagenet
 
@@ -202,15 +203,19 @@ def import_cub_command(source: Path, out: Path, size: int, crop: bool, overwrite
 
 
 @data.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", metavar="PATH|URI")
 @click.option("--verify", "check", is_flag=True, help="Check every file's sha256 against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def info(path: Path, check: bool, as_json: bool) -> None:
-    """Alphabets, classes and images per split, preprocessing and checksums of an import."""
+def info(path: str, check: bool, as_json: bool) -> None:
+    """Alphabets, classes and images per split, preprocessing and checksums of an import: a
+    folder, or a copy of one behind a pyarrow.fs URI (s3://bucket/prefix, gs://, hdfs://,
+    file://; options as pyarrow.fs.FileSystem.from_uri reads them, e.g.
+    s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http)."""
     with _reporting(progress_bar=False):
-        manifest = read_manifest(path)
+        location = locate(path)
+        manifest = read_manifest(location)
         if check:
-            verify(path, manifest)
+            verify(location, manifest)
     report = {"path": str(path), **summary(manifest), "verified": True if check else None}
     if as_json:
         click.echo(json.dumps(report, sort_keys=False))
@@ -236,7 +241,7 @@ def info(path: Path, check: bool, as_json: bool) -> None:
         click.echo("verified: every file matches its sha256 in the manifest")
 
 
-def _print_summary(path: Path, manifest: dict[str, Any]) -> None:
+def _print_summary(path: Path | str, manifest: dict[str, Any]) -> None:
     group = next((g for g in GROUPS if manifest.get(g) is not None), None)
     head = [f"{manifest['classes']:,} classes", f"{manifest['images']:,} images"]
     if group is not None:

@@ -18,11 +18,12 @@ from pipelines.sinusoid import Sinusoid
 def build_family(data: SinusoidData | ImageData) -> TaskFamily:
     if isinstance(data, SinusoidData):
         return Sinusoid(shots=data.shots, queries=data.queries)
-    from pipelines.episodes import EpisodeFamily  # imported lazily: pyarrow is only needed here
+    from pipelines.episodes import episode_family  # imported lazily: pyarrow is only needed here
 
-    family = EpisodeFamily(data.path, ways=data.ways, shots=data.shots, queries=data.queries,
-                           image_size=data.image_size,
-                           rotate_splits=(data.train_split,) if data.augment_rotations else ())
+    family = episode_family(data.path, weights=data.weights, draw_splits=(data.train_split,),
+                            ways=data.ways, shots=data.shots, queries=data.queries,
+                            image_size=data.image_size,
+                            rotate_splits=(data.train_split,) if data.augment_rotations else ())
     family.check_splits((data.train_split, data.val_split), data.shots)
     return family
 

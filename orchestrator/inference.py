@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from orchestrator.meta_model import URI_FORMS, MetaModel, ModelSource, Predictio
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
+if TYPE_CHECKING:
+    from pipelines.episodes import EpisodeFamily
 
 
 class InferenceError(UserError):
@@ -201,6 +203,12 @@ class Evaluation:
     ways: int | None = None
     steps: int | None = None
     uncertainty: dict[str, list[float]] = field(default_factory=dict)
+    # Where the episodes came from an import other than the model's training data: that import
+    # (as given) and the first 12 hex digits of its content digest; and whether its images
+    # were converted to the model's treatment (--convert).
+    data: str | None = None
+    data_id: str | None = None
+    converted: bool = False
 
     @property
     def mean(self) -> float:
@@ -224,10 +232,16 @@ class Evaluation:
         return name + (f".{self.steps}steps" if self.steps is not None else "")
 
     def tags(self) -> dict[str, str]:
-        """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``."""
-        prefix = f"orch.eval.{self.split}.{self.setting}"
+        """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``;
+        on another import ``orch.eval.<data_id>.<split>.<setting>.*``, with ``.data`` (the
+        import) and ``.converted``, so it never overwrites the in-domain figures."""
+        prefix = (f"orch.eval.{self.split}.{self.setting}" if self.data_id is None
+                  else f"orch.eval.{self.data_id}.{self.split}.{self.setting}")
         tags = {f"{prefix}.{self.metric}": repr(self.mean), f"{prefix}.ci95": repr(self.ci95),
                 f"{prefix}.tasks": str(len(self.per_task))}
+        if self.data_id is not None:
+            tags[f"{prefix}.data"] = str(self.data)
+            tags[f"{prefix}.converted"] = str(self.converted).lower()
         for name, (mean, _) in self.uncertainty_means().items():
             tags[f"{prefix}.{name}"] = repr(mean)
         return tags
@@ -249,11 +263,14 @@ def uncertainty_scores(mean: torch.Tensor, std: torch.Tensor,
 
 def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None = None,
                       ways: int | None = None, shots: int | None = None,
-                      queries: int | None = None) -> TaskFamily:
+                      queries: int | None = None, convert: bool = False) -> TaskFamily:
     """Tasks like the model's training tasks, with ``ways``, ``shots`` and ``queries`` overridden.
 
-    Image models read episodes from the import in ``data`` (default: the folder they were trained
-    on), which must have been imported with the same preprocessing; regression models sample the
+    Image models read episodes from the import at ``data`` (a folder or a ``pyarrow.fs`` URI;
+    default: the import or imports they were trained on, a mix taking its sources in turn). An
+    import whose images the model did not see treated that way -- another size or channel count,
+    other normalisation -- is refused in one line, unless ``convert``: then its images get the
+    model's treatment (``pipelines.episodes.convert_pixels``). Regression models sample the
     family recorded in their spec and take no ``data``.
     """
     from orchestrator.factory import build_family
@@ -263,28 +280,64 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
         if data is not None:
             raise InferenceError(f"--data is for image models; this model's tasks "
                                  f"({recorded.get('family')}) are sampled, not read")
+        if convert:
+            raise InferenceError("--convert is for image models; this model does regression")
         if ways is not None:
             raise InferenceError("--ways is for classification; this model does regression")
         section = SinusoidData.model_validate(recorded)
         return build_family(section.model_copy(update={
             "shots": shots or section.eval_shots or section.shots,
             "queries": queries or section.queries}))
-    from pipelines.episodes import EpisodeFamily
+    from pipelines.episodes import EpisodeFamily, MixedEpisodes
 
     section = ImageData.model_validate(recorded)
-    path = Path(data if data is not None else section.path)
     ways, shots = ways or section.ways, shots or section.shots
     model.check_ways(ways, support=ways * shots)
+    options = dict(ways=ways, shots=shots, queries=queries or section.queries)
+    records = model.spec.get("data_sources") or []
+    paths = section.paths() if data is None else [str(data)]
+    sources = []
     try:
-        family = EpisodeFamily(path, ways=ways, shots=shots,
-                               queries=queries or section.queries)
+        for index, path in enumerate(paths):
+            source = EpisodeFamily(path, **options)
+            # Its own training import must still hold what the model saw; any other import
+            # must hold what the model saw of one of its training imports.
+            trained = ([records[index]] if data is None and len(records) == len(paths)
+                       else records)
+            if needs_conversion(model, source, trained, convert=convert):
+                source = EpisodeFamily(path, convert_to=model.spec["preprocessing"], **options)
+            sources.append(source)
     except ValueError as error:  # DatasetError is one; so is ways < 2
         raise InferenceError(str(error)) from None
-    if family.preprocessing() != model.spec["preprocessing"]:
-        raise InferenceError(f"{path}: imported with preprocessing {family.preprocessing()}, but "
-                             f"the model was trained on {model.spec['preprocessing']}; import the "
-                             "data again with the model's settings (e.g. --size)")
-    return family
+    if len(sources) == 1:
+        return sources[0]
+    return MixedEpisodes(sources, weights=section.weights, draw_splits=(section.train_split,))
+
+
+def needs_conversion(model: MetaModel, source: EpisodeFamily, trained: Sequence[dict] = (), *,
+                     convert: bool) -> bool:
+    """Whether ``source``'s images must be converted for ``model``: False where it holds them as
+    the model saw its training images (``trained``: the model's ``data_sources`` records that
+    count; none: its preprocessing); True where they differ and ``convert`` allows it; else an
+    ``InferenceError`` naming both shapes (or both treatments, where the shapes agree)."""
+    treatment = source.preprocessing()
+    seen = [record["preprocessing"] for record in trained] or [model.spec["preprocessing"]]
+    if treatment in seen:
+        return False
+    if convert:
+        return True
+    from pipelines.episodes import describe_shape
+
+    shape, expected = source.input_shape(), tuple(model.spec["shape"]["input_shape"])
+    if tuple(shape) != expected:
+        raise InferenceError(f"{source.where} holds {describe_shape(shape)} images but the model "
+                             f"was trained on {describe_shape(expected)}; pass --convert to resize "
+                             "them and convert their channels as the model's training images were "
+                             "treated, or import the data at the model's size")
+    raise InferenceError(f"{source.where}: imported with preprocessing {treatment}, but the model "
+                         f"was trained on {seen[0]}; import the data again with the model's "
+                         "settings (e.g. --size), or pass --convert to give its images the "
+                         "model's treatment")
 
 
 def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks: int = 600,
@@ -326,8 +379,27 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
             on_task(index + 1)
     shots = len(task.support_y) // (ways or 1)
     queries = len(task.query_y) // (ways or 1)
+    data, data_id = other_import(model, family) or (None, None)
     return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
-                      queries, ways, steps, uncertainty)
+                      queries, ways, steps, uncertainty, data, data_id,
+                      bool(getattr(family, "converted", False)))
+
+
+def other_import(model: MetaModel, family: TaskFamily) -> tuple[str, str] | None:
+    """(the import as given, its digest's first 12 hex digits) where ``family`` reads one import
+    that is not among the model's training imports (by content), else None."""
+    sources = family.sources() if hasattr(family, "sources") else []
+    if len(sources) != 1:
+        return None  # sampled tasks, or the model's own mix
+    source = sources[0]
+    digest = source.fingerprint_spec()["dataset"]
+    records = model.spec.get("data_sources")
+    if records is not None:
+        if digest in {record["dataset"] for record in records}:
+            return None
+    elif source.path == str(model.spec["sweep"]["data"].get("path")):
+        return None  # a model saved before data_sources were recorded: known by its path
+    return source.path, digest[:12]
 
 
 def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:

@@ -2,8 +2,9 @@
 
 The folder holds ``weights.pt`` (a plain tensor dict, loaded with ``weights_only=True``) and
 ``spec.json`` (algorithm, resolved knobs, model and data sections of the sweep, the data's
-preprocessing and the task fingerprint). MLflow stores this folder as the artifact of its pyfunc
-model, and ``orch predict``, ``orch evaluate`` and notebooks all use it through ``MetaModel``.
+preprocessing, each import's path, digest and preprocessing in ``data_sources``, and the task
+fingerprint). MLflow stores this folder as the artifact of its pyfunc model, and ``orch
+predict``, ``orch evaluate`` and notebooks all use it through ``MetaModel``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class MetaModel:
                           "model": sweep.model.model_dump(mode="json")},
                 "preprocessing": family.preprocessing(),
                 "task_fingerprint": sweep.task_fingerprint(), **extra}
+        if hasattr(family, "sources"):  # image imports: each one's path, digest and treatment
+            spec["data_sources"] = [source.source_record() for source in family.sources()]
         return cls(learner, {k: v.detach().cpu() for k, v in params.items()}, spec)
 
     @classmethod

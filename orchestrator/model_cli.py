@@ -5,6 +5,7 @@
     orch predict --model models:/orch-alpaca@champion --support support.csv --query query.csv
     orch evaluate --model models:/orch-protonet@champion --data data/omniglot --split test \\
         --ways 5 --shots 1 --tasks 600
+    orch evaluate --model models:/orch-protonet@champion --data s3://bucket/cub --convert
 
 SUPPORT holds one sub-folder per class (its name is the class) with a few PNG/JPEG images of any
 size; QUERY holds the images to classify. Images get the preprocessing recorded when the model's
@@ -12,7 +13,9 @@ training data was imported. A regression model takes CSV files instead (support 
 then targets; query rows: inputs) and prints predicted values, with a ``std`` column when its
 predictions carry uncertainty (ALPaCA). ``evaluate`` prints the mean accuracy (MSE for
 regression; plus query log-likelihood and 95%-interval coverage with uncertainty) with its 95%
-interval and records them as tags on the registered model version.
+interval and records them as tags on the registered model version. ``--data`` may name another
+import than the model's own (cross-domain: an Omniglot model on CUB); one whose images have
+another size or channel count is refused unless ``--convert`` gives them the model's treatment.
 """
 
 from __future__ import annotations
@@ -127,9 +130,14 @@ def _print_values(model_uri: str, inputs: list[list[float]], prediction, output:
 
 @click.command()
 @_model
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Image import to draw episodes from (default: the one the model was trained "
-                   "on); not used for regression models.")
+@click.option("--data", default=None, metavar="PATH|URI",
+              help="Image import to draw episodes from: a folder or a pyarrow.fs URI (s3://, "
+                   "gs://, hdfs://, file://); default: the one the model was trained on. Not "
+                   "used for regression models.")
+@click.option("--convert", is_flag=True,
+              help="Give --data's images the model's treatment where it differs (resize with "
+                   "the model's resampling, grey <-> RGB, its inversion and normalisation) "
+                   "instead of refusing an import of another image size or channel count.")
 @click.option("--split", default="test", show_default=True,
               help="Split of the import to evaluate on.")
 @click.option("--ways", type=click.IntRange(2), default=None,
@@ -143,8 +151,8 @@ def _print_values(model_uri: str, inputs: list[list[float]], prediction, output:
 @click.option("--seed", default=0, show_default=True, help="Seed of the episode draw.")
 @_steps
 @_tracking
-def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, shots: int | None,
-             queries: int | None, tasks: int, seed: int, steps: int | None,
+def evaluate(model_uri: str, data: str | None, convert: bool, split: str, ways: int | None,
+             shots: int | None, queries: int | None, tasks: int, seed: int, steps: int | None,
              tracking_uri: str) -> None:
     """Mean accuracy (MSE for regression) of a model over new episodes, with a 95% interval
     (1.96 sigma / sqrt(tasks)); recorded as tags on the registered model version. Regression
@@ -157,7 +165,8 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
     with _one_line_errors(), _single_thread():
         source = resolve(model_uri, tracking_uri=tracking_uri)
         model = load(source)
-        family = evaluation_family(model, data=data, ways=ways, shots=shots, queries=queries)
+        family = evaluation_family(model, data=data, ways=ways, shots=shots, queries=queries,
+                                   convert=convert)
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True,
@@ -169,7 +178,9 @@ def evaluate(model_uri: str, data: Path | None, split: str, ways: int | None, sh
     what = "accuracy" if result.metric == "accuracy" else "MSE"
     value = (f"{100 * result.mean:.2f}% +- {100 * result.ci95:.2f}%" if result.metric == "accuracy"
              else f"{result.mean:.4f} +- {result.ci95:.4f}")
-    click.echo(f"{model_uri} on {split}, {result.setting}, {len(result.per_task)} tasks: "
+    origin = "" if result.data is None else f" of {result.data}" + (
+        f" (converted to {'x'.join(map(str, family.input_shape()))})" if result.converted else "")
+    click.echo(f"{model_uri} on {split}{origin}, {result.setting}, {len(result.per_task)} tasks: "
                f"{what} {value} (95% interval)")
     scores = result.uncertainty_means()
     if scores:

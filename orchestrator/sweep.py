@@ -54,7 +54,7 @@ def resolve_paths(sweep: Sweep) -> Sweep:
         updates["training"] = sweep.training.model_copy(
             update={"checkpoint_storage": str(Path(storage).resolve())})
     if isinstance(sweep.data, ImageData):
-        updates["data"] = sweep.data.model_copy(update={"path": str(Path(sweep.data.path).resolve())})
+        updates["data"] = sweep.data.resolved()
     return sweep.model_copy(update=updates)
 
 
@@ -63,6 +63,7 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
            source: str = "sweep",
            connect_timeout: float = cluster.CONNECT_TIMEOUT_S) -> list[AlgorithmSummary]:
     """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
+    relative_data = sweep.data.relative_paths() if isinstance(sweep.data, ImageData) else []
     sweep = resolve_paths(sweep)
     validate_data(sweep, source)
     uri = sweep.tracking_uri(tracking_uri)
@@ -70,7 +71,7 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     tracking.check_reachable(uri)
     check_sweep_name(sweep, uri, storage_url, resume)
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
-    check_cluster(sweep, uri, storage_url)
+    check_cluster(sweep, uri, storage_url, relative_data)
     if sweep.training.checkpoints_enabled():
         checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     mlflow_client = tracking.client(uri)
@@ -97,16 +98,21 @@ def validate_data(sweep: Sweep, source: str = "sweep") -> None:
         raise ConfigError(f"{source}: data: {first_line(error)}") from None
 
 
-def check_cluster(sweep: Sweep, uri: str, storage_url: str) -> None:
+def check_cluster(sweep: Sweep, uri: str, storage_url: str,
+                  relative_data: list[str] | None = None) -> None:
     """Refuse what cannot work on this cluster before anything is written."""
     cluster.check_fits(sweep.workers)
     check_shared_stores(cluster.alive_nodes(), uri, storage_url,
-                        sweep.checkpoint_uri() if sweep.training.checkpoints_enabled() else None)
+                        sweep.checkpoint_uri() if sweep.training.checkpoints_enabled() else None,
+                        relative_data or [])
 
 
 def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str,
-                        checkpoint_uri: str | None = None) -> None:
-    """A local file or folder is only reachable if every node runs on this machine."""
+                        checkpoint_uri: str | None = None,
+                        relative_data: list[str] | None = None) -> None:
+    """A local file or folder is only reachable if every node runs on this machine; a data
+    path given relative to the driver's working directory names no folder the other hosts
+    have (an absolute one may: an image, a shared mount, the checkout the launcher copies)."""
     hosts = sorted({node.get("NodeManagerAddress", "") for node in nodes})
     if len(hosts) < 2:
         return
@@ -119,6 +125,11 @@ def check_shared_stores(nodes: list[dict[str, Any]], uri: str, storage_url: str,
         if url.startswith(("sqlite:", "file:")) or "://" not in url:
             raise ConfigError(f"the Ray cluster spans {len(hosts)} hosts ({', '.join(hosts)}) but the "
                               f"{what} {url} is a local file the other hosts cannot reach; use {use}")
+    if relative_data:
+        raise ConfigError(f"the Ray cluster spans {len(hosts)} hosts ({', '.join(hosts)}) but "
+                          f"data.path {relative_data[0]} is a relative local path the other hosts cannot "
+                          "reach; use a URI every node can read (s3://BUCKET/PREFIX, gs://, "
+                          "hdfs://) or an absolute path that exists on every node")
 
 
 def check_sweep_name(sweep: Sweep, uri: str, storage_url: str, resume: bool) -> None:
@@ -220,7 +231,8 @@ class StudyRunner:
         run.log_params({**knobs, "algorithm": self.algorithm,
                         "meta_batch": knobs.get("meta_batch", sweep.training.meta_batch),
                         "iterations": sweep.training.iterations, "seed": sweep.training.seed,
-                        "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint()})
+                        "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint(),
+                        **data_mix_params(sweep)})
         run.log_dict(self.sweep_dict, "sweep.json")
         self.study.set_user_attr(trial, "mlflow_run_id", run.run_id)
         return run.run_id
@@ -311,6 +323,15 @@ class StudyRunner:
         tracking.finish_parent(self.client, self.parent, {"number": summary.best_trial, "metrics": {
             sweep.search.metric: summary.best_value}} if best else None)
         return summary
+
+
+def data_mix_params(sweep: Sweep) -> dict[str, str]:
+    """A multi-source sweep's imports and their shares of the meta-training episodes, as run
+    parameters; nothing for one import."""
+    if not isinstance(sweep.data, ImageData) or isinstance(sweep.data.path, str):
+        return {}
+    return {"data_sources": " ".join(sweep.data.paths()),
+            "data_weights": ",".join(f"{w:.4g}" for w in sweep.data.source_weights())}
 
 
 def _register(sweep: Sweep, algorithm: str, mlflow_client, best) -> tracking.Registration | None:

@@ -14,6 +14,12 @@ one copy of the pixels in the page cache and an episode copies only its own imag
 The manifest is what makes a folder an import: both data files are written under temporary names
 and renamed into place, and the manifest is renamed into place after them, so a folder that lacks
 it (an import that died half way) is refused.
+
+An import is read from a local folder or from a copy of that folder behind any ``pyarrow.fs``
+URI (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``, ``file://...``), so that every node of
+a cluster reads the same import without a shared disk. The manifest and the checks read the URI
+in place; the Arrow file is copied once per node into a local cache, checked against the
+manifest's digest, and memory-mapped from there as a local one is (``local_arrow_file``).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 MANIFEST = "manifest.json"
 PARQUET = "images.parquet"
@@ -193,74 +202,230 @@ def check_target(out: Path, *, overwrite: bool) -> None:
         raise DatasetError(f"{out}: already holds an import; pass --overwrite to replace it")
 
 
-# -- reading ------------------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the import in ``path``; refuses folders that are not complete imports."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DatasetError(f"{path}: no such folder; create it with `orch data import ...`")
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        partial = any(p.name.endswith(".partial") or p.name in _OWN_FILES for p in path.iterdir())
-        what = "an unfinished import (no manifest.json)" if partial else "no manifest.json"
-        raise DatasetError(f"{path}: {what}; not a complete orch import, run `orch data import ...`")
+# Where imports read through a URI are copied to on each node (one file per import, named by its
+# digest); default ~/.cache/orch/imports.
+CACHE_ENV = "ORCH_DATA_CACHE"
+
+
+def is_uri(where: str | os.PathLike[str]) -> bool:
+    """True for a ``pyarrow.fs`` URI (``s3://...``, ``gs://...``, ``hdfs://...``, ``file://...``),
+    False for a local path."""
+    return "://" in str(where)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an import lives: a local folder, or a folder (an object prefix) behind a
+    ``pyarrow.fs`` URI. Every read of an import goes through ``fs``, so a bucket and a local
+    disk are read by the same code."""
+
+    given: str  # as the user wrote it: the sweep file's data.path, --data
+    fs: pafs.FileSystem
+    root: str  # the folder inside ``fs``
+
+    @property
+    def local(self) -> bool:
+        """True where the files are on this machine's disk (a path or a ``file://`` URI)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        """``name``'s path inside ``fs``."""
+        return f"{self.root}/{name}"
+
+    def show(self, name: str | None = None) -> str:
+        """The folder (or ``name`` inside it) for messages: a URI without its query options."""
+        base = self.given.split("?", 1)[0].rstrip("/") if is_uri(self.given) else self.given
+        if name is None:
+            return base
+        return f"{base}/{name}" if is_uri(self.given) else str(Path(base) / name)
+
+    def __str__(self) -> str:
+        return self.show()
+
+
+def locate(where: str | os.PathLike[str] | Location) -> Location:
+    """The import folder at a local path or a ``pyarrow.fs`` URI, with options as
+    ``pyarrow.fs.FileSystem.from_uri`` reads them (``s3://bucket/prefix?region=eu-west-1``,
+    ``?endpoint_override=HOST:PORT&scheme=http`` for an S3-compatible server). Credentials come
+    from the environment (``AWS_ACCESS_KEY_ID``..., an instance role): a URI that carries a
+    secret is refused, since data paths are recorded with every run and model."""
+    if isinstance(where, Location):
+        return where
+    given = str(where)
+    if not is_uri(given):
+        return Location(given, pafs.LocalFileSystem(), str(Path(given)))
+    parts = urlsplit(given)
+    if parts.password:
+        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+        raise DatasetError(f"{shown}: the URI holds a secret, which would be recorded with every "
+                           "run that reads it; give credentials by the environment instead "
+                           "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance role, "
+                           "GOOGLE_APPLICATION_CREDENTIALS)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{manifest_path}: unreadable manifest ({error})") from None
+        fs, root = pafs.FileSystem.from_uri(given)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise DatasetError(f"{given.split('?', 1)[0]}: cannot open this URI "
+                           f"({_one_line(error)})") from None
+    return Location(given, fs, root.rstrip("/"))
+
+
+def _info(location: Location, name: str | None = None) -> pafs.FileInfo:
+    path = location.root if name is None else location.path(name)
+    try:
+        return location.fs.get_file_info(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DatasetError(f"{location.show(name)}: cannot read ({_one_line(error)})") from None
+
+
+def _reimport(location: Location) -> str:
+    """How to replace a damaged import: import again, and upload again where it is remote."""
+    return "re-run `orch data import`" if location.local else \
+        "re-run `orch data import` and upload the folder again"
+
+
+def read_manifest(where: str | os.PathLike[str] | Location) -> dict[str, Any]:
+    """The manifest of the import at ``where`` (a folder or a URI); refuses folders that are not
+    complete imports."""
+    location = locate(where)
+    if _info(location).type != pafs.FileType.Directory:
+        raise DatasetError(f"{location}: no such folder; create it with `orch data import ...`")
+    if _info(location, MANIFEST).type != pafs.FileType.File:
+        try:
+            names = {info.base_name for info in location.fs.get_file_info(
+                pafs.FileSelector(location.root, allow_not_found=True))}
+        except (pa.ArrowException, OSError):
+            names = set()
+        partial = any(n.endswith(".partial") or n in _OWN_FILES for n in names)
+        what = "an unfinished import (no manifest.json)" if partial else "no manifest.json"
+        raise DatasetError(f"{location}: {what}; not a complete orch import, run `orch data import ...`")
+    try:
+        with location.fs.open_input_stream(location.path(MANIFEST)) as stream:
+            manifest = json.loads(stream.read())
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise DatasetError(f"{location.show(MANIFEST)}: unreadable manifest "
+                           f"({_one_line(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{manifest_path}: not an orch image manifest (format != {FORMAT!r})")
+        raise DatasetError(f"{location.show(MANIFEST)}: not an orch image manifest "
+                           f"(format != {FORMAT!r})")
     if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{manifest_path}: format version {manifest.get('version')!r}, this orch "
-                           f"reads version {FORMAT_VERSION}; re-import the data")
+        raise DatasetError(f"{location.show(MANIFEST)}: format version {manifest.get('version')!r}, "
+                           f"this orch reads version {FORMAT_VERSION}; re-import the data")
     return manifest
 
 
-def check_files(path: Path, manifest: Mapping[str, Any]) -> None:
+def check_files(where: str | os.PathLike[str] | Location, manifest: Mapping[str, Any]) -> None:
     """Cheap integrity checks run at every open: sizes, Parquet footer, row counts."""
+    location = locate(where)
     for name in (PARQUET, ARROW):
         expected = manifest["files"][name]
-        file = path / name
-        if not file.exists():
-            raise DatasetError(f"{file}: missing; the import is incomplete, re-run `orch data import`")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise DatasetError(f"{file}: {size} bytes, the manifest says {expected['bytes']} "
-                               "(truncated or modified); re-run `orch data import`")
-    parquet = path / PARQUET
+        info = _info(location, name)
+        if info.type != pafs.FileType.File:
+            raise DatasetError(f"{location.show(name)}: missing; the import is incomplete, "
+                               f"{_reimport(location)}")
+        if info.size != expected["bytes"]:
+            raise DatasetError(f"{location.show(name)}: {info.size} bytes, the manifest says "
+                               f"{expected['bytes']} (truncated or modified); {_reimport(location)}")
     try:
-        rows = pq.ParquetFile(parquet).metadata.num_rows
+        with location.fs.open_input_file(location.path(PARQUET)) as handle:
+            rows = pq.ParquetFile(handle).metadata.num_rows
     except (pa.ArrowException, OSError) as error:
-        raise DatasetError(f"{parquet}: not a readable Parquet file ({_one_line(error)})") from None
+        raise DatasetError(f"{location.show(PARQUET)}: not a readable Parquet file "
+                           f"({_one_line(error)})") from None
     if rows != manifest["files"][PARQUET]["rows"]:
-        raise DatasetError(f"{parquet}: {rows} rows, the manifest says "
+        raise DatasetError(f"{location.show(PARQUET)}: {rows} rows, the manifest says "
                            f"{manifest['files'][PARQUET]['rows']}")
 
 
-def verify(path: Path, manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
+def _sha256_of(location: Location, name: str, *, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    try:
+        with location.fs.open_input_stream(location.path(name)) as stream:
+            while block := stream.read(chunk):
+                digest.update(block)
+    except (pa.ArrowException, OSError) as error:
+        raise DatasetError(f"{location.show(name)}: cannot read ({_one_line(error)})") from None
+    return digest.hexdigest()
+
+
+def verify(where: str | os.PathLike[str] | Location,
+           manifest: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Full check: every data file's sha256 against the manifest, and a full Parquet decode."""
-    path = Path(path)
-    manifest = manifest or read_manifest(path)
-    check_files(path, manifest)
+    location = locate(where)
+    manifest = manifest or read_manifest(location)
+    check_files(location, manifest)
     for name in (PARQUET, ARROW):
-        actual = sha256_file(path / name)
+        actual = _sha256_of(location, name)
         if actual != manifest["files"][name]["sha256"]:
-            raise DatasetError(f"{path / name}: sha256 {actual[:12]}... does not match the "
+            raise DatasetError(f"{location.show(name)}: sha256 {actual[:12]}... does not match the "
                                f"manifest's {manifest['files'][name]['sha256'][:12]}...; re-import")
     try:
-        pq.read_table(path / PARQUET, columns=["class_id"])
+        pq.read_table(location.path(PARQUET), columns=["class_id"], filesystem=location.fs)
     except (pa.ArrowException, OSError) as error:
-        raise DatasetError(f"{path / PARQUET}: not a readable Parquet file ({_one_line(error)})") from None
+        raise DatasetError(f"{location.show(PARQUET)}: not a readable Parquet file "
+                           f"({_one_line(error)})") from None
     return {name: manifest["files"][name]["sha256"] for name in (PARQUET, ARROW)}
+
+
+def cache_folder() -> Path:
+    """Where this node keeps its copies of imports read through a URI (``$ORCH_DATA_CACHE``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "orch" / "imports")
+
+
+def local_arrow_file(location: Location, manifest: Mapping[str, Any], *,
+                     recheck: bool = False) -> Path:
+    """The import's Arrow file on this machine's disk, to memory-map: the file itself for a
+    local import; for one behind a URI, this node's copy in ``cache_folder()``, downloaded once
+    (under a lock, so the workers of a node share one download and one page-cache copy), its
+    sha256 checked against the manifest before it is used. Episodes read from the copy are the
+    same as from the folder it was uploaded from. ``recheck``: hash an existing copy again."""
+    if location.local:
+        return Path(location.path(ARROW))
+    expected = manifest["files"][ARROW]
+    folder = cache_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(f"{folder}: cannot create the data cache ({error.strerror}); set "
+                           f"{CACHE_ENV} to a writable folder") from None
+    copy = folder / f"{expected['sha256']}.arrow"
+    with FileLock(str(copy) + ".lock"):
+        if copy.is_file() and copy.stat().st_size == expected["bytes"]:
+            if not recheck or sha256_file(copy) == expected["sha256"]:
+                return copy
+        _download(location, ARROW, copy, expected["sha256"])
+    return copy
+
+
+def _download(location: Location, name: str, target: Path, sha256: str) -> None:
+    """Copy ``name`` to ``target`` through a temporary file, renamed only once its digest is
+    ``sha256``: a copy torn by a kill or a changed upload is never used."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with location.fs.open_input_stream(location.path(name)) as stream, \
+                open(staging, "wb") as out:
+            while block := stream.read(1 << 22):
+                digest.update(block)
+                out.write(block)
+    except (pa.ArrowException, OSError) as error:
+        staging.unlink(missing_ok=True)
+        raise DatasetError(f"{location.show(name)}: cannot copy it to {target.parent} "
+                           f"({_one_line(error)})") from None
+    if digest.hexdigest() != sha256:
+        staging.unlink(missing_ok=True)
+        raise DatasetError(f"{location.show(name)}: sha256 {digest.hexdigest()[:12]}... does not "
+                           f"match the manifest's {sha256[:12]}...; {_reimport(location)}")
+    os.replace(staging, target)
 
 
 @dataclass
 class ImageDataset:
     """An import opened for sampling: pixels memory-mapped, classes indexed by row range."""
 
-    path: Path
+    location: Location
     manifest: dict[str, Any]
     # Row ranges of each class id: rows class_start[c] .. class_start[c] + class_count[c].
     class_start: np.ndarray
@@ -289,24 +454,27 @@ class ImageDataset:
         return out
 
 
-def open_dataset(path: str | os.PathLike[str], *, verify_checksums: bool = False) -> ImageDataset:
-    """Open the import in ``path`` for reading; ``DatasetError`` if it is not complete and intact."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def open_dataset(where: str | os.PathLike[str] | Location, *,
+                 verify_checksums: bool = False) -> ImageDataset:
+    """Open the import at ``where`` (a folder or a ``pyarrow.fs`` URI) for reading;
+    ``DatasetError`` if it is not complete and intact."""
+    location = locate(where)
+    manifest = read_manifest(location)
     if verify_checksums:
-        verify(path, manifest)
+        verify(location, manifest)
     else:
-        check_files(path, manifest)
-    arrow = path / ARROW
+        check_files(location, manifest)
+    arrow = local_arrow_file(location, manifest, recheck=verify_checksums)
+    shown = location.show(ARROW)
     try:
         mapping = pa.memory_map(str(arrow), "r")
         reader = pa.ipc.open_file(mapping)
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
     except (pa.ArrowException, OSError) as error:
-        raise DatasetError(f"{arrow}: not a readable Arrow file ({_one_line(error)})") from None
+        raise DatasetError(f"{shown}: not a readable Arrow file ({_one_line(error)})") from None
     expected = schema(int(np.prod(manifest["shape"])), manifest.get("extra_columns", ()))
     if not reader.schema.equals(expected):
-        raise DatasetError(f"{arrow}: columns do not match the manifest's image shape "
+        raise DatasetError(f"{shown}: columns do not match the manifest's image shape "
                            f"{manifest['shape']}; re-import")
     shape = tuple(manifest["shape"])
     chunks = [b.column("pixels").flatten().to_numpy(zero_copy_only=True).reshape(-1, *shape)
@@ -315,19 +483,19 @@ def open_dataset(path: str | os.PathLike[str], *, verify_checksums: bool = False
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     rows = int(offsets[-1])
     if rows != manifest["files"][ARROW]["rows"]:
-        raise DatasetError(f"{arrow}: {rows} rows, the manifest says {manifest['files'][ARROW]['rows']}")
+        raise DatasetError(f"{shown}: {rows} rows, the manifest says {manifest['files'][ARROW]['rows']}")
     if not batches:
-        raise DatasetError(f"{arrow}: holds no images; re-import")
+        raise DatasetError(f"{shown}: holds no images; re-import")
     class_ids = np.concatenate([b.column("class_id").to_numpy() for b in batches])
     if np.any(np.diff(class_ids) < 0):
-        raise DatasetError(f"{arrow}: rows are not sorted by class; re-import")
+        raise DatasetError(f"{shown}: rows are not sorted by class; re-import")
     class_count = np.bincount(class_ids, minlength=manifest["classes"]).astype(np.int64)
     class_start = np.concatenate([[0], np.cumsum(class_count)[:-1]]).astype(np.int64)
     split_classes = {}
     for split, info in manifest["splits"].items():
         low, high = info["class_ids"]
         split_classes[split] = np.arange(low, high, dtype=np.int64)
-    return ImageDataset(path, manifest, class_start, class_count, split_classes, chunks,
+    return ImageDataset(location, manifest, class_start, class_count, split_classes, chunks,
                         offsets[:-1], mapping)
 
 

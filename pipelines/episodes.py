@@ -9,20 +9,30 @@ from the memory-mapped Arrow file and converted to float only for the episode's 
 With rotations on (``augment_rotations``), each class of the meta-training split also appears
 rotated by 90, 180 and 270 degrees as three further classes; held-out splits keep only the real
 classes, so validation accuracy means the same with or without augmentation.
+
+Several imports (``MixedEpisodes``, Meta-Dataset's multi-source training): each episode comes
+whole from one of them, and is that import's own episode of the same address. Which one is a pure
+function of the address too: on the meta-training split a seeded draw weighted by the sources'
+weights, on every other split the sources in turn (episode i from source i mod S), so that
+validation and test scores weigh every source equally.
+
+An import whose images differ from what a model was trained on (another size, grey beside RGB)
+can be *converted* (``convert_to``): its stored images are treated as raw images and given the
+model's treatment, exactly as ``orch predict`` treats an image file (``convert_pixels``).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipelines.base import Task, TaskFamily, task_seed
 from pipelines.dataset import DatasetError, ImageDataset, open_dataset
-from pipelines.preprocessing import normalise
+from pipelines.preprocessing import normalise, to_pixels
 
 ROTATIONS = 4
 
@@ -34,18 +44,23 @@ class EpisodeFamily(TaskFamily):
 
     def __init__(self, path: str | os.PathLike[str], *, ways: int = 5, shots: int = 1,
                  queries: int = 15, image_size: int | None = None,
-                 rotate_splits: Collection[str] = (), verify: bool = False):
+                 rotate_splits: Collection[str] = (), verify: bool = False,
+                 convert_to: Mapping[str, Any] | None = None):
         if ways < 2 or shots < 1 or queries < 1:
             raise ValueError(f"episodes need ways >= 2, shots >= 1, queries >= 1; got "
                              f"{ways}, {shots}, {queries}")
-        self.path = Path(path)
+        self.path = str(path)  # a folder or a pyarrow.fs URI, as given
         self._ways, self.shots, self.queries = ways, shots, queries
         self.rotate_splits = frozenset(rotate_splits)
         self._data: ImageDataset | None = open_dataset(self.path, verify_checksums=verify)
+        self.where = self._data.location.show()  # for messages: a URI without its options
         stored = self._data.shape[-1]
         if image_size is not None and image_size != stored:
-            raise DatasetError(f"{self.path}: imported at {stored}x{stored} pixels but data.image_size "
+            raise DatasetError(f"{self.where}: imported at {stored}x{stored} pixels but data.image_size "
                                f"is {image_size}; re-import with --size {image_size} or drop image_size")
+        # The treatment episodes get instead of the import's own; None where they are the same.
+        self.convert_to = (dict(convert_to) if convert_to is not None
+                           and dict(convert_to) != self._data.preprocessing else None)
         self._ready: set[tuple[str, int]] = set()
         for split in self.rotate_splits:
             self._classes(split)
@@ -74,11 +89,15 @@ class EpisodeFamily(TaskFamily):
         for label, virtual in enumerate(picked):
             if virtual % rotations:
                 pixels[label] = np.rot90(pixels[label], virtual % rotations, axes=(-2, -1))
-        x = normalise(pixels, data.preprocessing)
+        shape = self.input_shape()
+        if self.convert_to is not None:
+            pixels = convert_pixels(pixels.reshape(-1, *data.shape), data.preprocessing,
+                                    self.convert_to).reshape(ways, k + q, *shape)
+        x = normalise(pixels, self.preprocessing())
         labels = torch.arange(ways)
-        return Task(torch.from_numpy(x[:, :k].reshape(ways * k, *data.shape)),
+        return Task(torch.from_numpy(x[:, :k].reshape(ways * k, *shape)),
                     labels.repeat_interleave(k),
-                    torch.from_numpy(x[:, k:].reshape(ways * q, *data.shape)),
+                    torch.from_numpy(x[:, k:].reshape(ways * q, *shape)),
                     labels.repeat_interleave(q))
 
     @property
@@ -86,6 +105,9 @@ class EpisodeFamily(TaskFamily):
         return self._ways
 
     def input_shape(self) -> tuple[int, ...]:
+        if self.convert_to is not None:
+            size = int(self.convert_to["size"])
+            return (int(self.convert_to["channels"]), size, size)
         return self.data.shape
 
     def output_size(self) -> int:
@@ -93,13 +115,30 @@ class EpisodeFamily(TaskFamily):
 
     def fingerprint_spec(self) -> dict[str, Any]:
         manifest = self.data.manifest
-        return {"family": "images", "kind": manifest["kind"],
+        spec = {"family": "images", "kind": manifest["kind"],
                 "dataset": manifest["files"]["images.parquet"]["sha256"],
                 "ways": self._ways, "shots": self.shots, "queries": self.queries,
                 "rotate_splits": sorted(self.rotate_splits), "preprocessing": self.preprocessing()}
+        if self.convert_to is not None:
+            spec["converted_from"] = self.data.preprocessing
+        return spec
 
     def preprocessing(self) -> dict[str, Any]:
-        return self.data.preprocessing
+        """The treatment of the episodes' images: the import's, or the one converted to."""
+        return dict(self.convert_to) if self.convert_to is not None else self.data.preprocessing
+
+    @property
+    def converted(self) -> bool:
+        return self.convert_to is not None
+
+    def sources(self) -> list["EpisodeFamily"]:
+        """The imports episodes are drawn from: this one."""
+        return [self]
+
+    def source_record(self) -> dict[str, Any]:
+        """What a model records of each import it was trained on (``MetaModel`` spec)."""
+        return {"path": self.path, "dataset": self.data.manifest["files"]["images.parquet"]["sha256"],
+                "shape": list(self.data.shape), "preprocessing": self.data.preprocessing}
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -120,7 +159,7 @@ class EpisodeFamily(TaskFamily):
         try:
             return self.data.split_classes[split]
         except KeyError:
-            raise DatasetError(f"{self.path}: no split {split!r}; this import has "
+            raise DatasetError(f"{self.where}: no split {split!r}; this import has "
                                f"{', '.join(self.data.split_classes)}") from None
 
     def _check(self, split: str, shots: int) -> np.ndarray:
@@ -130,14 +169,14 @@ class EpisodeFamily(TaskFamily):
             return classes
         rotations = ROTATIONS if split in self.rotate_splits else 1
         if len(classes) * rotations < self._ways:
-            raise DatasetError(f"{self.path}: split {split!r} has {len(classes)} classes, fewer than "
+            raise DatasetError(f"{self.where}: split {split!r} has {len(classes)} classes, fewer than "
                                f"ways={self._ways}; lower data.ways or re-import with more "
                                "held-out classes")
         counts = self.data.class_count[classes]
         need = shots + self.queries
         if counts.min() < need:
             worst = int(classes[counts.argmin()])
-            raise DatasetError(f"{self.path}: a class of split {split!r} (id {worst}) has "
+            raise DatasetError(f"{self.where}: a class of split {split!r} (id {worst}) has "
                                f"{int(counts.min())} images, fewer than shots + queries = {need}; "
                                "lower data.queries")
         self._ready.add((split, shots))
@@ -145,3 +184,116 @@ class EpisodeFamily(TaskFamily):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None}
+
+
+class MixedEpisodes(TaskFamily):
+    """Episodes from several imports of one image shape, each episode whole from one of them
+    (the multi-source training of Meta-Dataset, Triantafillou et al. 2020).
+
+    Episode ``index`` of ``split`` is source ``s``'s own episode ``index``, where ``s`` is, on a
+    split in ``draw_splits`` (meta-training), drawn by ``weights`` from the episode's address,
+    and on any other split ``index mod S``: validation and test take the sources in turn."""
+
+    kind = "classification"
+
+    def __init__(self, sources: Sequence[EpisodeFamily], *, weights: Sequence[float] | None = None,
+                 draw_splits: Collection[str] = ()):
+        if len(sources) < 2:
+            raise ValueError("a mix needs at least 2 sources")
+        first = sources[0]
+        for source in sources[1:]:
+            if source.input_shape() != first.input_shape():
+                raise DatasetError(
+                    f"{source.where} holds {describe_shape(source.input_shape())} images but "
+                    f"{first.where} holds {describe_shape(first.input_shape())}: every import of "
+                    "a multi-source data.path must share image size and channels; re-import one "
+                    "at the other's --size (and --grayscale)")
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources) or min(weights) <= 0:
+            raise ValueError(f"weights must be {len(sources)} positive numbers, got {weights}")
+        self._sources = list(sources)
+        self.weights = [w / sum(weights) for w in weights]
+        self._cumulative = np.cumsum(self.weights)
+        self.draw_splits = frozenset(draw_splits)
+
+    def source_of(self, split: str, seed: int, index: int) -> int:
+        """Which source episode ``index`` of ``split`` comes from."""
+        if split not in self.draw_splits:
+            return index % len(self._sources)
+        # A uniform number in [0, 1) from the address's own 53 bits: the same in every process,
+        # with no generator whose stream could change between library versions.
+        uniform = (task_seed(seed, f"{split}/source", index) >> 10) / float(1 << 53)
+        return min(int(np.searchsorted(self._cumulative, uniform, side="right")),
+                   len(self._sources) - 1)
+
+    def task(self, split: str, seed: int, index: int, *, shots: int | None = None) -> Task:
+        return self._sources[self.source_of(split, seed, index)].task(split, seed, index,
+                                                                       shots=shots)
+
+    def check_splits(self, splits: Sequence[str], shots: int) -> None:
+        for source in self._sources:
+            source.check_splits(splits, shots)
+
+    @property
+    def ways(self) -> int:
+        return self._sources[0].ways
+
+    def input_shape(self) -> tuple[int, ...]:
+        return self._sources[0].input_shape()
+
+    def output_size(self) -> int:
+        return self._sources[0].output_size()
+
+    def fingerprint_spec(self) -> dict[str, Any]:
+        return {"family": "images-mix", "sources": [s.fingerprint_spec() for s in self._sources],
+                "weights": self.weights, "draw_splits": sorted(self.draw_splits)}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The first source's: what a model trained on the mix applies to a raw image file."""
+        return self._sources[0].preprocessing()
+
+    @property
+    def converted(self) -> bool:
+        return any(source.converted for source in self._sources)
+
+    def sources(self) -> list[EpisodeFamily]:
+        return list(self._sources)
+
+
+def episode_family(path: str | os.PathLike[str] | Sequence[str], *,
+                   weights: Sequence[float] | None = None, draw_splits: Collection[str] = (),
+                   **options: Any) -> EpisodeFamily | MixedEpisodes:
+    """Episodes from one import (a folder or URI), or from several (a list: ``MixedEpisodes``);
+    ``options`` are ``EpisodeFamily``'s, given to every source."""
+    if isinstance(path, (str, os.PathLike)):
+        if weights is not None:
+            raise ValueError("weights are for several imports; one was given")
+        return EpisodeFamily(path, **options)
+    return MixedEpisodes([EpisodeFamily(p, **options) for p in path], weights=weights,
+                         draw_splits=draw_splits)
+
+
+def describe_shape(shape: Sequence[int]) -> str:
+    """``3x32x32 (RGB)`` for a ``[C, H, W]`` image shape."""
+    channels = int(shape[0])
+    kind = {1: "grey", 3: "RGB"}.get(channels, f"{channels} channels")
+    return f"{'x'.join(str(int(n)) for n in shape)} ({kind})"
+
+
+def convert_pixels(pixels: np.ndarray, stored: Mapping[str, Any],
+                   target: Mapping[str, Any]) -> np.ndarray:
+    """uint8 ``[N, C, H, W]`` images stored with the treatment ``stored`` as an import with the
+    treatment ``target`` would have stored the same raw images: ``stored``'s inversion undone,
+    then ``target``'s stored steps (``preprocessing.to_pixels``): grey to RGB by repeating the
+    channel, RGB to grey by luminance (ITU-R 601-2, PIL's ``convert("L")``), the square resize
+    with ``target``'s resampling (the importers' own), ``target``'s inversion. Normalisation is
+    the caller's, with ``target``'s statistics: a model sees a converted image exactly as
+    ``orch predict`` would show it the raw file."""
+    channels, size = int(target["channels"]), int(target["size"])
+    out = np.empty((len(pixels), channels, size, size), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        raw = 255 - image if stored["invert"] else image
+        picture = Image.fromarray(raw[0] if raw.shape[0] == 1
+                                  else np.ascontiguousarray(raw.transpose(1, 2, 0)))
+        out[i] = to_pixels(picture, target)
+    return out

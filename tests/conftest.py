@@ -26,12 +26,15 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One in-process Ray with 2 CPUs for the whole module (``ray.init`` takes seconds)."""
+    """One in-process Ray with 2 CPUs for the whole module (``ray.init`` takes seconds).
+
+    ``address="local"``: a bare ``ray.init()`` joins the cluster last started on this machine
+    (/tmp/ray/ray_current_cluster), such as another test's ``ray start`` processes."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
              logging_level="ERROR")
     yield ray
     ray.shutdown()

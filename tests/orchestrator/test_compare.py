@@ -81,7 +81,8 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
     assert set(rows[0]) == {"setting", "ways", "shots", "shift", "level", "model", "uri", "metric",
                             "mean", "ci95", "tasks", "diff_to_best", "diff_ci95", "significant",
                             "best", "log_likelihood", "log_likelihood_ci95", "coverage95",
-                            "refused", "cached"}
+                            "refused", "cached", "data", "converted"}
+    assert {(r["data"], r["converted"]) for r in rows} == {(table["data"], False)}
     for setting in settings:
         proto, copy, maml = [r for r in rows if r["setting"] == setting]
         assert proto["mean"] == copy["mean"] and proto["tasks"] == TASKS
@@ -145,12 +146,13 @@ def test_refusals_are_one_line_and_write_nothing(case, image_models, sine_models
     if case == "image size":  # a model trained on 20x20 images, given the 28x28 import
         other = Path(shutil.copytree(proto, tmp_path / "small"))
         spec = json.loads((other / "spec.json").read_text())
-        spec["preprocessing"]["size"] = 20
+        spec["preprocessing"]["size"] = spec["data_sources"][0]["preprocessing"]["size"] = 20
         spec["shape"]["input_shape"] = [1, 20, 20]
         (other / "spec.json").write_text(json.dumps(spec))
     args, message = {
         "mixed": ([proto, sine], "does regression and proto classifies images"),
-        "image size": ([proto, str(tmp_path / "small")], "trained on 20x20 images with 1 channel"),
+        "image size": ([proto, str(tmp_path / "small")], "holds 1x28x28 (grey) images but the model was trained on "
+                       "1x20x20 (grey); pass --convert"),
         "ways for regression": ([sine, "--ways", "5"], "--ways is for classification"),
         "shift for regression": ([sine, "--shift", "blur:1"], "--shift distorts images"),
         "named twice": ([proto, proto], "is named twice"),
