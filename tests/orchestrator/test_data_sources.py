@@ -366,3 +366,60 @@ def test_compare_records_the_import_and_who_saw_it_converted(world, swept, tmp_p
     again = json.loads(run("--convert", "--json").output)  # scored once: read from the cache
     assert [(r["cached"], r["mean"]) for r in again["rows"]] == \
         [(True, r["mean"]) for r in table["rows"]]
+
+
+# -- a benchmark import end to end: CIFAR-FS from the official archive's layout -------------------
+
+@pytest.fixture(scope="module")
+def cifar_fs(tmp_path_factory) -> Path:
+    """CIFAR-FS imported from a small ``cifar-100-python.tar.gz`` in the official layout (every
+    class name, two images per class): what ``orch data import cifar-fs`` writes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    from fake_benchmarks import write_cifar100_archive
+
+    root = tmp_path_factory.mktemp("cifar")
+    archive = write_cifar100_archive(root / "cifar-100-python.tar.gz")
+    out = root / "cifar-fs"
+    result = CliRunner().invoke(data, ["import", "cifar-fs", str(archive), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_sweep_on_cifar_fs_then_omniglot_compared_on_it_converted(ray_local, cifar_fs, world,
+                                                                    tmp_path):
+    """ProtoNet swept on the CIFAR-FS import and registered; then ``orch compare`` scores it
+    beside the Omniglot model on CIFAR-FS's test classes: the grey 28x28 model is refused without
+    ``--convert`` and sees the same episodes converted with it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = {
+        "name": "cifar-fs", "run_dir": str(tmp_path / "runs"),
+        "data": {"path": str(cifar_fs), "ways": 5, "shots": 1, "queries": 1},
+        "model": {"backbone": "conv4", "filters": 4},
+        "training": {"meta_batch": 2, "iterations": 2, "eval_every": 2, "eval_tasks": 2},
+        "workers": {"count": 0, "driver_cpus": 1},
+        "search": {"trials": 1, "pruner": "none"},
+        "algorithms": {"protonet": {"outer_lr": 0.001}},
+    }
+    [summary] = launch(sweep_from_dict(sweep), tracking_uri=uri)
+    assert summary.counts["complete"] == 1 and summary.registration is not None
+    champion = "models:/orch-protonet@champion"
+    models = [champion, str(world["omni_model"])]
+
+    def run(*args: str):
+        return CliRunner().invoke(compare, [*models, "--data", str(cifar_fs), "--ways", "5",
+                                            "--queries", "1", "--tasks", TASKS, "--out",
+                                            str(tmp_path / "out"), "--tracking-uri", uri, *args])
+
+    one_line_failure(run(), f"{cifar_fs} holds 3x32x32 (RGB) images but the model was trained "
+                            "on 1x28x28 (grey)")
+    assert not (tmp_path / "out").exists()
+    table = as_json_table(run("--convert", "--json"))
+    assert table["data"] == str(cifar_fs)
+    assert {(r["model"], r["converted"]) for r in table["rows"]} == {
+        ("orch-protonet@champion", False), ("omni", True)}
+    assert all(0.0 <= r["mean"] <= 1.0 for r in table["rows"])
+
+
+def as_json_table(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
