@@ -37,6 +37,8 @@ DEFAULT_RUN_DIR = "orch-runs"
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# What names a trained model, in model.init here and in orch predict, evaluate and compare.
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
 class ConfigError(UserError):
@@ -124,8 +126,6 @@ class ModelSection(Section):
         if value is None or value.startswith(("models:/", "runs:/")):
             return value
         if not value.strip() or "://" in value or value.startswith(("models:", "runs:")):
-            from orchestrator.meta_model import URI_FORMS  # meta_model imports this module
-
             raise ValueError(f"cannot read model URI {value!r}; use {URI_FORMS}")
         return value
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from learners.base import Learner, Params
-from orchestrator.config import ModelSection, sweep_from_dict
+from orchestrator.config import URI_FORMS, ModelSection, sweep_from_dict
 from orchestrator.factory import build_family, build_learner, task_shape
 
 if TYPE_CHECKING:
@@ -33,9 +33,6 @@ PYFUNC_ARTIFACT = "meta_model"
 
 # A batch tensor, or a sequence of tensors, PIL images or image paths; numbers for regression.
 Inputs = Tensor | Sequence[Any]
-
-
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
 @dataclass(frozen=True)
