@@ -77,7 +77,9 @@ def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split
             as_json: bool, tracking_uri: str) -> None:
     """Score MODEL_URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or model
     folders) on the same episodes: per setting, each model's mean with its 95% interval and its
-    paired difference to the best model, marked * where that difference's interval excludes zero.
+    paired difference to the best model, marked * where that difference's interval excludes zero,
+    and what adapting costs: milliseconds per episode (after a warm-up one, one torch thread),
+    inner gradient steps and parameters.
     """
     from orchestrator import compare as comparing
     from orchestrator.model_cli import _one_line_errors, _single_thread
@@ -123,8 +125,8 @@ def compare(models: tuple[str, ...], sweep: str | None, data: Path | None, split
                                          params=params)
     if as_json:
         click.echo(json.dumps({"kind": comparison.kind, "tasks": tasks, "split": split,
-                               "rows": comparison.records(), "notes": comparison.notes},
-                              indent=1))
+                               "rows": comparison.records(), "notes": comparison.notes,
+                               "timed_on": comparing.timing_context()}, indent=1))
         return
     table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}")
     for column in comparing.table_columns(comparison):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -191,7 +192,9 @@ class Evaluation:
     Regression models whose predictions carry a standard deviation (ALPaCA) are also scored by
     ``uncertainty``: per task, ``log_likelihood`` (mean over queries of the log predictive density
     of the target, summed over output dimensions) and ``coverage95`` (the fraction of query
-    target values inside the 95% predictive interval, mean +- 1.96 std)."""
+    target values inside the 95% predictive interval, mean +- 1.96 std). ``seconds``: per task,
+    the wall time of adapting to its support set and predicting its queries (sampling and
+    scoring excluded), for ``orch compare``'s cost of adapting."""
 
     metric: str  # "accuracy" (classification) or "mse" (regression)
     per_task: list[float]
@@ -201,6 +204,7 @@ class Evaluation:
     ways: int | None = None
     steps: int | None = None
     uncertainty: dict[str, list[float]] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -304,6 +308,7 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     ways = family.ways
     scores: list[float] = []
     uncertainty: dict[str, list[float]] = {}
+    seconds: list[float] = []
     for index in range(tasks):
         try:
             task = family.task(split, seed, index)
@@ -312,8 +317,10 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
         query_x = task.query_x
         if transform_queries is not None:
             query_x = transform_queries(index, query_x)
+        started = time.perf_counter()
         outputs, std = model.adapt_and_predict_with_std(task.support_x, task.support_y,
                                                         query_x, steps=steps)
+        seconds.append(time.perf_counter() - started)
         if model.classification:
             correct = outputs.argmax(dim=-1) == task.query_y
             scores.append(float(correct.float().mean()))
@@ -327,7 +334,7 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     shots = len(task.support_y) // (ways or 1)
     queries = len(task.query_y) // (ways or 1)
     return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
-                      queries, ways, steps, uncertainty)
+                      queries, ways, steps, uncertainty, seconds)
 
 
 def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
