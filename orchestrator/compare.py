@@ -272,8 +272,9 @@ def timing_context() -> str:
 
 
 def warm_ms(seconds: Sequence[float]) -> float:
-    """Mean milliseconds per episode after the first (the warm-up)."""
-    return 1000.0 * float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+    """Mean milliseconds per episode after the first, the warm-up (``orch compare`` scores at
+    least two)."""
+    return 1000.0 * float(np.mean(seconds[1:]))
 
 
 @dataclass
@@ -336,16 +337,12 @@ def _cache_key(entrant: Entrant, setting: Setting, episodes: Episodes, steps: in
 
 
 def _read_cache(cache: Path | None, key: str) -> tuple[Evaluation, str] | None:
-    """A cached evaluation (its per-episode times included; version 1 entries had none and are
-    not read) and where those times were taken."""
+    """A cached evaluation, its per-episode times included, and where those were taken."""
     if cache is None or not (cache / f"{key}.json").is_file():
         return None
     try:
         stored = json.loads((cache / f"{key}.json").read_text())
-        evaluation = Evaluation(**stored["evaluation"])
-        if not evaluation.seconds:
-            raise ValueError("no times")
-        return evaluation, str(stored["timed_on"])
+        return Evaluation(**stored["evaluation"]), str(stored["timed_on"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is scored again and rewritten
 

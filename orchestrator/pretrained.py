@@ -32,7 +32,7 @@ import torch
 from learners.backbones import build_backbone
 from learners.base import Learner, Params
 from orchestrator.config import ConfigError, ModelSection, Sweep
-from orchestrator.errors import UserError, first_line
+from orchestrator.errors import first_line
 from orchestrator.meta_model import MetaModel
 
 BODY = "body."
@@ -112,7 +112,7 @@ def resolve(sweep: Sweep, tracking_uri: str, *, input_shape: list[int],
     try:
         found = find(uri, tracking_uri=tracking_uri)
         model = load(found)
-    except (UserError, FileNotFoundError) as error:
+    except (ValueError, OSError, KeyError) as error:  # UserErrors, unreadable or foreign specs
         raise ConfigError(f"{where}: {first_line(error)}") from None
     origin = (f"{found.name} version {found.version}" if found.version is not None
               else f"run {found.run_id}" if found.run_id else found.location)
