@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+
 import torch
 
 from learners.backbones import build_backbone
