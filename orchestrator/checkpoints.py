@@ -12,8 +12,9 @@ the payload's length and SHA-256), then the payload, ``torch.save`` of the ``Loo
 under a temporary name and renamed (one atomic step on a local disk; an object store publishes
 an object only once it is complete), and its digest is checked on load: a file torn by a kill
 mid-write is never loaded, the previous one is. The identity hashes everything that shapes the
-trained weights -- algorithm, resolved knobs, task distribution, model and training settings --
-so a checkpoint from another sweep file never seeds a trial.
+trained weights -- algorithm, resolved knobs, task distribution, model and training settings,
+the initial backbone's digest (``model.init``) -- so a checkpoint from another sweep file never
+seeds a trial.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ class CheckpointError(UserError):
     """A checkpoint that must not be loaded; the message is one line naming the file."""
 
 
-def identity(sweep: Sweep, algorithm: str, knobs: Mapping[str, Any]) -> str:
-    """What a checkpoint must match to be loaded into a trial."""
+def identity(sweep: Sweep, algorithm: str, knobs: Mapping[str, Any], *,
+             init_digest: str | None = None) -> str:
+    """What a checkpoint must match to be loaded into a trial. ``model.init`` counts by the
+    digest of the backbone weights it resolved to (``init_digest``), not by its URI: an alias
+    that moved names other weights, a pinned version the same ones."""
     spec = {"algorithm": algorithm, "knobs": dict(knobs), "task": sweep.task_fingerprint(),
-            "model": sweep.model.model_dump(mode="json"),
+            "model": sweep.model.model_dump(mode="json", exclude={"init"}),
             "training": sweep.training.model_dump(mode="json", exclude=NOT_IDENTITY)}
+    if init_digest is not None:
+        spec["init"] = init_digest
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,8 +93,8 @@ def verified_payload(data: bytes, name: str, trial_identity: str) -> tuple[int, 
     except (ValueError, KeyError, TypeError):
         raise refuse("its header is unreadable (torn by a kill mid-write?)") from None
     if header.get("identity") != trial_identity:
-        raise refuse("it belongs to another sweep file (different algorithm, knobs, data, model "
-                     "or training settings)")
+        raise refuse("it belongs to another sweep file (different algorithm, knobs, data, model, "
+                     "initial weights or training settings)")
     if len(payload) != length or hashlib.sha256(payload).hexdigest() != digest:
         raise refuse(f"truncated or corrupt ({len(payload)} of {length} payload bytes, digest "
                      "mismatch)")
@@ -190,14 +196,15 @@ class TrialCheckpoints:
     identity: str
 
     @classmethod
-    def of(cls, sweep: Sweep, algorithm: str, number: int,
-           knobs: Mapping[str, Any]) -> "TrialCheckpoints | None":
-        """The trial's checkpoints, or None where the sweep saves none."""
+    def of(cls, sweep: Sweep, algorithm: str, number: int, knobs: Mapping[str, Any], *,
+           init_digest: str | None = None) -> "TrialCheckpoints | None":
+        """The trial's checkpoints, or None where the sweep saves none; ``init_digest``: of the
+        backbone weights ``model.init`` resolved to."""
         if not sweep.training.checkpoints_enabled():
             return None
         store = CheckpointStore(sweep.checkpoint_uri())
         return cls(store, store.trial_folder(sweep.name, algorithm, number),
-                   identity(sweep, algorithm, knobs))
+                   identity(sweep, algorithm, knobs, init_digest=init_digest))
 
     def latest(self) -> Resumption:
         """The newest checkpoint that is whole and the trial's, skipping (and naming) those

@@ -16,8 +16,14 @@ gives the data's images each such model's own treatment (cross-domain: every mod
 the same episodes, each converted to its input). Every row records the import its episodes came
 from and whether they were converted.
 
+Beside each score, what adapting costs (``Cost``): the mean wall milliseconds to adapt to one
+episode and predict its queries -- timed around that call alone, on the same episodes, in this
+process's device and threads, after a warm-up episode -- the inner gradient steps adaptation takes
+and the number of meta-parameters: how a practitioner chooses between a ProtoNet and a MAML.
+
 Each (model content, setting, episodes) result is cached as JSON under the run folder, so a rerun
-with one more model scores only that model.
+with one more model scores only that model; its cost was timed when it was first scored, and says
+where.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,8 +55,8 @@ EXPERIMENT = "orch-compare"
 DEFAULT_QUERIES = 15  # query images per class at test, as in the papers' protocols
 CSV_COLUMNS = ("setting", "ways", "shots", "shift", "level", "model", "uri", "metric", "mean",
                "ci95", "tasks", "diff_to_best", "diff_ci95", "significant", "best",
-               "log_likelihood", "log_likelihood_ci95", "coverage95", "refused", "cached",
-               "data", "converted")
+               "log_likelihood", "log_likelihood_ci95", "coverage95", "adapt_ms", "inner_steps",
+               "parameters", "refused", "cached", "data", "converted")
 
 
 class CompareError(UserError):
@@ -231,15 +238,64 @@ def _without_shots(data: dict[str, Any]) -> dict[str, Any]:
 
 # -- scoring ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Cost:
+    """What adapting costs one model in one setting. ``adapt_ms``: the mean wall milliseconds of
+    adapting to an episode's support set and predicting its queries, over the setting's episodes
+    after the first (a warm-up: first calls allocate and pick kernels), sampling and scoring
+    excluded; ``inner_steps``: the gradient steps one adaptation takes (``inner_steps``);
+    ``parameters``: the meta-parameters' count (``parameter_count``); ``timed_on``: where and
+    when ``adapt_ms`` was measured (``timing_context``)."""
+
+    adapt_ms: float
+    inner_steps: int
+    parameters: int
+    timed_on: str
+
+
+def inner_steps(model: MetaModel, steps: int | None) -> int:
+    """Gradient steps one adaptation takes at test: ``steps`` (``--steps``) or the trained
+    ``inner_steps`` on the support set, plus SCA's ``critic_steps`` on the unlabelled queries; 0
+    for learners that adapt without gradient steps (a forward pass, a closed-form or iterative
+    head solve, generated weights: the metric, closed-form and model-based families)."""
+    if not type(model.learner).uses_inner_steps:
+        return 0
+    hparams = model.learner.hparams
+    return (hparams.inner_steps if steps is None else steps) + getattr(hparams, "critic_steps", 0)
+
+
+def parameter_count(model: MetaModel) -> int:
+    """Entries of the meta-parameters: every learned tensor of the saved model (heads, learned
+    rates and a learner's own networks included), running statistics (MAML++) left out."""
+    return sum(value.numel() for name, value in model.params.items()
+               if not model.learner.is_statistic(name))
+
+
+def timing_context() -> str:
+    """Where this process times adaptation: host, device and torch threads, and the date."""
+    import datetime
+
+    return (f"{platform.node() or 'unknown host'}, cpu, {torch.get_num_threads()} torch "
+            f"thread{'s' * (torch.get_num_threads() != 1)}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def warm_ms(seconds: Sequence[float]) -> float:
+    """Mean milliseconds per episode after the first, the warm-up (``orch compare`` scores at
+    least two)."""
+    return 1000.0 * float(np.mean(seconds[1:]))
+
+
 @dataclass
 class Cell:
-    """One model in one setting: its evaluation, or why it was refused."""
+    """One model in one setting: its evaluation and cost, or why it was refused."""
 
     entrant: Entrant
     setting: Setting
     evaluation: Evaluation | None = None
     refused: str | None = None
     cached: bool = False
+    cost: Cost | None = None
 
 
 def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int | None,
@@ -253,9 +309,11 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
     key = _cache_key(entrant, setting, episodes, steps)
     cached = _read_cache(cache, key)
     if cached is not None:
+        evaluation, timed_on = cached
         if on_task is not None:
             on_task(episodes.tasks)
-        return Cell(entrant, setting, cached, cached=True)
+        return Cell(entrant, setting, evaluation, cached=True,
+                    cost=_cost(model, evaluation, steps, timed_on))
     transform = None
     if setting.shift is not None:
         shift, level, treatment = setting.shift, setting.level, family.preprocessing()
@@ -271,35 +329,43 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
     evaluation = evaluate(model, family, split=episodes.split, tasks=episodes.tasks,
                           seed=episodes.seed, steps=steps, on_task=on_task,
                           transform_queries=transform)
-    _write_cache(cache, key, entrant, setting, evaluation)
-    return Cell(entrant, setting, evaluation)
+    timed_on = timing_context()
+    _write_cache(cache, key, entrant, setting, evaluation, timed_on)
+    return Cell(entrant, setting, evaluation, cost=_cost(model, evaluation, steps, timed_on))
+
+
+def _cost(model: MetaModel, evaluation: Evaluation, steps: int | None, timed_on: str) -> Cost:
+    return Cost(warm_ms(evaluation.seconds), inner_steps(model, steps), parameter_count(model),
+                timed_on)
 
 
 def _cache_key(entrant: Entrant, setting: Setting, episodes: Episodes, steps: int | None) -> str:
     what = {"model": entrant.digest, "setting": asdict(setting), "split": episodes.split,
             "tasks": episodes.tasks, "seed": episodes.seed, "queries": episodes.queries,
-            "data": episodes.digest, "steps": steps, "version": 1}
-    if entrant.label in episodes.converted:  # only then: earlier entries keep their keys
+            "data": episodes.digest, "steps": steps, "version": 2}
+    if entrant.label in episodes.converted:
         what["converted"] = True
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _read_cache(cache: Path | None, key: str) -> Evaluation | None:
+def _read_cache(cache: Path | None, key: str) -> tuple[Evaluation, str] | None:
+    """A cached evaluation, its per-episode times included, and where those were taken."""
     if cache is None or not (cache / f"{key}.json").is_file():
         return None
     try:
         stored = json.loads((cache / f"{key}.json").read_text())
-        return Evaluation(**stored["evaluation"])
+        return Evaluation(**stored["evaluation"]), str(stored["timed_on"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is scored again and rewritten
 
 
 def _write_cache(cache: Path | None, key: str, entrant: Entrant, setting: Setting,
-                 evaluation: Evaluation) -> None:
+                 evaluation: Evaluation, timed_on: str) -> None:
     if cache is None:
         return
     cache.mkdir(parents=True, exist_ok=True)
-    record = {"model": entrant.uri, "setting": setting.name, "evaluation": asdict(evaluation)}
+    record = {"model": entrant.uri, "setting": setting.name, "evaluation": asdict(evaluation),
+              "timed_on": timed_on}
     with tempfile.NamedTemporaryFile("w", dir=cache, suffix=".tmp", delete=False) as handle:
         json.dump(record, handle)
     os.replace(handle.name, cache / f"{key}.json")
@@ -325,6 +391,9 @@ class Row:
     log_likelihood: float | None = None
     log_likelihood_ci95: float | None = None
     coverage95: float | None = None
+    adapt_ms: float | None = None  # the cost of adapting (``Cost``)
+    inner_steps: int | None = None
+    parameters: int | None = None
     refused: str | None = None
     cached: bool = False  # read from the cache, not scored in this call
     data: str | None = None  # the import the episodes came from; None: sampled (regression)
@@ -366,6 +435,9 @@ def paired_rows(cells: Sequence[Cell], episodes: Episodes | None = None) -> list
             if uncertainty:
                 row.log_likelihood, row.log_likelihood_ci95 = uncertainty["log_likelihood"]
                 row.coverage95 = uncertainty["coverage95"][0]
+        if cell.cost is not None:
+            row.adapt_ms = cell.cost.adapt_ms
+            row.inner_steps, row.parameters = cell.cost.inner_steps, cell.cost.parameters
         rows.append(row)
     return rows
 
@@ -387,6 +459,7 @@ def run_comparison(entrants: Sequence[Entrant], settings: Sequence[Setting], epi
                    progress: Callable[[float, str], None] | None = None) -> Comparison:
     """Score every entrant in every setting (cells in setting order) and pair them up."""
     rows: list[Row] = []
+    scored: list[Cell] = []
     total = len(entrants) * len(settings)
     done = 0
     for setting in settings:
@@ -402,10 +475,12 @@ def run_comparison(entrants: Sequence[Entrant], settings: Sequence[Setting], epi
                                on_task=on_task))
             done += 1
         rows += paired_rows(cells, episodes)
+        scored += cells
     if progress is not None:
         progress(total, "done")
     notes = [f"{row.model} refused in {row.setting.name}: {row.refused}"
              for row in rows if row.refused]
+    notes += timing_notes(scored)
     if any(s.shift == "rotate" for s in settings):
         notes += [f"{e.label} was trained with 90-degree rotations as classes: rotations by "
                   "multiples of 90 degrees are not a shift for it" for e in entrants
@@ -424,6 +499,19 @@ def describe_treatment(preprocessing: dict[str, Any]) -> str:
             + (", inverted" if preprocessing.get("invert") else "")
             + (f", {preprocessing['normalization']}"
                if preprocessing.get("normalization", "none") != "none" else ""))
+
+
+def timing_notes(cells: Sequence[Cell]) -> list[str]:
+    """Where the costs were timed, when not all in this call: a cached cell's milliseconds
+    were measured when it was first scored, maybe on another machine or under another load."""
+    cached = [cell for cell in cells if cell.cached and cell.cost is not None]
+    if not cached:
+        return []
+    places = sorted({cell.cost.timed_on for cell in cached})
+    return [f"ms/episode of {len(cached)} cached cell{'s' * (len(cached) != 1)} "
+            f"({', '.join(sorted({cell.entrant.label for cell in cached}))}) were timed when "
+            f"first scored ({'; '.join(places)}), the others in this call ({timing_context()}); "
+            "give --cache an empty folder to time every model together"]
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -453,7 +541,7 @@ def table_columns(comparison: Comparison) -> list[str]:
                "vs best (paired)" + (" (points)" if percent else "")]
     if any(row.log_likelihood is not None for row in comparison.rows):
         columns += ["log-likelihood", "95% coverage"]
-    return columns
+    return columns + ["ms/episode", "inner steps", "parameters"]
 
 
 def table_cells(comparison: Comparison) -> list[list[str]]:
@@ -468,8 +556,18 @@ def table_cells(comparison: Comparison) -> list[list[str]]:
             line += ["-" if row.log_likelihood is None else
                      f"{row.log_likelihood:.3f} ± {row.log_likelihood_ci95:.3f}",
                      "-" if row.coverage95 is None else f"{100 * row.coverage95:.1f}%"]
+        if row.adapt_ms is None:
+            line += ["-", "-", "-"]
+        else:
+            line += [format_ms(row.adapt_ms), str(row.inner_steps), f"{row.parameters:,}"]
         lines.append(line)
     return lines
+
+
+def format_ms(milliseconds: float) -> str:
+    """Two decimals below 10 ms, one below 100 ms, none above: the digits timing can tell."""
+    digits = 2 if milliseconds < 10 else 1 if milliseconds < 100 else 0
+    return f"{milliseconds:.{digits}f}"
 
 
 def markdown(comparison: Comparison, command: str | None = None) -> str:
@@ -487,7 +585,10 @@ def markdown(comparison: Comparison, command: str | None = None) -> str:
     out.write(f"\nMean over {tasks} episodes with its 95% interval (1.96 std / sqrt(episodes)); "
               "every model scored on the same episodes. \"vs best\": the mean per-episode "
               "difference to the setting's best model with its 95% interval; * where that "
-              "interval excludes zero.\n")
+              "interval excludes zero. \"ms/episode\": mean wall time to adapt to an episode's "
+              "support set and predict its queries, after a warm-up episode, sampling excluded; "
+              "\"inner steps\": gradient steps one adaptation takes (0: none); \"parameters\": "
+              "meta-parameters.\n")
     for note in comparison.notes:
         out.write(f"\n- {note}")
     return out.getvalue().rstrip() + "\n"
@@ -535,12 +636,14 @@ def run_folder(tracking_uri: str) -> Path:
 
 def log_to_mlflow(comparison: Comparison, files: Sequence[Path], *, tracking_uri: str,
                   params: dict[str, Any]) -> str:
-    """One run of the experiment ``orch-compare``: the call as params, each model's mean per
-    setting as a metric, the table and plots as artifacts. Returns the run id."""
+    """One run of the experiment ``orch-compare``: the call as params, each model's mean and
+    ms/episode per setting as metrics, the table and plots as artifacts. Returns the run id."""
     from orchestrator import tracking
 
     metrics = {_metric_name(f"{row.metric}/{row.setting.name}/{row.model}"): row.mean
                for row in comparison.rows if row.mean is not None}
+    metrics.update({_metric_name(f"adapt_ms/{row.setting.name}/{row.model}"): row.adapt_ms
+                    for row in comparison.rows if row.adapt_ms is not None})
     models = ",".join(sorted({r.uri for r in comparison.rows}))
     return tracking.log_finished_run(tracking_uri, EXPERIMENT, run_folder(tracking_uri),
                                      run_name="compare", kind="compare", metrics=metrics,

@@ -83,7 +83,9 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
             as_json: bool, tracking_uri: str) -> None:
     """Score MODEL_URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or model
     folders) on the same episodes: per setting, each model's mean with its 95% interval and its
-    paired difference to the best model, marked * where that difference's interval excludes zero.
+    paired difference to the best model, marked * where that difference's interval excludes zero,
+    and what adapting costs: milliseconds per episode (after a warm-up one, one torch thread),
+    inner gradient steps and parameters.
     """
     from orchestrator import compare as comparing
     from orchestrator.model_cli import _one_line_errors, _single_thread
@@ -131,7 +133,8 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
     if as_json:
         click.echo(json.dumps({"kind": comparison.kind, "tasks": tasks, "split": split,
                                "data": comparison.data, "rows": comparison.records(),
-                               "notes": comparison.notes}, indent=1))
+                               "notes": comparison.notes,
+                               "timed_on": comparing.timing_context()}, indent=1))
         return
     origin = f" of {comparison.data}" if comparison.data else ""
     table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}{origin}")

@@ -37,6 +37,8 @@ DEFAULT_RUN_DIR = "orch-runs"
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
 DEFAULT_STORAGE = f"sqlite:///{DEFAULT_RUN_DIR}/optuna.db"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# What names a trained model, in model.init here and in orch predict, evaluate and compare.
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
 class ConfigError(UserError):
@@ -158,12 +160,29 @@ class ModelSection(Section):
     # Filters per conv block of the Conv-4 backbone; the first block's width of ResNet-12, whose
     # later blocks are 2.5x, 5x and 10x as wide (64: the papers' 64-160-320-640).
     filters: int = Field(64, ge=1)
+    # Start every trial's backbone from another trained model's backbone weights (pretrained
+    # initialisation; Meta-Baseline is protonet with init from a baselinepp champion): a model
+    # URI in the sweep's tracking store (models:/NAME@ALIAS, models:/NAME/VERSION,
+    # runs:/RUN_ID/model) or a saved model folder. Resolved once when the sweep starts and
+    # checked against this section and the data (orchestrator/pretrained.py); null: from scratch.
+    init: str | None = None
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; allowed: {', '.join(BACKBONES)}")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _model_reference(cls, value: str | None) -> str | None:
+        """A registry or run URI, or a folder; anything else with a scheme (s3://, http://,
+        models:name) is a typo of one, not a folder."""
+        if value is None or value.startswith(("models:/", "runs:/")):
+            return value
+        if not value.strip() or "://" in value or value.startswith(("models:", "runs:")):
+            raise ValueError(f"cannot read model URI {value!r}; use {URI_FORMS}")
         return value
 
 
@@ -342,6 +361,9 @@ class Sweep(Section):
                     _check_against_field(where, hparams, knob, value)
         kind = "regression" if self.data.family == "sinusoid" else "classification"
         flat = self.model.backbone == "mlp"
+        if self.model.init is not None and kind == "regression":
+            raise _KeyError(("model", "init"), "starts a backbone from an image classification "
+                            "model's; data.family sinusoid is regression: leave init out")
         if flat != (kind == "regression"):
             raise _KeyError(("model", "backbone"), (
                 f"{self.model.backbone} reads images; data.family sinusoid has flat inputs: use mlp"

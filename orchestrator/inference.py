@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -26,7 +27,8 @@ import torch
 
 from orchestrator.config import DEFAULT_TRACKING_URI, ImageData, SinusoidData
 from orchestrator.errors import UserError
-from orchestrator.meta_model import URI_FORMS, MetaModel, ModelSource, Prediction
+from orchestrator.config import URI_FORMS
+from orchestrator.meta_model import MetaModel, ModelSource, Prediction
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
@@ -193,7 +195,9 @@ class Evaluation:
     Regression models whose predictions carry a standard deviation (ALPaCA) are also scored by
     ``uncertainty``: per task, ``log_likelihood`` (mean over queries of the log predictive density
     of the target, summed over output dimensions) and ``coverage95`` (the fraction of query
-    target values inside the 95% predictive interval, mean +- 1.96 std)."""
+    target values inside the 95% predictive interval, mean +- 1.96 std). ``seconds``: per task,
+    the wall time of adapting to its support set and predicting its queries (sampling and
+    scoring excluded), for ``orch compare``'s cost of adapting."""
 
     metric: str  # "accuracy" (classification) or "mse" (regression)
     per_task: list[float]
@@ -209,6 +213,8 @@ class Evaluation:
     data: str | None = None
     data_id: str | None = None
     converted: bool = False
+    # Wall seconds of each episode's adapt-and-predict call alone (``orch compare``'s cost).
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -357,6 +363,7 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     ways = family.ways
     scores: list[float] = []
     uncertainty: dict[str, list[float]] = {}
+    seconds: list[float] = []
     for index in range(tasks):
         try:
             task = family.task(split, seed, index)
@@ -365,8 +372,10 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
         query_x = task.query_x
         if transform_queries is not None:
             query_x = transform_queries(index, query_x)
+        started = time.perf_counter()
         outputs, std = model.adapt_and_predict_with_std(task.support_x, task.support_y,
                                                         query_x, steps=steps)
+        seconds.append(time.perf_counter() - started)
         if model.classification:
             correct = outputs.argmax(dim=-1) == task.query_y
             scores.append(float(correct.float().mean()))
@@ -382,7 +391,7 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     data, data_id = other_import(model, family) or (None, None)
     return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
                       queries, ways, steps, uncertainty, data, data_id,
-                      bool(getattr(family, "converted", False)))
+                      bool(getattr(family, "converted", False)), seconds)
 
 
 def other_import(model: MetaModel, family: TaskFamily) -> tuple[str, str] | None:

@@ -36,19 +36,18 @@ PYFUNC_ARTIFACT = "meta_model"
 Inputs = Tensor | Sequence[Any]
 
 
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model URI points: an artifact location (or local folder) and, for registry URIs,
-    the registered model version it names (``tracking.resolve_model``)."""
+    the registered model version it names (``tracking.resolve_model``); ``run_id``: the MLflow
+    run that logged it, where known."""
 
     uri: str
     location: str
     tracking_uri: str | None = None
     name: str | None = None
     version: str | None = None
+    run_id: str | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: trials run on headless nodes
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 
 def learning_curves(train: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]],
@@ -34,9 +35,10 @@ def learning_curves(train: Sequence[tuple[int, float]], validation: Sequence[tup
 
 
 def comparison_curves(comparison, folder: Path) -> list[Path]:
-    """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way)
-    and, with a shift, ``accuracy_vs_shift.png`` (score against the shift's level at the first
-    setting); one line per model with its 95% interval as a band. Regression: ``mse_vs_*``."""
+    """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way),
+    ``accuracy_vs_ms.png`` (score against milliseconds to adapt, ``cost_plot``) and, with a
+    shift, ``accuracy_vs_shift.png`` (score against the shift's level at the first setting); one
+    line per model with its 95% interval as a band. Regression: ``mse_vs_*``."""
     metric = "accuracy" if comparison.kind == "classification" else "mse"
     scale = 100 if metric == "accuracy" else 1
     label = "accuracy (%)" if metric == "accuracy" else "query MSE"
@@ -56,6 +58,7 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
         panel.set_xticks(sorted({s.shots for s in plain}))
         _label(panel, "shots (K)", label, f"{ways}-way" if ways else "regression")
     written.append(save_figure(figure, folder / f"{metric}_vs_shots.png"))
+    written.append(cost_plot(comparison, plain, colours, folder / f"{metric}_vs_ms.png"))
     shifted = [s for s in comparison.settings if s.shift is not None]
     if shifted:
         first = replace(shifted[0], shift=None, level=0.0)  # its unshifted setting
@@ -68,6 +71,27 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
         _label(panel, f"{shifted[0].shift} level (query images only)", label, first.name)
         written.append(save_figure(figure, folder / f"{metric}_vs_shift.png"))
     return written
+
+
+def cost_plot(comparison, settings: Sequence, colours: dict[str, str], path: Path) -> Path:
+    """Each model's unshifted score against its milliseconds to adapt to an episode and predict
+    (log scale), one panel per setting, the 95% interval of the score as a bar: what a better
+    score costs."""
+    metric = "accuracy" if comparison.kind == "classification" else "mse"
+    scale = 100 if metric == "accuracy" else 1
+    figure, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), dpi=100,
+                                squeeze=False)
+    for panel, setting in zip(axes[0], settings):
+        for row in comparison.rows:
+            if row.setting == setting and row.mean is not None and row.adapt_ms is not None:
+                panel.errorbar([row.adapt_ms], [row.mean * scale], yerr=[row.ci95 * scale],
+                               fmt="o", capsize=3, color=colours[row.model], label=row.model)
+        panel.set_xscale("log")
+        for set_formatter in (panel.xaxis.set_major_formatter, panel.xaxis.set_minor_formatter):
+            set_formatter(LogFormatter(labelOnlyBase=False))  # 20, 30, 50 rather than 2x10^1
+        _label(panel, "ms to adapt and predict one episode (log)",
+               "accuracy (%)" if metric == "accuracy" else "query MSE", setting.name)
+    return save_figure(figure, path)
 
 
 def _label(panel, xlabel: str, ylabel: str, title: str) -> None:

@@ -9,6 +9,9 @@ unchanged, and each trial's placement group can hold its shard workers' bundles.
 A trial whose process or node dies -- a failure of the machine, not of its code -- is started
 again from its last checkpoint, up to ``search.restarts`` times, as the same Optuna trial and the
 same MLflow run; so are the trials a killed ``orch launch`` left running, on ``--resume``.
+
+A sweep with ``model.init`` resolves that model here, once, before anything is written; every
+trial's request carries its backbone weights (``pretrained``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import checkpoints, cluster, study as studies, tracking
+from orchestrator import checkpoints, cluster, pretrained, study as studies, tracking
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
 from orchestrator.errors import first_line
 from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
-from orchestrator.factory import build_family, split_names
+from orchestrator.factory import build_family, split_names, task_shape
+from pipelines.base import TaskFamily
 
 # User attribute of a trial whose driver died and that could not be continued (its knobs were
 # never recorded); it is rerun as a new trial on resume and not counted.
@@ -47,8 +51,12 @@ Notice = Callable[[str], None]
 
 
 def resolve_paths(sweep: Sweep) -> Sweep:
-    """Absolute run folder and data path: trial processes may start in another directory."""
+    """Absolute run folder, data path and ``model.init`` folder: trial processes may start in
+    another directory."""
     updates: dict[str, Any] = {"run_dir": str(Path(sweep.run_dir).resolve())}
+    init = sweep.model.init
+    if init is not None and not init.startswith(("models:/", "runs:/")):
+        updates["model"] = sweep.model.model_copy(update={"init": str(Path(init).resolve())})
     storage = sweep.training.checkpoint_storage
     if storage and "://" not in storage:
         updates["training"] = sweep.training.model_copy(
@@ -65,11 +73,15 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
     relative_data = sweep.data.relative_paths() if isinstance(sweep.data, ImageData) else []
     sweep = resolve_paths(sweep)
-    validate_data(sweep, source)
+    family = validate_data(sweep, source)
     uri = sweep.tracking_uri(tracking_uri)
     storage_url = sweep.storage_url()
     tracking.check_reachable(uri)
+    init = pretrained.resolve(sweep, uri, input_shape=task_shape(family)["input_shape"],
+                              source=source)
     check_sweep_name(sweep, uri, storage_url, resume)
+    if resume:
+        check_same_init(sweep, uri, init)
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url, relative_data)
     if sweep.training.checkpoints_enabled():
@@ -77,18 +89,37 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     mlflow_client = tracking.client(uri)
     experiment_id = tracking.find_experiment(mlflow_client, sweep.name) or tracking.create_experiment(
         mlflow_client, sweep.name, sweep.run_path(), uri,
-        {"orch.sweep": sweep.name, "orch.task_fingerprint": sweep.task_fingerprint()})
+        {"orch.sweep": sweep.name, "orch.task_fingerprint": sweep.task_fingerprint(),
+         **tracking.init_tags(init.record() if init else None)})
     summaries = []
     for algorithm in sweep.algorithms:
         summaries.append(StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri,
                                      storage_url, resume=resume, progress=progress,
-                                     notice=notice).run())
+                                     notice=notice, init=init).run())
     return summaries
 
 
-def validate_data(sweep: Sweep, source: str = "sweep") -> None:
+def check_same_init(sweep: Sweep, uri: str, init: pretrained.Init | None) -> None:
+    """Refuse to resume a sweep whose ``model.init`` now names other weights than it started
+    from (an alias moved since): its trials would not share one starting point."""
+    tags = tracking.experiment_tags(uri, sweep.name)
+    if tags is None:
+        return
+    started = tags.get(tracking.TAG_INIT_DIGEST, "")
+    now = init.digest if init else ""
+    if started != now:
+        was = (f"backbone weights {started} ({tags.get(tracking.TAG_INIT + 'from', '?')})"
+               if started else "scratch")
+        is_now = f"weights {now} ({init.origin})" if init else "scratch"
+        raise ConfigError(f"--resume: sweep {sweep.name!r} started from {was}, but model.init now "
+                          f"gives {is_now}; pin the version it started from "
+                          "(models:/NAME/VERSION) or launch a new sweep")
+
+
+def validate_data(sweep: Sweep, source: str = "sweep") -> TaskFamily:
     """Open the data and draw one task of each split before anything is written, so a wrong
-    path, a folder that is not an import, or ways/shots the split cannot serve fail at once."""
+    path, a folder that is not an import, or ways/shots the split cannot serve fail at once.
+    Returns the task family."""
     train_split, val_split = split_names(sweep.data)
     try:
         family = build_family(sweep.data)
@@ -96,6 +127,7 @@ def validate_data(sweep: Sweep, source: str = "sweep") -> None:
             family.task(split, sweep.training.seed, 0)
     except (ValueError, OSError) as error:
         raise ConfigError(f"{source}: data: {first_line(error)}") from None
+    return family
 
 
 def check_cluster(sweep: Sweep, uri: str, storage_url: str,
@@ -161,8 +193,8 @@ class StudyRunner:
 
     def __init__(self, sweep: Sweep, algorithm: str, mlflow_client, experiment_id: str, uri: str,
                  storage_url: str, *, resume: bool, progress: Progress | None,
-                 notice: Notice | None = None):
-        self.sweep, self.algorithm = sweep, algorithm
+                 notice: Notice | None = None, init: pretrained.Init | None = None):
+        self.sweep, self.algorithm, self.init = sweep, algorithm, init
         self.client, self.experiment_id, self.uri, self.storage_url = (
             mlflow_client, experiment_id, uri, storage_url)
         self.progress, self.notice = progress, notice
@@ -233,6 +265,8 @@ class StudyRunner:
                         "iterations": sweep.training.iterations, "seed": sweep.training.seed,
                         "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint(),
                         **data_mix_params(sweep)})
+        if self.init is not None:
+            run.set_tags(tracking.init_tags(self.init.record()))
         run.log_dict(self.sweep_dict, "sweep.json")
         self.study.set_user_attr(trial, "mlflow_run_id", run.run_id)
         return run.run_id
@@ -241,9 +275,11 @@ class StudyRunner:
         """A trial ready to start: what its process needs, and where its checkpoints live."""
         request = TrialRequest(sweep=self.sweep_dict, algorithm=self.algorithm,
                                number=trial.number, study_name=self.study.name, knobs=knobs,
-                               run_id=run_id, tracking_uri=self.uri, storage_url=self.storage_url)
+                               run_id=run_id, tracking_uri=self.uri, storage_url=self.storage_url,
+                               init=self.init)
         return _Running(trial, request, checkpoints.TrialCheckpoints.of(
-            self.sweep, self.algorithm, trial.number, knobs))
+            self.sweep, self.algorithm, trial.number, knobs,
+            init_digest=self.init.digest if self.init else None))
 
     def start(self, entry: _Running) -> None:
         """Place the trial on Ray, continuing from its newest loadable checkpoint if any."""
@@ -319,7 +355,7 @@ class StudyRunner:
         best = self.study.best()
         if best is not None:
             summary.best_value, summary.best_trial = best.value, best.number
-            summary.registration = _register(sweep, self.algorithm, self.client, best)
+            summary.registration = _register(sweep, self.algorithm, self.client, best, self.init)
         tracking.finish_parent(self.client, self.parent, {"number": summary.best_trial, "metrics": {
             sweep.search.metric: summary.best_value}} if best else None)
         return summary
@@ -334,7 +370,8 @@ def data_mix_params(sweep: Sweep) -> dict[str, str]:
             "data_weights": ",".join(f"{w:.4g}" for w in sweep.data.source_weights())}
 
 
-def _register(sweep: Sweep, algorithm: str, mlflow_client, best) -> tracking.Registration | None:
+def _register(sweep: Sweep, algorithm: str, mlflow_client, best,
+              init: pretrained.Init | None) -> tracking.Registration | None:
     run_id = best.user_attrs.get("mlflow_run_id")
     model_uri = tracking.model_uri_of_run(mlflow_client, run_id) if run_id else None
     if model_uri is None:
@@ -343,4 +380,5 @@ def _register(sweep: Sweep, algorithm: str, mlflow_client, best) -> tracking.Reg
                              name=f"{sweep.tracking.registry_prefix}{algorithm}", run_id=run_id,
                              sweep_name=sweep.name, trial=best.number,
                              metric_name=sweep.search.metric, metric=best.value,
-                             direction=sweep.search.direction, fingerprint=sweep.task_fingerprint())
+                             direction=sweep.search.direction, fingerprint=sweep.task_fingerprint(),
+                             init=init.record() if init else None)

@@ -2,10 +2,11 @@
 
 Layout of a sweep in MLflow: one experiment named after the sweep; one parent run per algorithm;
 one nested run per trial with every resolved parameter, metric curves over meta-iterations, the
-Ray node ids of its workers (tag ``orch.worker_nodes``) and its final model as a pyfunc model.
-After each algorithm's study the best trial's model becomes a new version of
-``<prefix><algorithm>``; the ``champion`` alias moves to it only if it beats the current champion
-on the same task fingerprint.
+Ray node ids of its workers (tag ``orch.worker_nodes``), the model it started from
+(``orch.init.*``, with ``model.init``) and its final model as a pyfunc model. After each
+algorithm's study the best trial's model becomes a new version of ``<prefix><algorithm>``; the
+``champion`` alias moves to it only if it beats the current champion on the same task fingerprint
+from the same initial weights.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from orchestrator.errors import MachineryError, UserError, first_line
-from orchestrator.meta_model import (URI_FORMS, MetaModel, ModelSource, decode_inputs,
-                                     input_example)
+from orchestrator.config import URI_FORMS
+from orchestrator.meta_model import MetaModel, ModelSource, decode_inputs, input_example
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -112,6 +113,14 @@ def experiment_exists(uri: str, name: str) -> bool:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return False
     return find_experiment(client(uri), name) is not None
+
+
+def experiment_tags(uri: str, name: str) -> dict[str, str] | None:
+    """The tags of the experiment ``name`` in the store at ``uri``; None where there is none."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    experiment = client(uri).get_experiment_by_name(name)
+    return dict(experiment.tags) if experiment is not None else None
 
 
 def create_experiment(mlflow_client: MlflowClient, sweep_name: str, run_dir: Path,
@@ -249,11 +258,27 @@ class Registration:
     champion: bool
 
 
+# A trial run's and a registered version's record of the model its backbone started from
+# (``model.init``, ``pretrained.Init.record``): orch.init.uri, .from, .run_id and .digest (of the
+# backbone weights); absent: from scratch.
+TAG_INIT = "orch.init."
+TAG_INIT_DIGEST = TAG_INIT + "digest"
+
+
+def init_tags(record: Mapping[str, str] | None) -> dict[str, str]:
+    """``orch.init.<key>`` tags of a ``pretrained.Init.record()``; none for a start from scratch."""
+    return {TAG_INIT + key: value for key, value in (record or {}).items()}
+
+
 def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: str,
              sweep_name: str, trial: int, metric_name: str, metric: float, direction: str,
-             fingerprint: str) -> Registration:
+             fingerprint: str, init: Mapping[str, str] | None = None) -> Registration:
     """A new version of ``name``; the champion alias moves to it only if it is better on the
-    same task fingerprint (or there is no champion yet)."""
+    same task fingerprint from the same initial weights (or there is no champion yet). ``init``:
+    the ``pretrained.Init.record()`` of a model trained from a pretrained backbone, kept on the
+    version as ``orch.init.*`` tags;
+    a champion trained from scratch and one trained from a backbone are not compared, nor two
+    trained from different backbones."""
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
@@ -269,9 +294,9 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
         version = mlflow_client.create_model_version(name, source, run_id=run_id, tags={
             "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
             "orch.metric_value": repr(float(metric)), "orch.direction": direction,
-            "orch.task_fingerprint": fingerprint}).version
+            "orch.task_fingerprint": fingerprint, **init_tags(init)}).version
     champion = _is_champion(mlflow_client, name, version) or _beats_champion(
-        mlflow_client, name, metric, direction, fingerprint)
+        mlflow_client, name, metric, direction, fingerprint, (init or {}).get("digest", ""))
     if champion:
         mlflow_client.set_registered_model_alias(name, CHAMPION, version)
     return Registration(name, str(version), metric, champion)
@@ -292,13 +317,15 @@ def _is_champion(mlflow_client: MlflowClient, name: str, version: str) -> bool:
 
 
 def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direction: str,
-                    fingerprint: str) -> bool:
+                    fingerprint: str, init_digest: str) -> bool:
     try:
         current = mlflow_client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return True
     if current.tags.get("orch.task_fingerprint") != fingerprint:
         return False  # a different task distribution: metrics are not comparable
+    if current.tags.get(TAG_INIT_DIGEST, "") != init_digest:
+        return False  # another starting point: another method (Meta-Baseline is not ProtoNet)
     best = float(current.tags.get("orch.metric_value", "nan"))
     if best != best:  # NaN: a champion without a metric is replaced
         return True
@@ -378,12 +405,15 @@ def resolve_model(uri: str, store: str) -> ModelSource:
         raise ModelReferenceError(str(error)) from None
     try:
         if uri.startswith("runs:/"):
-            return ModelSource(uri, _run_model_location(mlflow_client, uri, store), store)
+            run_id = uri.removeprefix("runs:/").strip("/").partition("/")[0]
+            return ModelSource(uri, _run_model_location(mlflow_client, uri, store), store,
+                               run_id=run_id)
         name, version = _registry_version(mlflow_client, uri, store)
         if version is None:  # models:/m-<id>, a logged model without a registered version
-            return ModelSource(uri, mlflow_client.get_logged_model(name).artifact_location, store)
+            logged = mlflow_client.get_logged_model(name)
+            return ModelSource(uri, logged.artifact_location, store, run_id=logged.source_run_id)
         return ModelSource(uri, mlflow_client.get_model_version_download_uri(name, version), store,
-                           name, version)
+                           name, version, mlflow_client.get_model_version(name, version).run_id)
     except MlflowException as error:
         raise ModelReferenceError(f"{uri}: not found in {store} ({first_line(error)})") from None
 

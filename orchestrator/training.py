@@ -21,6 +21,7 @@ from torch import Tensor
 from learners.base import Params
 from orchestrator.config import OUTER_KNOBS, SinusoidData, Sweep
 from orchestrator.factory import build_family, build_learner, split_names, task_shape
+from orchestrator.pretrained import transplant
 
 
 
@@ -170,7 +171,7 @@ class MetaTrainer:
     """Runs the outer loop of one trial over a farm."""
 
     def __init__(self, sweep: Sweep, algorithm: str, knobs: Mapping[str, Any], farm: Farm, *,
-                 seed: int | None = None):
+                 seed: int | None = None, init: Params | None = None):
         self.sweep = sweep
         self.algorithm = algorithm
         self.knobs = dict(knobs)
@@ -180,9 +181,15 @@ class MetaTrainer:
         self.learner = build_learner(sweep.model, algorithm, knobs,
                                      **task_shape(build_family(sweep.data)))
         self.meta_batch = int(self.knobs.get("meta_batch") or sweep.training.meta_batch)
+        # The backbone weights of ``model.init``'s model (``pretrained.Init.weights``), or None.
+        self.init = init
 
     def initial_params(self) -> Params:
-        return self.learner.init_params(self.seed)
+        """The learner's fresh meta-parameters; with ``init``, their backbone entries are the
+        pretrained model's (``pretrained.transplant``: heads and the learner's own state stay
+        fresh)."""
+        params = self.learner.init_params(self.seed)
+        return params if self.init is None else transplant(self.learner, params, self.init)
 
     def meta_gradient(self, params: Params, iteration: int, *,
                       progress: float = 0.0) -> tuple[Params, dict[str, float]]:

@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator import checkpoints, cluster, plots
 from orchestrator.config import Sweep
 from orchestrator.meta_model import MetaModel
+from orchestrator.pretrained import Init
 from orchestrator.study import TrialReporter
 from orchestrator.tracking import (TAG_DRIVER, TAG_NODES, TAG_RECOMPUTED, TAG_RESTARTS,
                                    TAG_RESUMED_FROM, TrialRun)
@@ -39,6 +40,9 @@ class TrialRequest:
     storage_url: str
     # The checkpoint to continue from (chosen and verified by the sweep driver); None: scratch.
     resume_from: str | None = None
+    # ``model.init`` resolved by the sweep driver, its backbone weights included: the trial
+    # never reads the init model's store or folder, which its node may not reach.
+    init: Init | None = None
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,17 @@ def run_trial(request: TrialRequest) -> TrialResult:
     sweep = Sweep.model_validate(request.sweep)
     run = TrialRun(request.tracking_uri, request.run_id)
     reporter = TrialReporter(request.storage_url, request.study_name, request.number, sweep.search)
+    init_digest = request.init.digest if request.init else None
     saving = checkpoints.TrialCheckpoints.of(sweep, request.algorithm, request.number,
-                                             request.knobs)
+                                             request.knobs, init_digest=init_digest)
     state = resume(run, request, saving)
     farm = make_farm(sweep, request)
     try:
         nodes = tuple(farm.node_ids())
         run.set_tags({TAG_NODES: ",".join(sorted(set(nodes))),
                       TAG_DRIVER: f"{cluster.current_node_id()} {os.getpid()}"})
-        trainer = MetaTrainer(sweep, request.algorithm, request.knobs, farm)
+        trainer = MetaTrainer(sweep, request.algorithm, request.knobs, farm,
+                              init=request.init.weights if request.init else None)
         extra = state.extra if state else {}
         train_curve: list[tuple[int, float]] = list(extra.get("train_curve", []))
         val_curve: list[tuple[int, float]] = list(extra.get("val_curve", []))
@@ -112,8 +118,9 @@ def run_trial(request: TrialRequest) -> TrialResult:
         if outcome.stopped_early:
             run.finish("pruned")
             return TrialResult("pruned", value, metrics, "", nodes, outcome.tasks_per_second)
+        recorded = {"init": request.init.record()} if request.init else {}
         model = MetaModel.build(request.sweep, request.algorithm, request.knobs, outcome.params,
-                                metric={sweep.search.metric: value})
+                                metric={sweep.search.metric: value}, **recorded)
         with tempfile.TemporaryDirectory() as folder:
             run.log_model(model.save(Path(folder) / "meta_model"))
         run.finish("complete")

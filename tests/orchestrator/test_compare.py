@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from orchestrator import compare as comparing
 from orchestrator.compare import Cell, Entrant, Setting, paired_rows, plan_settings
 from orchestrator.compare_cli import compare
 from orchestrator.config import sweep_from_dict
@@ -70,6 +71,8 @@ def as_json(result) -> dict:
 
 def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(image_models,
                                                                              tmp_path):
+    parameters = {name: sum(v.numel() for v in MetaModel.load(image_models[name]).params.values())
+                  for name in ("proto", "maml")}
     result = run(tmp_path, str(image_models["proto"]), str(image_models["copy"]),
                  str(image_models["maml"]), "--ways", "5,20", "--shots", "1,2", "--tasks",
                  str(TASKS), "--shift", "shear:0,0.5", "--json")
@@ -81,7 +84,8 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
     assert set(rows[0]) == {"setting", "ways", "shots", "shift", "level", "model", "uri", "metric",
                             "mean", "ci95", "tasks", "diff_to_best", "diff_ci95", "significant",
                             "best", "log_likelihood", "log_likelihood_ci95", "coverage95",
-                            "refused", "cached", "data", "converted"}
+                            "adapt_ms", "inner_steps", "parameters", "refused", "cached", "data",
+                            "converted"}
     assert {(r["data"], r["converted"]) for r in rows} == {(table["data"], False)}
     for setting in settings:
         proto, copy, maml = [r for r in rows if r["setting"] == setting]
@@ -93,16 +97,31 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
         assert proto["diff_ci95"] == copy["diff_ci95"] == 0.0 and not copy["significant"]
         if setting.startswith("20way"):  # a fixed 5-way head cannot serve 20 ways
             assert maml["mean"] is None and "5-way output head" in maml["refused"]
+            assert maml["adapt_ms"] is None and maml["parameters"] is None
         else:
             assert 0.0 <= maml["mean"] <= 1.0 and maml["refused"] is None
+            assert maml["adapt_ms"] > 0 and maml["inner_steps"] == 1
+            assert maml["parameters"] == parameters["maml"]
+        # The cost of adapting: timed per model, a ProtoNet takes no inner step.
+        assert proto["adapt_ms"] > 0 and copy["adapt_ms"] > 0
+        assert proto["inner_steps"] == copy["inner_steps"] == 0
+        assert proto["parameters"] == copy["parameters"] == parameters["proto"]
     sheared = [r for r in rows if r["setting"] == "5way1shot.shear0.5"]
     assert all(r["shift"] == "shear" and r["level"] == 0.5 for r in sheared)
+    assert table["timed_on"].split(", ")[1:3] == ["cpu", "1 torch thread"]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy_vs_shift.png", "accuracy_vs_shots.png", "compare.csv", "compare.md"]
-    assert len((out / "compare.csv").read_text().splitlines()) == 1 + len(rows)
+        "accuracy_vs_ms.png", "accuracy_vs_shift.png", "accuracy_vs_shots.png", "compare.csv",
+        "compare.md"]
+    lines = (out / "compare.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(rows) and "adapt_ms,inner_steps,parameters" in lines[0]
     markdown = (out / "compare.md").read_text()
-    assert "| 20way1shot | maml | refused | - |" in markdown and "Made by: `orch compare" in markdown
+    assert "| 20way1shot | maml | refused | - | - | - | - |" in markdown
+    assert "Made by: `orch compare" in markdown
+    assert "| ms/episode | inner steps | parameters |" in markdown
+    first = next(r for r in rows if r["model"] == "proto")
+    assert (f"| 5way1shot | proto | {100 * first['mean']:.2f} ± {100 * first['ci95']:.2f} | best | "
+            f"{comparing.format_ms(first['adapt_ms'])} | 0 | {first['parameters']:,} |") in markdown
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp_path}/runs/mlflow.db"
@@ -122,6 +141,20 @@ def test_a_rerun_with_one_more_model_scores_only_that_model(image_models, tmp_pa
     assert [(r["model"], r["cached"]) for r in again["rows"]] == [("proto", True),
                                                                   ("maml", False)]
     assert again["rows"][0]["mean"] == first["rows"][0]["mean"]
+    # A cached cell carries the cost timed when it was scored, and the notes say so.
+    assert again["rows"][0]["adapt_ms"] == first["rows"][0]["adapt_ms"] > 0
+    assert again["rows"][1]["adapt_ms"] > 0
+    assert any(note.startswith("ms/episode of 1 cached cell (proto) were timed when first "
+                               "scored") for note in again["notes"])
+    assert not any("cached cell" in note for note in first["notes"])
+    table = run(tmp_path, str(image_models["proto"]), str(image_models["maml"]), "--tasks",
+                str(TASKS))  # both cached now: the terminal table
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.output.splitlines() if "setting" in line)
+    assert all(column in header for column in ("ms/episode", "inner steps", "parameters"))
+    proto = next(line for line in table.output.splitlines() if " proto " in line)
+    assert comparing.format_ms(first["rows"][0]["adapt_ms"]) in proto
+    assert "ms/episode of 2 cached cells (maml, proto)" in table.output
 
 
 def test_regression_reports_mse_and_likelihood_where_a_model_predicts_one(sine_models, tmp_path):
@@ -133,10 +166,13 @@ def test_regression_reports_mse_and_likelihood_where_a_model_predicts_one(sine_m
     for row in rows:
         assert (row["log_likelihood"] is None) == (row["model"] == "maml")
         assert row["model"] == "maml" or 0.0 <= row["coverage95"] <= 1.0
+        assert row["adapt_ms"] > 0 and row["parameters"] > 0
+        assert row["inner_steps"] == {"maml": 1, "alpaca": 0}[row["model"]]
     for setting in ("1shot", "5shot"):  # the lower MSE is the best
         pair = [r for r in rows if r["setting"] == setting]
         assert min(pair, key=lambda r: r["mean"])["best"]
     assert (tmp_path / "out" / "mse_vs_shots.png").is_file()
+    assert (tmp_path / "out" / "mse_vs_ms.png").is_file()
 
 
 @pytest.mark.parametrize("case", ["mixed", "image size", "ways for regression",

@@ -572,3 +572,164 @@ def test_evaluate_reports_likelihood_and_coverage_for_alpaca_only(alpaca_folder,
     maml = CliRunner().invoke(evaluate, ["--model", str(sine_model().save(tmp_path / "m")),
                                          "--tasks", "5"])
     assert maml.exit_code == 0 and "log-likelihood" not in maml.output
+
+
+# -- model.init: a sweep started from a champion's backbone --------------------------------------
+# (Which entries move into which learner, the checkpoint identity and the refusals of folders that
+# cannot start the backbone: test_pretrained_init.py.)
+
+# The champions of ``trained`` an initialised sweep starts from (Meta-Baseline: baselinepp).
+INIT_SOURCES = ["maml"]
+INIT_TARGET = "protonet"
+
+
+@dataclass(frozen=True)
+class Initialised:
+    trained: Trained
+    source: str  # the source algorithm; its champion is models:/orch-<source>@champion
+    raw: dict  # the initialised sweep
+    registration: object  # its tracking.Registration
+
+    @property
+    def champion(self) -> str:
+        return f"models:/orch-{self.source}@champion"
+
+
+def init_sweep(trained: Trained, run_dir: Path, name: str, init: str) -> dict:
+    """A sweep of ``INIT_TARGET`` on the data and backbone of ``trained``, in its store, started
+    from ``init``; 3 iterations: what is tested is where it starts and what is recorded."""
+    return {"name": name, "run_dir": str(run_dir),
+            "tracking": {"uri": trained.uri, "registry_prefix": "init-"},
+            "data": {"path": str(trained.data), "ways": 5, "shots": 1, "queries": 5},
+            "model": {"backbone": "conv4", "filters": 16, "init": init},
+            "training": {"meta_batch": 2, "iterations": 3, "eval_every": 3, "eval_tasks": 3},
+            "workers": {"count": 0, "driver_cpus": 1},
+            "search": {"trials": 1, "pruner": "none", "metric": "val_accuracy",
+                       "direction": "maximize"},
+            "algorithms": {INIT_TARGET: {"outer_lr": 0.003}}}
+
+
+@pytest.fixture(scope="module", params=INIT_SOURCES)
+def initialised(request, trained, tmp_path_factory) -> Initialised:
+    raw = init_sweep(trained, tmp_path_factory.mktemp("init") / "runs", "init",
+                     f"models:/orch-{request.param}@champion")
+    (summary,) = launch(sweep_from_dict(raw))
+    assert summary.registration is not None
+    return Initialised(trained, request.param, raw, summary.registration)
+
+
+def champion_backbone(initialised: Initialised) -> dict[str, torch.Tensor]:
+    from orchestrator.pretrained import backbone_weights
+
+    model = load_meta_model(initialised.champion, tracking_uri=initialised.trained.uri)
+    return backbone_weights(model.learner, model.params)
+
+
+def test_a_sweep_with_init_starts_from_the_champions_backbone_and_records_it(initialised):
+    from orchestrator import pretrained, tracking
+    from orchestrator.training import MetaTrainer
+
+    uri = initialised.trained.uri
+    client = tracking.client(uri)
+    champion = client.get_model_version_by_alias(f"orch-{initialised.source}", "champion")
+    weights = champion_backbone(initialised)
+    digest = pretrained.digest(weights)
+    (run,) = tracking.trial_runs(client, client.get_experiment_by_name("init").experiment_id)
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("orch.init.")} == {
+        "orch.init.uri": initialised.champion, "orch.init.run_id": champion.run_id,
+        "orch.init.from": f"orch-{initialised.source} version {champion.version}",
+        "orch.init.digest": digest}
+    registration = initialised.registration
+    version = client.get_model_version(registration.name, registration.version)
+    assert version.tags["orch.init.digest"] == digest
+    trained = load_meta_model(f"models:/{registration.name}/{registration.version}",
+                              tracking_uri=uri)
+    assert trained.spec["init"] == {"uri": initialised.champion, "digest": digest,
+                                    "run_id": champion.run_id,
+                                    "from": f"orch-{initialised.source} version {champion.version}"}
+    # Iteration 0 of that trial, rebuilt as the trial builds it: the champion's backbone, exactly.
+    sweep = sweep_from_dict(initialised.raw)
+    init = pretrained.resolve(sweep, uri, input_shape=[1, 28, 28])
+    start = MetaTrainer(sweep, INIT_TARGET, {}, farm=None, init=init.weights).initial_params()
+    assert set(weights) == {k for k in start if k.startswith("body.")}
+    assert all(torch.equal(start[k], weights[k]) for k in weights)
+
+
+def test_every_model_uri_form_gives_the_same_initial_weights(initialised, tmp_path):
+    from orchestrator import pretrained, tracking
+
+    uri = initialised.trained.uri
+    client = tracking.client(uri)
+    champion = client.get_model_version_by_alias(f"orch-{initialised.source}", "champion")
+    folder = Path(tracking.download_model(tracking.resolve_model(initialised.champion, uri),
+                                          str(tmp_path))).resolve()
+    name = f"orch-{initialised.source}"
+    forms = {f"models:/{name}/{champion.version}": f"{name} version {champion.version}",
+             f"runs:/{champion.run_id}/model": f"run {champion.run_id}",
+             str(folder): str(folder)}
+    expected = pretrained.digest(champion_backbone(initialised))
+    for form, origin in forms.items():
+        sweep = sweep_from_dict(init_sweep(initialised.trained, tmp_path, "forms", form))
+        init = pretrained.resolve(sweep, uri, input_shape=[1, 28, 28])
+        assert (init.origin, init.digest) == (origin, expected)
+
+
+def test_a_champion_from_an_init_is_not_compared_with_one_from_scratch(initialised):
+    """The same task fingerprint, another starting point: a champion trained from scratch keeps
+    the alias against a better model trained from a backbone (as against a worse one)."""
+    from orchestrator import tracking
+
+    client = tracking.client(initialised.trained.uri)
+    (from_init,) = tracking.trial_runs(client, client.get_experiment_by_name("init").experiment_id)
+    scratch = client.get_model_version_by_alias(f"orch-{INIT_TARGET}", "champion").run_id
+    common = dict(name="lineage", sweep_name="lineage", trial=0, metric_name="val_accuracy",
+                  direction="maximize", fingerprint="one task")
+    first = tracking.register(client, model_uri=f"runs:/{scratch}/model", run_id=scratch,
+                              metric=0.4, **common)
+    record = {k.removeprefix("orch.init."): v for k, v in from_init.data.tags.items()
+              if k.startswith("orch.init.")}
+    second = tracking.register(client, model_uri=f"runs:/{from_init.info.run_id}/model",
+                               run_id=from_init.info.run_id, metric=0.9, init=record, **common)
+    assert first.champion and not second.champion
+    assert client.get_model_version("lineage", second.version).tags["orch.init.digest"] == \
+        record["digest"]
+
+
+def test_resuming_after_the_init_alias_moved_is_refused(initialised):
+    from orchestrator import pretrained
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import check_same_init
+
+    uri = initialised.trained.uri
+    sweep = sweep_from_dict(initialised.raw)
+    init = pretrained.resolve(sweep, uri, input_shape=[1, 28, 28])
+    check_same_init(sweep, uri, init)  # the same weights: resumes
+    moved = pretrained.Init(init.uri, "orch-maml version 9", None, "0" * 16, init.weights)
+    with pytest.raises(ConfigError, match=r"started from backbone weights \w+ \(orch-.* now "
+                                          r"gives weights 0{16} \(orch-maml version 9\)"):
+        check_same_init(sweep, uri, moved)
+
+
+@pytest.mark.parametrize("init, expected", [
+    ("models:/orch-nothing@champion", "no registered model 'orch-nothing'"),
+    ("models:/orch-maml/9", "registered model 'orch-maml' has no version 9"),
+    ("models:/orch-maml@best", "registered model 'orch-maml' has no alias 'best'"),
+    ("runs:/0123456789abcdef/model", "no run '0123456789abcdef'")])
+def test_init_naming_a_missing_model_is_refused_before_anything_is_written(trained, tmp_path,
+                                                                            init, expected):
+    from orchestrator.cli import cli
+    from orchestrator import tracking
+
+    client = tracking.client(trained.uri)
+    experiments = {e.name for e in client.search_experiments()}
+    versions = tracking.registered_models(client)
+    run_dir = tmp_path / "runs"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(init_sweep(trained, run_dir, "refused", init)))
+    result = CliRunner().invoke(cli, ["launch", str(path)])
+    output = result.output.strip()
+    assert result.exit_code == 1 and len(output.splitlines()) == 1, output
+    assert f"{path}: model.init {init}: {expected}" in output, output
+    assert not run_dir.exists()  # no Optuna study, checkpoint or artifact
+    assert {e.name for e in client.search_experiments()} == experiments  # no MLflow run
+    assert tracking.registered_models(client) == versions
