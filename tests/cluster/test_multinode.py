@@ -163,7 +163,7 @@ def test_worker_killed_mid_iteration_is_replaced_and_result_unchanged(loopback_c
 OTHER_RAY = textwrap.dedent("""
     import sys, time
     import ray
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
     print("ready", flush=True)
     time.sleep(600)
 """)

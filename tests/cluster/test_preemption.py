@@ -8,7 +8,9 @@ the same trial run uninterrupted in one process. One cluster for the module."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,9 +59,11 @@ def three_nodes(tmp_path_factory) -> Iterator[Cluster]:
     checks (Ray's defaults take about 15 s to notice a killed node)."""
     if ray.is_initialized():
         ray.shutdown()
+    # A short folder: Ray's socket paths under it must fit AF_UNIX's 107 bytes, which pytest's
+    # per-worker temporary folders (pytest-of-root/pytest-N/popen-gw1/...) do not leave room for.
+    temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
     node = dict(node_ip_address="127.0.0.1", include_dashboard=False,
-                dashboard_agent_listen_port=None,
-                temp_dir=str(tmp_path_factory.mktemp("ray")))
+                dashboard_agent_listen_port=None, temp_dir=temp_dir)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node, num_cpus=0, _system_config={"health_check_initial_delay_ms": 0,
                                           "health_check_period_ms": 500,
@@ -73,6 +77,7 @@ def three_nodes(tmp_path_factory) -> Iterator[Cluster]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_killing(sweep: dict, kill) -> tuple[list, list[str]]:
