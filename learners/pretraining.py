@@ -147,7 +147,7 @@ class Pretrained(Learner):
             gradients, losses, logits = vmap(one)(batch.x, batch.y)
             total = {k: g.sum(dim=0) for k, g in gradients.items()}
             return total, self.summed_statistics(logits, batch.y, losses)
-        leaves = {k: v.requires_grad_() for k, v in params.items()}
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         statistics: Params = {}
         losses, outputs = [], []
         with torch.enable_grad():
