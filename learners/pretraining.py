@@ -193,7 +193,7 @@ def fit_head(learner: FitsHead, params: Params, support_x: Tensor, support_y: Te
     features = None if h.finetune else learner.embed(params, support_x).detach()
     like = support_x if features is None else features
     head = learner.new_head(ways, learner.backbone.feature_size, generator)
-    weights = {"head." + k: v.to(like.dtype).to(like.device) for k, v in head.items()}
+    weights = {"head." + k: v.to(device=like.device, dtype=like.dtype) for k, v in head.items()}
     if h.finetune:
         weights.update({k: v.detach() for k, v in frozen.items()})
 
@@ -241,7 +241,6 @@ def linear_init(rows: int, features: int, generator: np.random.Generator, *,
     if bias:
         head["bias"] = torch.from_numpy(generator.uniform(-bound, bound, rows).astype(np.float32))
     return head
-
 
 
 class LinearHead:
