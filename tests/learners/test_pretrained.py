@@ -23,11 +23,11 @@ PRETRAINED = ("baseline", "baselinepp", "simpleshot")
 # images (Conv-4 with 8 filters, Adam 0.01, no rotations; 40 test episodes; chance 0.20; 2-5 s
 # each on a busy machine). Measured here over training seeds 0-7, sorted:
 #   baseline    0.599 0.615 0.621 0.622 0.629 0.632 0.675 0.689
-#   baselinepp  0.474 0.484 0.497 0.498 0.540 0.543 0.598 0.608  (the fixed-scale cosine head
-#               learns more slowly at this rate; see the benchmark for a full budget)
+#   baselinepp  0.530 0.534 0.555 0.556 0.586 0.604 0.622 0.629  (a cosine head of scale 2 over
+#               these 180 classes, as the authors' code does for 200 or fewer, learns slower)
 #   simpleshot  0.636 0.641 0.666 0.671 0.683 0.709 0.725 0.730
-# Each bound sits 0.12-0.15 below its learner's worst seed.
-BOUNDS = {"baseline": 0.45, "baselinepp": 0.35, "simpleshot": 0.5}
+# Each bound sits 0.13-0.15 below its learner's worst seed.
+BOUNDS = {"baseline": 0.45, "baselinepp": 0.4, "simpleshot": 0.5}
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
