@@ -261,7 +261,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="meta-batch 8, one round")
     parser.add_argument("--meta-batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--only", action="append", choices=sorted(LEARNERS))
+    parser.add_argument("--only", action="append",
+                        choices=sorted(n for n, c in LEARNERS.items() if c.family != "pretrained"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
                         help="default: cpu, and cuda when visible")
@@ -270,7 +271,9 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    names = args.only or [n for n, cls in LEARNERS.items() if "classification" in cls.task_kinds]
+    # Pretraining learners take no meta-step: they train on labelled minibatches, not episodes.
+    names = args.only or [n for n, cls in LEARNERS.items()
+                          if "classification" in cls.task_kinds and cls.family != "pretrained"]
     print(f"# Omniglot-shaped {WAYS}-way {SHOTS}-shot, {QUERIES} queries/class, Conv-4-{FILTERS}, "
           f"{SIZE}x{SIZE}, meta-batch {meta_batch}, median of {rounds} round(s); torch "
           f"{torch.__version__}, {args.threads} CPU thread(s), {platform.processor() or 'cpu'}"

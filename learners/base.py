@@ -43,6 +43,12 @@ How each family (``Learner.family``, one of ``FAMILIES``) maps onto it:
   ``params`` hold the learner network's initial weights *and* the LSTM's weights; ``adapt``
   unrolls the LSTM-produced updates over the support set; ``task_gradient`` is the query-loss
   gradient with respect to both.
+- ``pretrained`` (Baseline, Baseline++, SimpleShot): not meta-learned at all. ``params`` are a
+  backbone and a classifier over every class of the training split, trained by ordinary
+  minibatch cross-entropy: ``training_batch`` gives them labelled minibatch shards instead of
+  episodes, and ``batch_gradient`` sums the shards' gradients (``learners/pretraining.py``).
+  ``adapt`` fits a new head on the support features (Baseline, Baseline++) or averages them
+  into class means (SimpleShot); validation stays episodic, so they compare with the rest.
 
 A learner never imports Ray, MLflow or Optuna.
 """
@@ -51,7 +57,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -60,7 +66,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from learners.functional import fresh_params, plain_autograd
-from pipelines.base import Task, TaskBatch
+from pipelines.base import Task, TaskBatch, TaskFamily
 
 Params = dict[str, Tensor]
 Adapted = dict[str, Tensor]
@@ -115,7 +121,7 @@ def task_ways(support_y: Tensor) -> int:
 
 # The families of the module docstring, in the order the registry, the README's algorithm table
 # and the contract test ids list them.
-FAMILIES = ("gradient", "metric", "closed-form", "model-based")
+FAMILIES = ("gradient", "metric", "closed-form", "model-based", "pretrained")
 
 
 class Learner(abc.ABC):
@@ -164,6 +170,10 @@ class Learner(abc.ABC):
         # The width of a task's targets (regression) or the trained ways; ``build_learner`` sets
         # it, for learners that size parameters by it without an output head (ALPaCA's prior).
         self.output_size: int | None = None
+        # The number of classes of the training split (rotations counted as classes), for
+        # learners that pretrain a classifier over all of them; ``build_learner`` sets it where
+        # the data has such classes.
+        self.classes: int | None = None
 
     # -- the four verbs ----------------------------------------------------------------------
 
@@ -180,6 +190,18 @@ class Learner(abc.ABC):
         ``ways`` is the task's number of classes (classification; ``task_ways(support_y)`` when
         None, which needs concrete labels, so code under ``vmap`` passes it). ``steps`` overrides
         the number of inner steps of learners that take any."""
+
+    def adaptation_steps(self, support_size: int, steps: int | None = None) -> int:
+        """Gradient steps one ``adapt`` takes on a support set of ``support_size`` examples
+        (``steps`` overriding the trained inner steps, as ``adapt``'s argument does): what ``orch
+        compare`` reports beside the milliseconds. The trained ``inner_steps`` (plus SCA's
+        ``critic_steps`` on the unlabelled queries) for the gradient family; 0 for learners that
+        adapt without gradient steps (a forward pass, a closed-form or iterative head solve,
+        generated weights); a learner fitting a head by SGD counts that fit's steps."""
+        if not self.uses_inner_steps:
+            return 0
+        h = self.hparams
+        return (h.inner_steps if steps is None else steps) + getattr(h, "critic_steps", 0)
 
     def predict_distribution(self, params: Params, adapted: Adapted,
                              query_x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -244,6 +266,14 @@ class Learner(abc.ABC):
         return self.objective.loss(outputs, task.query_y), outputs
 
     # -- batches of tasks ------------------------------------------------------------------
+
+    def training_batch(self, family: TaskFamily, split: str, seed: int,
+                       indices: Sequence[int]) -> Any:
+        """The training data of indices ``indices`` of ``split`` under ``seed``, in the form
+        ``batch_gradient`` takes: the family's episodes (pretraining learners: labelled minibatch
+        shards of its classes). A pure function of its arguments, so a Ray worker samples its own
+        shard of an iteration."""
+        return family.batch(split, seed, indices)
 
     def batch_gradient(self, params: Params, batch: TaskBatch, *, vectorize: bool = False,
                        progress: float | None = None) -> tuple[Params, dict[str, float]]:

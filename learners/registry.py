@@ -5,6 +5,8 @@ from __future__ import annotations
 from learners.alpaca import ALPaCA
 from learners.anil import ANIL
 from learners.base import FAMILIES, Learner
+from learners.baseline import Baseline
+from learners.baselinepp import BaselinePlusPlus
 from learners.fomaml import FOMAML
 from learners.maml import MAML
 from learners.mamlpp import MAMLPlusPlus
@@ -18,6 +20,7 @@ from learners.relation import Relation
 from learners.reptile import Reptile
 from learners.sca import SCA
 from learners.siamese import Siamese
+from learners.simpleshot import SimpleShot
 from learners.snail import SNAIL
 
 # Within a family, in the order the README's algorithm table lists them.
@@ -26,6 +29,7 @@ _CLASSES: tuple[type[Learner], ...] = (
     ProtoNet, Matching, Relation, Siamese,
     MetaOptNet, ALPaCA,
     SNAIL, MetaNet,
+    Baseline, BaselinePlusPlus, SimpleShot,
 )
 
 

@@ -253,15 +253,13 @@ class Cost:
     timed_on: str
 
 
-def inner_steps(model: MetaModel, steps: int | None) -> int:
-    """Gradient steps one adaptation takes at test: ``steps`` (``--steps``) or the trained
-    ``inner_steps`` on the support set, plus SCA's ``critic_steps`` on the unlabelled queries; 0
-    for learners that adapt without gradient steps (a forward pass, a closed-form or iterative
-    head solve, generated weights: the metric, closed-form and model-based families)."""
-    if not type(model.learner).uses_inner_steps:
-        return 0
-    hparams = model.learner.hparams
-    return (hparams.inner_steps if steps is None else steps) + getattr(hparams, "critic_steps", 0)
+def inner_steps(model: MetaModel, evaluation: Evaluation, steps: int | None) -> int:
+    """Gradient steps one adaptation takes at test on the evaluation's support sets
+    (``Learner.adaptation_steps``): ``steps`` (``--steps``) or the trained inner steps for the
+    gradient family, the head fit's SGD steps for Baseline and Baseline++, 0 for learners that
+    adapt without gradient steps."""
+    support = (evaluation.ways or 1) * evaluation.shots
+    return model.learner.adaptation_steps(support, steps)
 
 
 def parameter_count(model: MetaModel) -> int:
@@ -335,8 +333,8 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
 
 
 def _cost(model: MetaModel, evaluation: Evaluation, steps: int | None, timed_on: str) -> Cost:
-    return Cost(warm_ms(evaluation.seconds), inner_steps(model, steps), parameter_count(model),
-                timed_on)
+    return Cost(warm_ms(evaluation.seconds), inner_steps(model, evaluation, steps),
+                parameter_count(model), timed_on)
 
 
 def _cache_key(entrant: Entrant, setting: Setting, episodes: Episodes, steps: int | None) -> str:

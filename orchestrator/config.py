@@ -382,6 +382,12 @@ class Sweep(Section):
         if isinstance(self.data, ImageData):
             for algorithm in self.algorithms:
                 _check_task_shape(algorithm, self.space(algorithm), self.data)
+                if (learner_class(algorithm).family == "pretrained"
+                        and not isinstance(self.data.path, str)):
+                    raise _KeyError(("algorithms", algorithm), (
+                        "pretrains one classifier over the classes of one import; data.path "
+                        "lists several: give it one (or pretrain on each and start from it "
+                        "with model.init)"))
         if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
             raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
                             "sinusoid is regression: use val_loss")

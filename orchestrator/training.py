@@ -22,7 +22,7 @@ from learners.base import Params
 from orchestrator.config import OUTER_KNOBS, SinusoidData, Sweep
 from orchestrator.factory import build_family, build_learner, split_names, task_shape
 from orchestrator.pretrained import transplant
-
+from pipelines.base import TaskFamily
 
 
 class TrialDiverged(RuntimeError):
@@ -51,15 +51,17 @@ class ShardWorker:
                  device: str = "cpu"):
         self.sweep = Sweep.model_validate(sweep)
         self.family = build_family(self.sweep.data)
-        self.learner = build_learner(self.sweep.model, algorithm, knobs, **task_shape(self.family))
+        self.learner = build_learner(self.sweep.model, algorithm, knobs, **task_shape(self.family),
+                                     classes=training_classes(self.family, self.sweep))
         self.device = torch.device(device)
         self.learner.backbone.to(self.device)
         self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
                                           self.device)
 
     def sample(self, split: str, seed: int, indices: Sequence[int]) -> Any:
-        """The shard's tasks, on the CPU; the same for the same (split, seed, indices)."""
-        return self.family.batch(split, seed, indices)
+        """The shard's tasks (or, for pretraining learners, labelled minibatch shards), on the
+        CPU; the same for the same (split, seed, indices)."""
+        return self.learner.training_batch(self.family, split, seed, indices)
 
     def gradient(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
                  progress: float = 0.0, batch: Any = None) -> tuple[Params, dict[str, float], int]:
@@ -81,6 +83,11 @@ class ShardWorker:
 
     def _on_device(self, params: Params) -> Params:
         return {k: v.to(self.device) for k, v in params.items()}
+
+
+def training_classes(family: TaskFamily, sweep: Sweep) -> int | None:
+    """The number of classes of the training split, which pretraining learners classify over."""
+    return family.class_count(split_names(sweep.data)[0])
 
 
 def should_vectorize(setting: str, backbone: str, device: torch.device) -> bool:
@@ -178,8 +185,9 @@ class MetaTrainer:
         self.farm = farm
         self.seed = sweep.training.seed if seed is None else seed
         self.train_split, self.val_split = split_names(sweep.data)
-        self.learner = build_learner(sweep.model, algorithm, knobs,
-                                     **task_shape(build_family(sweep.data)))
+        family = build_family(sweep.data)
+        self.learner = build_learner(sweep.model, algorithm, knobs, **task_shape(family),
+                                     classes=training_classes(family, sweep))
         self.meta_batch = int(self.knobs.get("meta_batch") or sweep.training.meta_batch)
         # The backbone weights of ``model.init``'s model (``pretrained.Init.weights``), or None.
         self.init = init

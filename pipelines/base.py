@@ -64,6 +64,23 @@ class TaskBatch:
         return Task(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
 
 
+@dataclass(frozen=True)
+class Minibatches:
+    """Shards of labelled examples for pretraining a classifier over every class of a split:
+    ``x`` is ``[shards, size, ...]``, ``y`` is ``[shards, size]`` with labels ``0..classes-1``.
+    A shard is the unit a worker computes and BatchNorm normalises over, as a task is for
+    episodic learners."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> "Minibatches":
+        return Minibatches(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
+
+
 def task_seed(seed: int, split: str, index: int) -> int:
     """A 63-bit seed for task ``index`` of ``split`` under ``seed``, stable across processes.
 
@@ -110,3 +127,15 @@ class TaskFamily(abc.ABC):
     def preprocessing(self) -> dict[str, Any]:
         """How raw inputs were turned into tensors; saved with every model trained on it."""
         return {}
+
+    def class_count(self, split: str) -> int | None:
+        """How many classes a classifier pretrained on ``split`` tells apart (``minibatches``'
+        labels); None for families without labelled classes (regression)."""
+        return None
+
+    def minibatches(self, split: str, seed: int, indices: Sequence[int], *,
+                    size: int) -> Minibatches:
+        """Minibatch shards ``indices`` of ``size`` labelled examples each, over every class of
+        ``split``: what pretraining learners train on. A pure function of its arguments."""
+        raise TypeError(f"{type(self).__name__} has no labelled classes to pretrain a "
+                        "classifier on")

@@ -19,6 +19,14 @@ validation and test scores weigh every source equally.
 An import whose images differ from what a model was trained on (another size, grey beside RGB)
 can be *converted* (``convert_to``): its stored images are treated as raw images and given the
 model's treatment, exactly as ``orch predict`` treats an image file (``convert_pixels``).
+
+The same import also serves ordinary minibatches for learners that pretrain a classifier over
+every class of a split (``minibatches``): epoch after epoch, each a fresh seeded order of every
+image of the split (and each rotation of it, a class of its own), cut into shards of ``size``;
+shard ``index`` is again a pure function of (split, seed, index). Colour images are also
+randomly cropped, resized back and flipped (``pipelines.augment``), as the pretraining papers
+did; single-channel images (Omniglot's characters, where a flip or crop can make another
+character) are not, as Chen et al. (2019) did not for Omniglot.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.base import Task, TaskFamily, task_seed
+from pipelines.augment import crop_and_flip
+from pipelines.base import Minibatches, Task, TaskFamily, task_seed
 from pipelines.dataset import DatasetError, ImageDataset, open_dataset
 from pipelines.preprocessing import normalise, to_pixels
 
@@ -62,6 +71,8 @@ class EpisodeFamily(TaskFamily):
         self.convert_to = (dict(convert_to) if convert_to is not None
                            and dict(convert_to) != self._data.preprocessing else None)
         self._ready: set[tuple[str, int]] = set()
+        # The latest epoch orders of ``minibatches``, by (split, seed, epoch).
+        self._orders: dict[tuple[str, int, int], np.ndarray] = {}
         for split in self.rotate_splits:
             self._classes(split)
 
@@ -99,6 +110,54 @@ class EpisodeFamily(TaskFamily):
                     labels.repeat_interleave(k),
                     torch.from_numpy(x[:, k:].reshape(ways * q, *shape)),
                     labels.repeat_interleave(q))
+
+    def class_count(self, split: str) -> int:
+        return len(self._classes(split)) * (ROTATIONS if split in self.rotate_splits else 1)
+
+    def minibatches(self, split: str, seed: int, indices: Sequence[int], *,
+                    size: int) -> Minibatches:
+        """Shards ``indices`` of ``size`` examples: shard i holds positions ``i * size`` to
+        ``(i + 1) * size - 1`` of the sequence of epochs of ``split``. An example is an image
+        and a quarter turn (0 unless the split is rotated); its label is its class's place in
+        the split times the number of turns, plus the turn."""
+        if size < 1:
+            raise ValueError(f"minibatch shards need size >= 1, got {size}")
+        data = self.data
+        classes = self._classes(split)
+        rotations = ROTATIONS if split in self.rotate_splits else 1
+        first = int(data.class_start[classes[0]])
+        images = int(data.class_start[classes[-1]] + data.class_count[classes[-1]]) - first
+        examples = images * rotations
+        positions = (np.asarray(indices, dtype=np.int64)[:, None] * size
+                     + np.arange(size, dtype=np.int64)).reshape(-1)
+        picked = np.empty_like(positions)
+        epochs = positions // examples
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            picked[here] = self._epoch_order(split, seed, int(epoch), examples)[
+                positions[here] % examples]
+        rows, turns = first + picked // rotations, picked % rotations
+        class_ids = np.searchsorted(data.class_start, rows, side="right") - 1
+        labels = (class_ids - classes[0]) * rotations + turns
+        pixels = data.pixels(rows)
+        for turn in range(1, rotations):
+            pixels[turns == turn] = np.rot90(pixels[turns == turn], turn, axes=(-2, -1))
+        x = torch.from_numpy(normalise(pixels, data.preprocessing))
+        x = x.reshape(len(indices), size, *data.shape)
+        if data.shape[0] == 3:
+            x = torch.stack([crop_and_flip(shard, torch.Generator().manual_seed(
+                task_seed(seed, f"{split}/augment", index))) for shard, index in zip(x, indices)])
+        return Minibatches(x, torch.from_numpy(labels).reshape(len(indices), size))
+
+    def _epoch_order(self, split: str, seed: int, epoch: int, examples: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the split's examples, seeded by (split, seed, epoch)."""
+        key = (split, seed, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 4:  # consecutive shards share one or two epochs
+                self._orders.pop(next(iter(self._orders)))
+            generator = torch.Generator().manual_seed(task_seed(seed, f"{split}/epochs", epoch))
+            self._orders[key] = torch.randperm(examples, generator=generator).numpy()
+        return self._orders[key]
 
     @property
     def ways(self) -> int:
@@ -183,7 +242,7 @@ class EpisodeFamily(TaskFamily):
         return classes
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_data": None}
+        return {**self.__dict__, "_data": None, "_orders": {}}
 
 
 class MixedEpisodes(TaskFamily):

@@ -1,6 +1,8 @@
 """The meta-training loop the learner tests share: Adam on a learner's meta-parameters over
-consecutive batches of a task family's train split, as MetaTrainer does it, without the trainer
-(so a test controls the learner, the optimiser's rate and the batch path directly)."""
+consecutive batches of a task family's train split (its training batches: episodes, or labelled
+minibatches for pretraining learners), running statistics moved as a moving average, as
+MetaTrainer does it, without the trainer (so a test controls the learner, the optimiser's rate
+and the batch path directly)."""
 
 from __future__ import annotations
 
@@ -19,12 +21,16 @@ def meta_train(learner: Learner, family: TaskFamily, params: Params, *, iteratio
                meta_batch: int, lr: float, vectorize: bool = False) -> Params:
     """``iterations`` Adam steps of rate ``lr`` on ``params`` (in place), each on the mean
     meta-gradient of the next ``meta_batch`` training tasks; returns ``params``."""
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    statistics = {k for k in params if learner.is_statistic(k)}
+    optimizer = torch.optim.Adam([p for k, p in params.items() if k not in statistics], lr=lr)
     for iteration in range(iterations):
-        batch = family.batch("train", 0, range(iteration * meta_batch,
-                                               (iteration + 1) * meta_batch))
+        batch = learner.training_batch(family, "train", 0, range(iteration * meta_batch,
+                                                                 (iteration + 1) * meta_batch))
         gradient, _ = learner.batch_gradient(params, batch, vectorize=vectorize)
         for name, p in params.items():
             p.grad = gradient[name] / meta_batch
         optimizer.step()
+        with torch.no_grad():
+            for name in statistics:
+                params[name] -= learner.statistics_momentum * params[name].grad
     return params

@@ -14,7 +14,7 @@ from learners.backbones import BACKBONES
 from learners.registry import LEARNERS
 from orchestrator.config import ConfigError, sweep_from_dict
 from orchestrator.factory import build_learner
-from pipelines.base import Task, TaskFamily
+from pipelines.base import Minibatches, Task, TaskFamily
 from pipelines.sinusoid import Sinusoid
 
 from test_contract import Clusters
@@ -25,14 +25,18 @@ class ImageClusters(Clusters):
 
     def task(self, split: str, seed: int, index: int, *, shots: int | None = None) -> Task:
         flat = super().task(split, seed, index, shots=shots)
-
-        def image(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(-1, 1, 4, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
-
         return Task(image(flat.support_x), flat.support_y, image(flat.query_x), flat.query_y)
+
+    def minibatches(self, split: str, seed: int, indices, *, size: int) -> Minibatches:
+        flat = super().minibatches(split, seed, indices, size=size)
+        return Minibatches(image(flat.x.flatten(0, 1)).unflatten(0, flat.y.shape), flat.y)
 
     def input_shape(self) -> tuple[int, ...]:
         return (1, 16, 16)
+
+
+def image(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, 1, 4, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
 
 
 PAIRS = [(name, backbone) for name in sorted(LEARNERS) for backbone in BACKBONES]
@@ -60,10 +64,11 @@ def test_every_learner_backbone_pair_works_or_is_refused_at_load(name, backbone)
     family: TaskFamily = ImageClusters(ways=3, shots=1, queries=2) if images else Sinusoid(
         shots=5, queries=5)
     learner = build_learner(sweep.model, name, {}, kind=family.kind,
-                            input_shape=list(family.input_shape()), output_size=family.output_size())
+                            input_shape=list(family.input_shape()), output_size=family.output_size(),
+                            classes=family.class_count("train"))
     params = learner.init_params(0)
-    gradient, stats = learner.batch_gradient(params, family.batch("train", 0, range(2)),
-                                             vectorize=False)
+    gradient, stats = learner.batch_gradient(
+        params, learner.training_batch(family, "train", 0, range(2)), vectorize=False)
     assert stats and all(math.isfinite(v) for v in stats.values())
     assert all(bool(torch.isfinite(g).all()) for g in gradient.values())
     assert any(float(g.abs().sum()) > 0 for g in gradient.values())

@@ -4,6 +4,8 @@ Learners with an output head are checked on sinusoid regression with the paper's
 learners (``needs_head = False``) on a small synthetic classification family whose classes differ
 in four of sixteen input dimensions, so an embedding has something to learn (ignore the rest).
 Regression-only learners without a head (ALPaCA's feature map) are checked on sinusoids.
+Pretraining learners (Baseline, Baseline++, SimpleShot) train on labelled minibatches of the
+same family's fixed training classes (``Clusters.minibatches``) and adapt on its episodes.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import torch
 from learners.backbones import build_backbone
 from learners.base import Learner, Objective
 from learners.registry import LEARNERS
-from pipelines.base import Task, TaskBatch, TaskFamily, task_seed
+from pipelines.base import Minibatches, Task, TaskBatch, TaskFamily, task_seed
 from pipelines.sinusoid import Sinusoid
 
 from meta_training import meta_train, trainable
 
 DIMENSIONS, SIGNAL = 16, 4
+# The classes pretraining learners are trained to tell apart (fixed centres per split).
+TRAINING_CLASSES = 12
 
 
 class Clusters(TaskFamily):
@@ -35,17 +39,42 @@ class Clusters(TaskFamily):
     def task(self, split: str, seed: int, index: int, *, shots: int | None = None) -> Task:
         generator = torch.Generator().manual_seed(task_seed(seed, split, index))
         k = self.shots if shots is None else shots
-        centres = torch.zeros(self._ways, DIMENSIONS)
-        centres[:, :SIGNAL] = torch.randn(self._ways, SIGNAL, generator=generator)
+        centres = self.centres(self._ways, generator)
 
         def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             labels = torch.arange(self._ways).repeat_interleave(n)
-            noise = torch.randn(len(labels), DIMENSIONS, generator=generator)
-            noise[:, :SIGNAL] *= 0.2
-            noise[:, SIGNAL:] *= 1.5
-            return centres[labels] + noise, labels
+            return self.examples(centres, labels, generator), labels
 
         return Task(*draw(k), *draw(self.queries))
+
+    @staticmethod
+    def centres(classes: int, generator: torch.Generator) -> torch.Tensor:
+        centres = torch.zeros(classes, DIMENSIONS)
+        centres[:, :SIGNAL] = torch.randn(classes, SIGNAL, generator=generator)
+        return centres
+
+    @staticmethod
+    def examples(centres: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(len(labels), DIMENSIONS, generator=generator)
+        noise[:, :SIGNAL] *= 0.2
+        noise[:, SIGNAL:] *= 1.5
+        return centres[labels] + noise
+
+    def class_count(self, split: str) -> int:
+        return TRAINING_CLASSES
+
+    def minibatches(self, split: str, seed: int, indices, *, size: int) -> Minibatches:
+        """Shards of examples of the split's ``TRAINING_CLASSES`` fixed classes."""
+        centres = self.centres(TRAINING_CLASSES,
+                               torch.Generator().manual_seed(task_seed(0, split, -1)))
+        xs, ys = [], []
+        for index in indices:
+            generator = torch.Generator().manual_seed(task_seed(seed, f"{split}/shard", index))
+            labels = torch.randint(TRAINING_CLASSES, (size,), generator=generator)
+            xs.append(self.examples(centres, labels, generator))
+            ys.append(labels)
+        return Minibatches(torch.stack(xs), torch.stack(ys))
 
     @property
     def ways(self) -> int:
@@ -77,6 +106,7 @@ def make(name: str) -> tuple[Learner, TaskFamily]:
     hparams = {k: v for k, v in {"inner_lr": 0.05}.items() if k in cls.Hyperparameters.model_fields}
     learner = cls(backbone, objective, cls.Hyperparameters(**hparams))
     learner.output_size = family.output_size()  # as build_learner does
+    learner.classes = family.class_count("train")
     return learner, family
 
 
@@ -111,25 +141,31 @@ def test_init_params_is_seeded(learner_and_family):
 def test_every_parameter_gets_a_meta_gradient(learner_and_family):
     learner, family = learner_and_family
     params = learner.init_params(0)
-    task = family.task("train", 0, 0)
-    gradient, loss, outputs = learner.task_gradient(params, task)
+    if learner.family == "pretrained":  # trained on labelled minibatches, not on tasks
+        gradient, stats = learner.batch_gradient(
+            params, learner.training_batch(family, "train", 0, [0]))
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    else:
+        task = family.task("train", 0, 0)
+        gradient, loss, outputs = learner.task_gradient(params, task)
+        assert loss.shape == () and torch.isfinite(loss)
+        assert outputs.shape[0] == len(task.query_x)
     assert gradient.keys() == params.keys()
     for name, g in gradient.items():
         assert g.shape == params[name].shape
         assert torch.isfinite(g).all() and g.abs().sum() > 0, f"zero meta-gradient for {name}"
-    assert loss.shape == () and torch.isfinite(loss)
-    assert outputs.shape[0] == len(task.query_x)
 
 
 def test_batched_equals_looped(learner_and_family):
     learner, family = learner_and_family
     params = learner.init_params(0)
-    batch = family.batch("train", 0, range(3))
-    looped, looped_stats = learner.batch_gradient(params, batch, vectorize=False)
-    mapped, mapped_stats = learner.batch_gradient(params, batch, vectorize=True)
+    training = learner.training_batch(family, "train", 0, range(3))
+    looped, looped_stats = learner.batch_gradient(params, training, vectorize=False)
+    mapped, mapped_stats = learner.batch_gradient(params, training, vectorize=True)
     for name in params:
         torch.testing.assert_close(mapped[name], looped[name], rtol=1e-4, atol=1e-6)
     assert mapped_stats == pytest.approx(looped_stats, rel=1e-4)
+    batch = family.batch("train", 0, range(3))
     evaluated = learner.batch_evaluate(params, batch, vectorize=True)
     assert evaluated == pytest.approx(learner.batch_evaluate(params, batch), rel=1e-4)
     # A batch's statistics are the sums of its tasks' own, each evaluated as a batch of one.
@@ -140,7 +176,7 @@ def test_batched_equals_looped(learner_and_family):
 
 
 def mean_stats(learner: Learner, params, family: TaskFamily, tasks: int = 40) -> dict[str, float]:
-    stats = learner.batch_evaluate(params, family.batch("val", 1, range(tasks)))
+    stats = learner.batch_evaluate(params, family.batch("val", 1, range(tasks)), vectorize=True)
     return {key: value / tasks for key, value in stats.items()}
 
 
