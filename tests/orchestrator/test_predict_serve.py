@@ -733,3 +733,44 @@ def test_init_naming_a_missing_model_is_refused_before_anything_is_written(train
     assert not run_dir.exists()  # no Optuna study, checkpoint or artifact
     assert {e.name for e in client.search_experiments()} == experiments  # no MLflow run
     assert tracking.registered_models(client) == versions
+
+
+def test_meta_baseline_baselinepp_then_protonet_from_its_champion_on_two_workers(trained,
+                                                                              tmp_path):
+    """Meta-Baseline end to end: a ``baselinepp`` sweep pretrains (minibatch shards farmed over
+    two Ray workers) and registers its champion; a ``protonet`` sweep starts from that
+    champion's backbone (``model.init``), meta-trains on two workers and registers too."""
+    from orchestrator import pretrained, tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def sweep(name: str, algorithms: dict, **model) -> dict:
+        return {"name": name, "run_dir": str(tmp_path / "runs"),
+                "data": {"path": str(trained.data), "ways": 5, "shots": 1, "queries": 5},
+                "model": {"backbone": "conv4", "filters": 8, **model},
+                "training": {"meta_batch": 2, "iterations": 4, "eval_every": 4, "eval_tasks": 4},
+                "workers": {"count": 2, "cpus": 0.5, "driver_cpus": 1},
+                "search": {"trials": 1, "pruner": "none", "metric": "val_accuracy",
+                           "direction": "maximize"},
+                "algorithms": algorithms}
+
+    [pretraining] = launch(sweep_from_dict(sweep("pretrain", {"baselinepp": {
+        "outer_lr": 0.001, "batch_size": 8, "adapt_epochs": 5}})), tracking_uri=uri)
+    assert pretraining.counts["complete"] == 1 and pretraining.registration is not None
+    champion = "models:/orch-baselinepp@champion"
+    [meta] = launch(sweep_from_dict(sweep("meta", {"protonet": {"outer_lr": 0.001}},
+                                          init=champion)), tracking_uri=uri)
+    assert meta.counts["complete"] == 1 and meta.registration is not None
+    client = tracking.client(uri)
+    source = client.get_model_version_by_alias("orch-baselinepp", "champion")
+    version = client.get_model_version(meta.registration.name, meta.registration.version)
+    assert version.tags["orch.init.from"] == f"orch-baselinepp version {source.version}"
+    weights = pretrained.backbone_weights(*_learner_and_params(champion, uri))
+    assert version.tags["orch.init.digest"] == pretrained.digest(weights)
+    (run,) = tracking.trial_runs(client, client.get_experiment_by_name("meta").experiment_id)
+    assert run.data.params["workers"] == "2"
+
+
+def _learner_and_params(uri: str, tracking_uri: str):
+    model = load_meta_model(uri, tracking_uri=tracking_uri)
+    return model.learner, model.params
