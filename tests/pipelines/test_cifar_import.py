@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from fake_benchmarks import (CIFAR100_COARSE, CIFAR100_FINE, CIFAR100_SUPERCLASS, cifar100_image,
-                             evil_pickle, py2_pickle, write_cifar100_archive, write_tar)
-from orchestrator.data_cli import data
+                             evil_pickle, py2_pickle, write_cifar100_archive)
+from data_cli_checks import one_line_refusal, refuses_bad_archive, run
 from pipelines import safe_pickle, staging
 from pipelines.cifar import import_cifar_fs
 from pipelines.dataset import DatasetError, read_manifest
@@ -29,10 +28,6 @@ CIFAR_FS_TEST = ["baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man"
 # Oreshkin et al.'s FC100 split: CIFAR-100 coarse label ids (TADAM's create_dataset_cifar100.py).
 FC100_IDS = {"train": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16],
              "test": [0, 7, 12, 14]}
-
-
-def run(*args):
-    return CliRunner().invoke(data, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +154,6 @@ def test_interrupted_import_resumes_where_it_stopped(archive: Path, cifar_fs: Pa
     assert read_manifest(tmp_path / "other")["shape"] == [3, 16, 16]
 
 
-def one_line_refusal(result) -> str:
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
-def _members(archive: Path) -> dict[str, bytes]:
-    import tarfile
-
-    with tarfile.open(archive) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
-
-
 def _renamed_whale(members: dict[str, bytes]) -> dict[str, bytes]:
     fine = [n.encode() for n in CIFAR100_FINE]
     fine[CIFAR100_FINE.index("whale")] = b"orca"
@@ -200,17 +181,8 @@ BAD_ARCHIVES = {
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
 def test_bad_archives_are_refused_in_one_line(case: str, archive: Path, tmp_path: Path):
     make, message = BAD_ARCHIVES[case]
-    made = make(_members(archive), archive)
-    bad = tmp_path / "cifar-100-python.tar.gz"
-    if isinstance(made, bytes):
-        bad.write_bytes(made)
-    else:
-        files, links = made if isinstance(made, tuple) else (made, None)
-        write_tar(bad, files, links=links)
-    out = tmp_path / "out"
-    line = one_line_refusal(run("import", "cifar-fs", bad, "--out", out))
-    assert message in line and str(bad) in line
-    assert not out.exists()  # nothing half-written
+    refuses_bad_archive(make, message, archive=archive, bad=tmp_path / "cifar-100-python.tar.gz",
+                        command="cifar-fs")
 
 
 def test_restricted_unpickler_admits_data_only():

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from fake_benchmarks import CUB_CLASSES, cub_box, write_cub_archive, write_tar
-from orchestrator.data_cli import data
+from fake_benchmarks import CUB_CLASSES, cub_box, write_cub_archive
+from data_cli_checks import refuses_bad_archive, run
 from pipelines.dataset import read_manifest
 from pipelines.episodes import EpisodeFamily
 
 SIZE = 8
-
-
-def run(*args):
-    return CliRunner().invoke(data, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_refusal(result) -> str:
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +76,6 @@ def test_crop_to_the_boxes_from_the_unpacked_folder(cub: Path, tmp_path: Path):
     assert read_manifest(tmp_path / "cropped")["crop"] == "bounding boxes (bounding_boxes.txt)"
 
 
-def _members(archive: Path) -> dict[str, bytes]:
-    with tarfile.open(archive) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
-
-
 def _without_class(members: dict[str, bytes], folder: str) -> dict[str, bytes]:
     kept = {n: d for n, d in members.items() if f"/{folder}/" not in n}
     for index in ("classes.txt", "images.txt"):
@@ -120,14 +102,5 @@ BAD_ARCHIVES = {
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
 def test_bad_archives_are_refused_in_one_line(case: str, archive: Path, tmp_path: Path):
     make, message = BAD_ARCHIVES[case]
-    made = make(_members(archive), archive)
-    bad = tmp_path / "CUB_200_2011.tgz"
-    if isinstance(made, bytes):
-        bad.write_bytes(made)
-    else:
-        files, links = made if isinstance(made, tuple) else (made, None)
-        write_tar(bad, files, links=links)
-    out = tmp_path / "out"
-    line = one_line_refusal(run("import", "cub", bad, "--out", out))
-    assert message in line and str(bad) in line
-    assert not out.exists()  # nothing half-written
+    refuses_bad_archive(make, message, archive=archive, bad=tmp_path / "CUB_200_2011.tgz",
+                        command="cub")

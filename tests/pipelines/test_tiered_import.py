@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from fake_benchmarks import evil_pickle, tiered_image, write_tiered_folders, write_tiered_pickles
-from orchestrator.data_cli import data
+from data_cli_checks import one_line_refusal, run
 from pipelines import staging
 from pipelines.dataset import read_manifest
 from pipelines.published import published
@@ -25,17 +24,6 @@ from pipelines.tiered import _name_map
 FIRST_ROWS = {"train": ("n01530575", "n01524359"), "val": ("n02099267", "n02098550"),
               "test": ("n03314780", "n00020090")}
 SIDE = 12  # the real caches hold 84x84 images; tiny ones keep the test fast
-
-
-def run(*args):
-    return CliRunner().invoke(data, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_refusal(result) -> str:
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
