@@ -13,8 +13,9 @@ from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.pretraining import DAMPENING, MOMENTUM, WEIGHT_DECAY, linear_init
 from learners.registry import LEARNERS
-from orchestrator.config import ConfigError, ModelSection, load_sweep
+from orchestrator.config import ConfigError, ModelSection, Sweep, load_sweep
 from orchestrator.factory import build_learner
+from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
 
 from test_contract import make
 
@@ -31,12 +32,24 @@ BOUNDS = {"baseline": 0.45, "baselinepp": 0.4, "simpleshot": 0.5}
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
-def test_learns_omniglot_well_above_chance(omniglot_accuracy, name):
-    accuracy, params, trainer = omniglot_accuracy(name, {"batch_size": 32}, iterations=150,
-                                                  tests=40)
-    assert accuracy > BOUNDS[name], accuracy
-    assert trainer.learner.servable_ways(params) is None  # any number of classes
-    assert params["classifier.weight"].shape[0] == trainer.learner.classes
+def test_learns_omniglot_well_above_chance(omniglot_dir, name):
+    """Through the trial path (ShardWorker, LocalFarm, MetaTrainer), validated once at the end
+    on the test alphabet's episodes."""
+    sweep = Sweep.model_validate({
+        "name": f"test-{name}",
+        "data": {"path": str(omniglot_dir), "ways": 5, "shots": 1, "queries": 5,
+                 "train_split": "train", "val_split": "test"},
+        "model": {"backbone": "conv4", "filters": 8},
+        "training": {"meta_batch": 2, "iterations": 150, "eval_every": 150, "eval_tasks": 40,
+                     "device": "cpu"},
+        "workers": {"count": 0}, "algorithms": {name: {}}})
+    knobs = {"outer_lr": 0.01, "batch_size": 32}
+    trainer = MetaTrainer(sweep, name, knobs,
+                          LocalFarm(ShardWorker(sweep.model_dump(), name, knobs)))
+    outcome = trainer.train()
+    assert outcome.final["val_accuracy"] > BOUNDS[name], outcome.final
+    assert trainer.learner.servable_ways(outcome.params) is None  # any number of classes
+    assert outcome.params["classifier.weight"].shape[0] == trainer.learner.classes == 180
 
 
 @pytest.mark.parametrize("name, knobs", [("baseline", {}), ("baselinepp", {}),
@@ -103,9 +116,6 @@ def test_finetune_adapts_the_backbone_too():
 def test_simpleshot_moves_its_training_mean_toward_the_shards_features(omniglot_dir):
     """One iteration moves ``feature_mean`` 0.1 of the way to the mean of its shards' mean
     features (under the weights before the step), outside the optimiser."""
-    from orchestrator.config import Sweep
-    from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
-
     sweep = Sweep.model_validate({
         "name": "mean", "data": {"path": str(omniglot_dir), "ways": 5, "shots": 1, "queries": 1},
         "model": {"backbone": "conv4", "filters": 4},
