@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from learners.base import Learner
 from learners.registry import LEARNERS
@@ -373,23 +375,33 @@ def rates(name: str, setting: Setting, device: torch.device, rounds: int) -> dic
 
 
 def peak_memory(implementation: str, name: str, setting: Setting, device: torch.device,
-                threads: int) -> float | None:
-    """MiB one meta-step adds at its peak, measured in a fresh child process (see
-    ``child_peak_memory``); None where the implementation lacks the learner."""
-    spec = {"implementation": implementation, "name": name, "setting": asdict(setting),
-            "device": device.type, "threads": threads}
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory",
-                           json.dumps(spec)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory child for {implementation} {name} failed: "
-                           f"{done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["mib"]
+                threads: int) -> tuple[float, float | None] | None:
+    """MiB one meta-step adds at its peak, each measured in a fresh child process (see
+    ``child_peak_memory``): the allocator's peak, and on CPU the resident set's; None where the
+    implementation lacks the learner."""
+    found = []
+    for measure in ("allocator", "resident") if device.type == "cpu" else ("allocator",):
+        spec = {"implementation": implementation, "name": name, "setting": asdict(setting),
+                "device": device.type, "threads": threads, "measure": measure}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory",
+                               json.dumps(spec)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child for {implementation} {name} failed: "
+                               f"{done.stderr.strip().splitlines()[-1:]}")
+        found.append(json.loads(done.stdout.strip().splitlines()[-1])["mib"])
+    if found[0] is None:
+        return None
+    return found[0], found[1] if len(found) > 1 else None
 
 
 def child_peak_memory(spec: dict) -> float | None:
-    """In a fresh process: build one implementation's step and batch, then run one meta-step.
-    CPU: peak resident set minus the resident set just before the step. No warm-up step: it
-    would raise the peak the measured step is compared against."""
+    """In a fresh process: build one implementation's step and batch, then run one meta-step
+    and return the MiB it added at its peak. ``allocator``: on CUDA the caching allocator's
+    peak, on CPU the peak of live tensor bytes, summed from the profiler's allocation records
+    (exact, the same on every run). ``resident``: the process's peak resident set minus its
+    resident set just before the step -- what the machine sees, allocator slack and library
+    buffers included, and noisy by tens of MiB. No warm-up step: it would raise the peak the
+    measured step is compared against."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     setting = Setting(**spec["setting"])
@@ -404,6 +416,12 @@ def child_peak_memory(spec: dict) -> float | None:
         step(batch)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if spec["measure"] == "allocator":
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step(batch)
+        records = sorted((e for e in profiler.profiler.kineto_results.events()
+                          if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        return max(itertools.accumulate((e.nbytes() for e in records), initial=0)) / 2**20
     before = resident_mib("VmRSS")
     step(batch)
     return resident_mib("VmHWM") - before
@@ -426,6 +444,15 @@ def cell(value: float | None, form: str = ".2f", width: int = 9) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{form}}"
 
 
+def mib(peaks: tuple[float, float | None] | None) -> str:
+    """``allocator (resident)`` MiB, right-aligned in 12 columns."""
+    if peaks is None:
+        return f"{'-':>12}"
+    allocator, resident = peaks
+    return f"{allocator:.0f}" .rjust(12) if resident is None else (
+        f"{allocator:.0f} ({resident:.0f})".rjust(12))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
@@ -433,7 +460,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def learner_table(names: list[str], setting: Setting, devices: list[str], rounds: int,
                   threads: int, memory: bool) -> None:
     print(f"{'learner':<11}{'device':<7}{'orch path':<16}{'orch':>9}{'l2l':>9}{'orch/l2l':>9}"
-          f"{'loop':>9}{'orch/loop':>10}" + (f"{'orch MiB':>9}{'l2l MiB':>9}{'loop MiB':>9}"
+          f"{'loop':>9}{'orch/loop':>10}" + (f"{'orch MiB':>12}{'l2l MiB':>12}{'loop MiB':>12}"
                                              if memory else ""))
     for device_name in devices:
         device = torch.device(device_name)
@@ -445,7 +472,7 @@ def learner_table(names: list[str], setting: Setting, devices: list[str], rounds
                     f"{cell(orch)}{cell(l2l)}{cell(ratio(orch, l2l), '.2f')}{cell(loop)}"
                     f"{cell(ratio(orch, loop), '.2f', 10)}")
             if memory:
-                line += "".join(cell(peak_memory(impl, name, setting, device, threads), ".0f")
+                line += "".join(mib(peak_memory(impl, name, setting, device, threads))
                                 for impl in IMPLEMENTATIONS)
             print(line, flush=True)
 
@@ -454,9 +481,10 @@ def growth_table(devices: list[str], rounds: int, threads: int, memory: bool,
                  plot: str | None) -> None:
     """MAML's tasks/s and peak memory as one knob at a time grows from the base setting."""
     print("MAML, second order; each row changes one knob of the base setting "
-          f"({BASE.label()}); per-task time and memory relative to the base row")
+          f"({BASE.label()}); time x and mem x: orch's seconds per task and peak allocator "
+          "memory relative to the base row")
     print(f"{'knob':<12}{'setting':<38}{'orch':>9}{'l2l':>9}{'orch/l2l':>9}{'time x':>8}"
-          + (f"{'orch MiB':>9}{'l2l MiB':>9}{'mem x':>7}" if memory else ""))
+          + (f"{'orch MiB':>12}{'l2l MiB':>12}{'mem x':>7}" if memory else ""))
     results: dict[str, list[tuple[Setting, dict]]] = {}
     for device_name in devices:
         device = torch.device(device_name)
@@ -478,8 +506,8 @@ def growth_table(devices: list[str], rounds: int, threads: int, memory: bool,
                         f"{cell(row['orch'])}{cell(row['other'])}"
                         f"{cell(ratio(row['orch'], row['other']))}{cell(time_x, '.2f', 8)}")
                 if memory:
-                    line += (f"{cell(row['orch MiB'], '.0f')}{cell(row['other MiB'], '.0f')}"
-                             f"{cell(ratio(row['orch MiB'], base.get('orch MiB')), '.2f', 7)}")
+                    growth = ratio(row["orch MiB"][0], base["orch MiB"][0]) if base else None
+                    line += f"{mib(row['orch MiB'])}{mib(row['other MiB'])}{cell(growth, '.2f', 7)}"
                 print(line, flush=True)
     if plot:
         draw_growth(results, plot, memory)
@@ -499,7 +527,7 @@ def draw_growth(results: dict[str, list[tuple[Setting, dict]]], path: str, memor
         xs = [knob_value[knob](setting) for setting, _ in found]
         panels = [("ms per task", lambda r, k: 1000 / r[k], ("orch", "other"))]
         if memory:
-            panels.append(("peak MiB per meta-step", lambda r, k: r[k], ("orch MiB", "other MiB")))
+            panels.append(("peak MiB (allocator)", lambda r, k: r[k][0], ("orch MiB", "other MiB")))
         for row, (label, value, keys) in enumerate(panels):
             axis = axes[row][column]
             for key, name in zip(keys, ("orch", "learn2learn")):

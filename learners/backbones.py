@@ -115,7 +115,7 @@ def conv_block(in_channels: int, out_channels: int) -> ConvBlock:
     return ConvBlock(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
+        nn.ReLU(inplace=True),
         MaxPool2d(2),
     )
 
