@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.functional import max_pool2d
+from torch.nn.functional import max_unpool2d
 
 from learners.functional import in_plain_autograd
 
@@ -40,56 +40,54 @@ class MLP(nn.Module):
 
 
 class _PoolKeepingIndices(torch.autograd.Function):
-    """Max-pooling whose backward keeps only the argmax indices. ``torch.max_pool2d``'s autograd
-    node also keeps its input map alive for its backward, which reads nothing but that map's
-    shape: after BatchNorm the map is a full-resolution tensor that nothing else needs, so a
-    second-order MAML task held one such map per block until its ``backward`` (at Omniglot 5-way
-    1-shot, 15 queries, Conv-4-64: 20 MiB of its 160). The backward is the same ATen kernel on
-    an unwritten stand-in of that shape, and is itself differentiable (a gather by the same
-    indices), so inner gradients taken with ``create_graph`` work as before."""
+    """Max-pooling over windows that do not overlap, whose backward keeps only the argmax
+    indices. ``torch.max_pool2d``'s autograd node also keeps its input alive for its backward,
+    which reads nothing of it but its shape: after BatchNorm that input is a full-resolution map
+    nothing else needs, held per block until the task's ``backward``. The backward here is
+    ``max_unpool2d`` (the same values as max-pooling's backward where windows do not overlap,
+    in the same memory layout), itself differentiable (a gather by the same indices), so inner
+    gradients taken with ``create_graph`` work as before."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any,
-                ceil_mode: bool) -> Tensor:
-        pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding,
-                                                                 dilation, ceil_mode)
-        ctx.pooling = (kernel, stride, padding, dilation, ceil_mode)
-        ctx.shape, ctx.channels_last = x.shape, _is_channels_last(x)
+    def forward(ctx: Any, x: Tensor, window: int) -> Tensor:
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, [window, window],
+                                                                 [window, window])
+        ctx.window, ctx.size = window, x.shape[-2:]
         ctx.save_for_backward(indices)
         return pooled
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (indices,) = ctx.saved_tensors
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        stand_in = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device,
-                               memory_format=layout)
-        grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, stand_in, *ctx.pooling, indices)
-        return grad_input, None, None, None, None, None
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
+        return max_unpool2d(grad, indices, ctx.window, ctx.window, output_size=ctx.size), None
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that, in the CPU autograd loop (``functional.plain_autograd``), keeps
-    only its argmax indices for the backward (``_PoolKeepingIndices``): same values and
-    gradients, one full-resolution map less held per layer. Under torch.func transforms (vmap,
-    nested grad) it is ``nn.MaxPool2d``."""
+    """``nn.MaxPool2d`` that, in the CPU autograd loop (``functional.plain_autograd``) and for
+    windows that do not overlap (Conv-4's and ResNet-12's 2x2), keeps only its argmax indices
+    for the backward (``_PoolKeepingIndices``): the same values and gradients, one full-
+    resolution map less held per block. Elsewhere (vmap, torch.func gradients, evaluation) it
+    is ``nn.MaxPool2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not in_plain_autograd() or self.return_indices or not torch.is_grad_enabled():
+        window = self.kernel_size
+        if (not in_plain_autograd() or not torch.is_grad_enabled() or self.return_indices
+                or not isinstance(window, int) or self.stride not in (window, (window, window))
+                or self.padding not in (0, (0, 0)) or self.dilation not in (1, (1, 1))
+                or self.ceil_mode or x.dim() != 4 or not _plain_tensor(x)):
             return super().forward(x)
-        return _PoolKeepingIndices.apply(x, _pair(self.kernel_size), _pair(self.stride),
-                                         _pair(self.padding), _pair(self.dilation),
-                                         self.ceil_mode)
+        return _PoolKeepingIndices.apply(x, window)
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (value[0], value[1])
+def _plain_tensor(x: Tensor) -> bool:
+    """Whether ``x`` is an ordinary tensor rather than one a torch.func transform wraps (some
+    learners take torch.func gradients inside the autograd loop: the LSTM meta-learner,
+    MetaNet). Wrapped tensors have no storage of their own."""
+    try:
+        x.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 class ConvBlock(nn.Sequential):

@@ -52,8 +52,9 @@ def test_meta_gradient_equals_stock_pooling(name, knobs, monkeypatch):
     reference, stats = learner.batch_gradient(params, batch, progress=0.5)
     assert fast.keys() == reference.keys()
     difference = torch.cat([(fast[k] - reference[k]).flatten() for k in reference]).norm()
-    # The same ATen kernels on the same values: equal up to nothing more than rounding.
-    assert float(difference / torch.cat([v.flatten() for v in reference.values()]).norm()) < 1e-6
+    # The same values through the same kernels but the pool's backward (max_unpool2d, whose
+    # own derivative is the same gather): equal to float rounding.
+    assert float(difference / torch.cat([v.flatten() for v in reference.values()]).norm()) < 1e-5
     assert fast_stats == pytest.approx(stats, rel=1e-6)
 
 
