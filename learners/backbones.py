@@ -113,6 +113,7 @@ def conv_block(in_channels: int, out_channels: int) -> ConvBlock:
     return ConvBlock(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
+        # In place: it runs after the pool (FORWARD_ORDER), on a map nothing keeps for backward.
         nn.ReLU(inplace=True),
         MaxPool2d(2),
     )
