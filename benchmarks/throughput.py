@@ -1,40 +1,62 @@
-"""Meta-training tasks per second: orch's meta-step against a hand-written per-task loop, for every
-learner, on CPU and (where one is visible) on a GPU, measured side by side in one run.
+"""Meta-training speed and memory: orch's meta-step against learn2learn itself (where it is
+installed) and against a hand-written per-task loop, measured side by side in one process.
 
     python benchmarks/throughput.py                        # every learner, meta-batch 32
     python benchmarks/throughput.py --quick                # meta-batch 8, one round
-    python benchmarks/throughput.py --only maml --only protonet --rounds 5
+    python benchmarks/throughput.py --only maml --only anil --threads 2 --memory --rounds 5
+    python benchmarks/throughput.py --growth --memory --plot docs/throughput-growth.png
 
 The setting: Omniglot 5-way 1-shot, Conv-4 with 64 filters on 28x28 images, 15 queries per class,
-meta-batch 32, each learner's own default knobs (MAML: one inner step, second order). The
-episodes are random tensors of exactly that shape, drawn once: cost does not depend on the
-pixels, and the benchmark runs without the data set (on a GPU machine, for one).
+meta-batch 32, each learner's own default knobs (MAML: one inner step, second order, inner rate
+0.01). The episodes are random tensors of exactly that shape, drawn once: cost does not depend on
+the pixels, and the benchmark runs without the data set (on a GPU machine, for one).
 
-orch's rate is ``Learner.batch_gradient`` on a batch already in memory -- what a ShardWorker runs
-per shard, without sampling -- with the path training takes on that device (the per-task loop on
-CPU, ``torch.func.vmap`` on CUDA). The loop baseline is what a researcher writes by hand, as
-learn2learn's examples do: a standard Conv-4 module (conv, BatchNorm, ReLU, max-pool), per task a
-``clone()`` of the weights, ``adapt`` by ``torch.autograd.grad(..., create_graph=True)`` and one
-``backward()``. It is written here for MAML, first-order MAML, Meta-SGD, ANIL, MAML++ and
-ProtoNet; the other learners whose update is the gradient of a query loss get a plain loop
-through the learner's own forward code (``query_loss`` then ``backward`` per task), and learners
-with an update of their own (Reptile, Siamese verification pairs, MetaOptNet's SVM, ALPaCA) are
-timed without a baseline. Rounds alternate orch and loop, so a busy machine slows both alike;
-the ratio is of the medians.
+Three implementations of each meta-step, each summing the meta-gradient of a meta-batch:
+
+- orch: ``Learner.batch_gradient`` on a batch already in memory -- what a ShardWorker runs per
+  shard, without sampling -- on the path training takes on that device (the per-task autograd
+  loop on CPU, ``torch.func.vmap`` on CUDA).
+- learn2learn 0.2.0, as its examples use it: its own Conv-4 (``vision.models.CNN4`` with max-
+  pooling, the same layers as orch's) wrapped in ``algorithms.MAML`` (MAML, first-order MAML),
+  ``algorithms.MetaSGD``, or for ANIL its body plus ``algorithms.MAML`` around the head; per
+  task ``clone()``, ``adapt(loss)`` per inner step, one ``backward()``. Only where
+  ``import learn2learn`` works (README, "Meta-step speed and memory", says how to build it).
+- loop: the same recipe written by hand with no library (conv, BatchNorm, ReLU, max-pool), kept
+  for machines without learn2learn and for learners learn2learn lacks (MAML++, ProtoNet); other
+  learners whose update is the gradient of a query loss get a plain loop through their own
+  forward code, and those with an update of their own (Reptile, Siamese pairs, MetaOptNet's SVM,
+  ALPaCA) none.
+
+Rates are tasks per second of wall time, the median over rounds that alternate the
+implementations, so a busy machine slows them alike; ratios are of those medians. Peak memory
+(``--memory``) is measured per implementation and setting in a fresh child process that runs
+one meta-step: on CPU the growth of the process's peak resident set over its size just before
+the step (``VmHWM``), on CUDA ``torch.cuda.max_memory_allocated`` over the memory allocated
+before it. ``--growth`` measures MAML as inner steps (1, 5, 10), shots (1, 5), ways (5, 20) and
+meta-batch (8, 32) grow one at a time from the base setting, and ``--plot`` draws it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import itertools
+import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from learners.base import Learner
 from learners.registry import LEARNERS
@@ -43,21 +65,123 @@ from orchestrator.factory import build_learner
 from orchestrator.training import should_vectorize
 from pipelines.base import Task, TaskBatch
 
-WAYS, SHOTS, QUERIES, SIZE, FILTERS = 5, 1, 15, 28, 64
+QUERIES, SIZE, FILTERS = 15, 28, 64
 Params = dict[str, Tensor]
+Step = Callable[[TaskBatch], None]
 # Halfway through meta-training: learners that anneal (MAML++: first order for the first third,
 # the multi-step loss over the first tenth) are timed in the phase most of training spends in.
 PROGRESS = 0.5
+IMPLEMENTATIONS = ("orch", "learn2learn", "loop")
 
 
-def episodes(count: int, device: torch.device, seed: int = 0) -> TaskBatch:
+@dataclass(frozen=True)
+class Setting:
+    """One task shape and meta-batch; ``steps`` None keeps the learner's default inner steps."""
+
+    ways: int = 5
+    shots: int = 1
+    meta_batch: int = 32
+    steps: int | None = None
+
+    def label(self) -> str:
+        steps = "" if self.steps is None else f", {self.steps} step{'s' * (self.steps > 1)}"
+        return f"{self.ways}-way {self.shots}-shot, meta-batch {self.meta_batch}{steps}"
+
+
+BASE = Setting(steps=1)
+# One knob at a time from the base setting (MAML, the issue's growth table).
+GROWTH = {"inner steps": [BASE, replace(BASE, steps=5), replace(BASE, steps=10)],
+          "shots": [BASE, replace(BASE, shots=5)],
+          "ways": [BASE, replace(BASE, ways=20)],
+          "meta-batch": [replace(BASE, meta_batch=8), BASE]}
+
+
+def episodes(setting: Setting, device: torch.device, seed: int = 0) -> TaskBatch:
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(WAYS)
-    tasks = [Task(torch.rand(WAYS * SHOTS, 1, SIZE, SIZE, generator=generator),
-                  labels.repeat_interleave(SHOTS),
-                  torch.rand(WAYS * QUERIES, 1, SIZE, SIZE, generator=generator),
-                  labels.repeat_interleave(QUERIES)) for _ in range(count)]
+    labels = torch.arange(setting.ways)
+    tasks = [Task(torch.rand(setting.ways * setting.shots, 1, SIZE, SIZE, generator=generator),
+                  labels.repeat_interleave(setting.shots),
+                  torch.rand(setting.ways * QUERIES, 1, SIZE, SIZE, generator=generator),
+                  labels.repeat_interleave(QUERIES)) for _ in range(setting.meta_batch)]
     return TaskBatch.stack(tasks).to(device)
+
+
+def orch_learner(name: str, setting: Setting, device: torch.device) -> Learner:
+    knobs = {}
+    if setting.steps is not None and "inner_steps" in LEARNERS[name].Hyperparameters.model_fields:
+        knobs["inner_steps"] = setting.steps
+    model = ModelSection.model_validate({"backbone": "conv4", "filters": FILTERS})
+    learner = build_learner(model, name, knobs, kind="classification",
+                            input_shape=(1, SIZE, SIZE), output_size=setting.ways)
+    learner.backbone.to(device)
+    learner.progress = PROGRESS
+    return learner
+
+
+def orch_step(learner: Learner, device: torch.device) -> Step:
+    params = {k: v.to(device) for k, v in learner.init_params(0).items()}
+    vectorize = should_vectorize("auto", "conv4", device)
+
+    def step(batch: TaskBatch) -> None:
+        learner.batch_gradient(params, batch, vectorize=vectorize, progress=PROGRESS)
+    return step
+
+
+def orch_path(learner: Learner, device: torch.device) -> str:
+    if should_vectorize("auto", "conv4", device):
+        return "vmap"
+    return "autograd loop" if learner.uses_autograd_loop() else "torch.func loop"
+
+
+# -- learn2learn itself --------------------------------------------------------------------------
+
+def import_learn2learn():
+    """learn2learn, or the one-line reason it cannot be imported. Its import prints gym's
+    deprecation notice; that is not ours to show."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            import learn2learn
+    except Exception as error:  # a source build gone wrong fails in many ways
+        return None, f"{type(error).__name__}: {error}".splitlines()[0]
+    return learn2learn, None
+
+
+def learn2learn_step(name: str, learner: Learner, setting: Setting,
+                     device: torch.device) -> Step | None:
+    """One meta-gradient over a batch with learn2learn's own classes, or None where learn2learn
+    is missing or has no such learner."""
+    l2l, _ = import_learn2learn()
+    if l2l is None or name not in ("maml", "fomaml", "metasgd", "anil"):
+        return None
+    h = learner.hparams
+    torch.manual_seed(1)
+    model = l2l.vision.models.CNN4(setting.ways, hidden_size=FILTERS, channels=1, max_pool=True,
+                                   embedding_size=FILTERS).to(device)
+    if name == "anil":
+        body, head = model.features, l2l.algorithms.MAML(model.classifier, lr=h.inner_lr)
+        wrapped: torch.nn.Module = model
+    elif name == "metasgd":
+        wrapped = l2l.algorithms.MetaSGD(model, lr=h.inner_lr, first_order=False)
+    else:
+        wrapped = l2l.algorithms.MAML(model, lr=h.inner_lr, first_order=name == "fomaml")
+
+    def query_loss(task: Task) -> Tensor:
+        if name == "anil":
+            features, fast = body(task.support_x), head.clone()
+            for _ in range(h.inner_steps):
+                fast.adapt(F.cross_entropy(fast(features), task.support_y))
+            return F.cross_entropy(fast(body(task.query_x)), task.query_y)
+        fast = wrapped.clone()
+        for _ in range(h.inner_steps):
+            fast.adapt(F.cross_entropy(fast(task.support_x), task.support_y))
+        return F.cross_entropy(fast(task.query_x), task.query_y)
+
+    def step(batch: TaskBatch) -> None:
+        for value in wrapped.parameters():
+            value.grad = None
+        for i in range(len(batch)):
+            query_loss(batch[i]).backward()
+    return step
 
 
 # -- the hand-written baseline ----------------------------------------------------------------
@@ -78,7 +202,7 @@ def conv4(weights: Params, x: Tensor, row: int | None = None) -> Tensor:
                                                            weights["head.bias"])
 
 
-def conv4_weights(device: torch.device, *, head: bool = True, rows: int | None = None) -> Params:
+def conv4_weights(device: torch.device, ways: int | None, *, rows: int | None = None) -> Params:
     generator = torch.Generator().manual_seed(1)
     weights, channels = {}, 1
     for i in range(4):
@@ -87,9 +211,9 @@ def conv4_weights(device: torch.device, *, head: bool = True, rows: int | None =
         shape = (FILTERS,) if rows is None else (rows, FILTERS)
         weights[f"bn{i}.weight"], weights[f"bn{i}.bias"] = torch.ones(shape), torch.zeros(shape)
         channels = FILTERS
-    if head:
-        weights["head.weight"] = torch.randn(WAYS, FILTERS, generator=generator) / 8
-        weights["head.bias"] = torch.zeros(WAYS)
+    if ways is not None:
+        weights["head.weight"] = torch.randn(ways, FILTERS, generator=generator) / 8
+        weights["head.bias"] = torch.zeros(ways)
     return {k: v.to(device).requires_grad_() for k, v in weights.items()}
 
 
@@ -106,7 +230,7 @@ def adapt(fast: Params, loss: Tensor, rate: Callable[[str], Tensor | float], *,
     return {**fast, **{k: fast[k] - rate(k) * g for k, g in zip(names, grads)}}
 
 
-def maml_loop(steps: int, lr: float, second_order: bool, meta_sgd: bool = False):
+def maml_loop(steps: int, lr: float, second_order: bool, ways: int, meta_sgd: bool = False):
     def run(weights: Params, batch: TaskBatch) -> None:
         for task in (batch[i] for i in range(len(batch))):
             fast = clone({k: v for k, v in weights.items() if not k.startswith("lr.")})
@@ -117,7 +241,7 @@ def maml_loop(steps: int, lr: float, second_order: bool, meta_sgd: bool = False)
             F.cross_entropy(conv4(fast, task.query_x), task.query_y).backward()
 
     def weights(device: torch.device) -> Params:
-        found = conv4_weights(device)
+        found = conv4_weights(device, ways)
         if meta_sgd:
             found.update({"lr." + k: torch.full_like(v, lr).requires_grad_()
                           for k, v in list(found.items())})
@@ -125,7 +249,7 @@ def maml_loop(steps: int, lr: float, second_order: bool, meta_sgd: bool = False)
     return weights, run
 
 
-def anil_loop(steps: int, lr: float):
+def anil_loop(steps: int, lr: float, ways: int):
     def run(weights: Params, batch: TaskBatch) -> None:
         body = {k: v for k, v in weights.items() if not k.startswith("head.")}
         for task in (batch[i] for i in range(len(batch))):
@@ -137,14 +261,14 @@ def anil_loop(steps: int, lr: float):
                 head = adapt(head, loss, lambda k: lr, second_order=True)
             logits = F.linear(conv4(body, task.query_x), head["head.weight"], head["head.bias"])
             F.cross_entropy(logits, task.query_y).backward()
-    return conv4_weights, run
+    return lambda device: conv4_weights(device, ways), run
 
 
-def mamlpp_loop(steps: int, lr: float, first_order: bool, loss_weights: list[float]):
+def mamlpp_loop(steps: int, lr: float, first_order: bool, loss_weights: list[float], ways: int):
     """MAML++ as its authors' code computes it: per-step BatchNorm weights, a learned rate per
     layer and step, the multi-step query loss."""
     def weights(device: torch.device) -> Params:
-        found = conv4_weights(device, rows=steps + 1)
+        found = conv4_weights(device, ways, rows=steps + 1)
         rates = {f"lr.{k}": torch.full((steps,), lr, device=device).requires_grad_()
                  for k in found if not k.startswith("bn")}
         return {**found, **rates}
@@ -165,98 +289,265 @@ def mamlpp_loop(steps: int, lr: float, first_order: bool, loss_weights: list[flo
     return weights, run
 
 
-def protonet_loop():
+def protonet_loop(ways: int):
     def run(weights: Params, batch: TaskBatch) -> None:
         for task in (batch[i] for i in range(len(batch))):
             support, queries = conv4(weights, task.support_x), conv4(weights, task.query_x)
-            prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(WAYS)])
+            prototypes = torch.stack([support[task.support_y == c].mean(0) for c in range(ways)])
             logits = -torch.cdist(queries, prototypes) ** 2
             F.cross_entropy(logits, task.query_y).backward()
-    return lambda device: conv4_weights(device, head=False), run
+    return lambda device: conv4_weights(device, None), run
 
 
-def learner_loop(learner: Learner):
+def learner_loop(learner: Learner, ways: int):
     """A plain loop through the learner's own forward code: ``query_loss``, ``backward``."""
     def weights(device: torch.device) -> Params:
         return {k: v.to(device).requires_grad_() for k, v in learner.init_params(0).items()}
 
     def run(weights: Params, batch: TaskBatch) -> None:
         for task in (batch[i] for i in range(len(batch))):
-            learner.query_loss(weights, task, ways=WAYS)[0].backward()
+            learner.query_loss(weights, task, ways=ways)[0].backward()
     return weights, run
 
 
-def baseline(name: str, learner: Learner):
-    """(initial weights, one meta-gradient over a batch) written by hand, or None."""
-    h = learner.hparams
+def loop_step(name: str, learner: Learner, setting: Setting, device: torch.device) -> Step | None:
+    """One meta-gradient over a batch written by hand, or None."""
+    h, ways = learner.hparams, setting.ways
     if name in ("maml", "fomaml", "metasgd"):
-        return maml_loop(h.inner_steps, h.inner_lr, second_order=name != "fomaml",
+        hand = maml_loop(h.inner_steps, h.inner_lr, second_order=name != "fomaml", ways=ways,
                          meta_sgd=name == "metasgd")
-    if name == "anil":
-        return anil_loop(h.inner_steps, h.inner_lr)
-    if name == "mamlpp":
-        return mamlpp_loop(h.inner_steps, h.inner_lr,
+    elif name == "anil":
+        hand = anil_loop(h.inner_steps, h.inner_lr, ways)
+    elif name == "mamlpp":
+        hand = mamlpp_loop(h.inner_steps, h.inner_lr,
                            first_order=PROGRESS < h.first_order_fraction,
-                           loss_weights=learner.loss_weights(PROGRESS))
-    if name == "protonet":
-        return protonet_loop()
-    if type(learner).task_gradient is Learner.task_gradient:
-        return learner_loop(learner)
-    return None
+                           loss_weights=learner.loss_weights(PROGRESS), ways=ways)
+    elif name == "protonet":
+        hand = protonet_loop(ways)
+    elif type(learner).task_gradient is Learner.task_gradient:
+        hand = learner_loop(learner, ways)
+    else:
+        return None
+    make_weights, run = hand
+    weights = make_weights(device)
+
+    def step(batch: TaskBatch) -> None:
+        for value in weights.values():
+            value.grad = None
+        run(weights, batch)
+    return step
+
+
+def implementation_step(implementation: str, name: str, setting: Setting,
+                        device: torch.device) -> Step | None:
+    learner = orch_learner(name, setting, device)
+    if implementation == "orch":
+        return orch_step(learner, device)
+    if implementation == "learn2learn":
+        return learn2learn_step(name, learner, setting, device)
+    return loop_step(name, learner, setting, device)
 
 
 # -- measuring ---------------------------------------------------------------------------------
 
-def timed(step: Callable[[], object], device: torch.device) -> float:
+def timed(step: Step, batch: TaskBatch, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    step()
+    step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
-def measure(name: str, device: torch.device, meta_batch: int, rounds: int
-            ) -> tuple[float, float | None, str]:
-    model = ModelSection.model_validate({"backbone": "conv4", "filters": FILTERS})
-    learner = build_learner(model, name, {}, kind="classification",
-                            input_shape=(1, SIZE, SIZE), output_size=WAYS)
-    learner.backbone.to(device)
-    batch = episodes(meta_batch, device)
-    params = {k: v.to(device) for k, v in learner.init_params(0).items()}
-    vectorize = should_vectorize("auto", "conv4", device)
-    learner.progress = PROGRESS
-
-    def orch_step() -> None:
-        learner.batch_gradient(params, batch, vectorize=vectorize, progress=PROGRESS)
-
-    hand = baseline(name, learner)
-    loop_step = None
-    if hand is not None:
-        make_weights, run = hand
-        weights = make_weights(device)
-
-        def loop_step() -> None:
-            for value in weights.values():
-                value.grad = None
-            run(weights, batch)
-    orch_step()  # warm-up: allocator, oneDNN primitives, CUDA kernels
-    if loop_step is not None:
-        loop_step()
-    orch_times, loop_times = [], []
+def rates(name: str, setting: Setting, device: torch.device, rounds: int) -> dict[str, float]:
+    """Tasks per second of each implementation that has this learner, rounds alternating."""
+    batch = episodes(setting, device)
+    steps = {impl: implementation_step(impl, name, setting, device) for impl in IMPLEMENTATIONS}
+    steps = {impl: step for impl, step in steps.items() if step is not None}
+    for step in steps.values():
+        step(batch)  # warm-up: allocator, oneDNN primitives, CUDA kernels
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
     for _ in range(rounds):
-        orch_times.append(timed(orch_step, device))
-        if loop_step is not None:
-            loop_times.append(timed(loop_step, device))
-    orch_rate = meta_batch / statistics.median(orch_times)
-    loop_rate = meta_batch / statistics.median(loop_times) if loop_times else None
-    path = "vmap" if vectorize else ("autograd loop" if learner.uses_autograd_loop()
-                                     else "torch.func loop")
-    return orch_rate, loop_rate, path
+        for impl, step in steps.items():
+            times[impl].append(timed(step, batch, device))
+    return {impl: setting.meta_batch / statistics.median(found) for impl, found in times.items()}
+
+
+def peak_memory(implementation: str, name: str, setting: Setting, device: torch.device,
+                threads: int) -> tuple[float, float | None] | None:
+    """MiB one meta-step adds at its peak, each measured in a fresh child process (see
+    ``child_peak_memory``): the allocator's peak, and on CPU the resident set's; None where the
+    implementation lacks the learner."""
+    found = []
+    for measure in ("allocator", "resident") if device.type == "cpu" else ("allocator",):
+        spec = {"implementation": implementation, "name": name, "setting": asdict(setting),
+                "device": device.type, "threads": threads, "measure": measure}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-memory",
+                               json.dumps(spec)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child for {implementation} {name} failed: "
+                               f"{done.stderr.strip().splitlines()[-1:]}")
+        found.append(json.loads(done.stdout.strip().splitlines()[-1])["mib"])
+    if found[0] is None:
+        return None
+    return found[0], found[1] if len(found) > 1 else None
+
+
+def child_peak_memory(spec: dict) -> float | None:
+    """In a fresh process: build one implementation's step and batch, then run one meta-step
+    and return the MiB it added at its peak. ``allocator``: on CUDA the caching allocator's
+    peak, on CPU the peak of live tensor bytes, summed from the profiler's allocation records
+    (exact, the same on every run). ``resident``: the process's peak resident set minus its
+    resident set just before the step -- what the machine sees, allocator slack and library
+    buffers included, and noisy by tens of MiB. No warm-up step: it would raise the peak the
+    measured step is compared against."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    setting = Setting(**spec["setting"])
+    step = implementation_step(spec["implementation"], spec["name"], setting, device)
+    if step is None:
+        return None
+    batch = episodes(setting, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if spec["measure"] == "allocator":
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step(batch)
+        records = sorted((e for e in profiler.profiler.kineto_results.events()
+                          if e.name() == "[memory]"), key=lambda e: e.start_ns())
+        return max(itertools.accumulate((e.nbytes() for e in records), initial=0)) / 2**20
+    before = resident_mib("VmRSS")
+    step(batch)
+    return resident_mib("VmHWM") - before
+
+
+def resident_mib(field: str) -> float:
+    """The process's resident set (``VmRSS``) or its peak (``VmHWM``) in MiB. Not ``ru_maxrss``:
+    Linux carries that over from the parent across fork and exec, so a child started by a large
+    parent reports the parent's size."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+def cell(value: float | None, form: str = ".2f", width: int = 9) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{form}}"
+
+
+def mib(peaks: tuple[float, float | None] | None) -> str:
+    """``allocator (resident)`` MiB, right-aligned in 12 columns."""
+    if peaks is None:
+        return f"{'-':>12}"
+    allocator, resident = peaks
+    return f"{allocator:.0f}" .rjust(12) if resident is None else (
+        f"{allocator:.0f} ({resident:.0f})".rjust(12))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def learner_table(names: list[str], setting: Setting, devices: list[str], rounds: int,
+                  threads: int, memory: bool) -> None:
+    print(f"{'learner':<11}{'device':<7}{'orch path':<16}{'orch':>9}{'l2l':>9}{'orch/l2l':>9}"
+          f"{'loop':>9}{'orch/loop':>10}" + (f"{'orch MiB':>12}{'l2l MiB':>12}{'loop MiB':>12}"
+                                             if memory else ""))
+    for device_name in devices:
+        device = torch.device(device_name)
+        for name in names:
+            found = rates(name, setting, device, rounds)
+            orch, l2l, loop = (found.get(impl) for impl in IMPLEMENTATIONS)
+            line = (f"{name:<11}{device_name:<7}"
+                    f"{orch_path(orch_learner(name, setting, device), device):<16}"
+                    f"{cell(orch)}{cell(l2l)}{cell(ratio(orch, l2l), '.2f')}{cell(loop)}"
+                    f"{cell(ratio(orch, loop), '.2f', 10)}")
+            if memory:
+                line += "".join(mib(peak_memory(impl, name, setting, device, threads))
+                                for impl in IMPLEMENTATIONS)
+            print(line, flush=True)
+
+
+def growth_table(devices: list[str], rounds: int, threads: int, memory: bool,
+                 plot: str | None) -> None:
+    """MAML's tasks/s and peak memory as one knob at a time grows from the base setting."""
+    print("MAML, second order; each row changes one knob of the base setting "
+          f"({BASE.label()}); time x and mem x: orch's seconds per task and peak allocator "
+          "memory relative to the base row")
+    print(f"{'knob':<12}{'setting':<38}{'orch':>9}{'l2l':>9}{'orch/l2l':>9}{'time x':>8}"
+          + (f"{'orch MiB':>12}{'l2l MiB':>12}{'mem x':>7}" if memory else ""))
+    results: dict[str, list[tuple[Setting, dict]]] = {}
+    for device_name in devices:
+        device = torch.device(device_name)
+        base: dict = {}
+        for knob, settings in GROWTH.items():
+            for setting in settings:
+                found = rates("maml", setting, device, rounds)
+                row = {"orch": found["orch"], "other": found.get("learn2learn", found.get("loop"))}
+                if memory:
+                    other = "learn2learn" if "learn2learn" in found else "loop"
+                    row["orch MiB"] = peak_memory("orch", "maml", setting, device, threads)
+                    row["other MiB"] = peak_memory(other, "maml", setting, device, threads)
+                if setting == BASE and not base:
+                    base = row
+                results.setdefault(knob, []).append((setting, row))
+                # seconds per task relative to the base setting's (1.0: linear in tasks)
+                time_x = base["orch"] / row["orch"] if base else None
+                line = (f"{knob:<12}{setting.label() + ' (' + device_name + ')':<38}"
+                        f"{cell(row['orch'])}{cell(row['other'])}"
+                        f"{cell(ratio(row['orch'], row['other']))}{cell(time_x, '.2f', 8)}")
+                if memory:
+                    growth = ratio(row["orch MiB"][0], base["orch MiB"][0]) if base else None
+                    line += f"{mib(row['orch MiB'])}{mib(row['other MiB'])}{cell(growth, '.2f', 7)}"
+                print(line, flush=True)
+    if plot:
+        draw_growth(results, plot, memory)
+
+
+def draw_growth(results: dict[str, list[tuple[Setting, dict]]], path: str, memory: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knob_value = {"inner steps": lambda s: s.steps, "shots": lambda s: s.shots,
+                  "ways": lambda s: s.ways, "meta-batch": lambda s: s.meta_batch}
+    rows = 2 if memory else 1
+    figure, axes = plt.subplots(rows, len(results), figsize=(3.2 * len(results), 2.8 * rows),
+                                squeeze=False)
+    for column, (knob, found) in enumerate(results.items()):
+        xs = [knob_value[knob](setting) for setting, _ in found]
+        panels = [("ms per task", lambda r, k: 1000 / r[k], ("orch", "other"))]
+        if memory:
+            panels.append(("peak MiB (allocator)", lambda r, k: r[k][0], ("orch MiB", "other MiB")))
+        for row, (label, value, keys) in enumerate(panels):
+            axis = axes[row][column]
+            for key, name in zip(keys, ("orch", "learn2learn")):
+                axis.plot(xs, [value(r, key) for _, r in found], marker="o", label=name)
+            axis.set_xlabel(knob)
+            axis.set_xticks(xs)
+            axis.set_ylim(bottom=0)
+            if column == 0:
+                axis.set_ylabel(label)
+    axes[0][0].legend()
+    figure.suptitle(f"MAML meta-step on CPU, from {BASE.label()}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child-memory":
+        print(json.dumps({"mib": child_peak_memory(json.loads(sys.argv[2]))}))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="meta-batch 8, one round")
     parser.add_argument("--meta-batch", type=int, default=None, help="default 32 (8 with --quick)")
@@ -266,27 +557,41 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
                         help="default: cpu, and cuda when visible")
+    parser.add_argument("--memory", action="store_true",
+                        help="also peak memory per meta-step, one fresh child process each")
+    parser.add_argument("--growth", action="store_true",
+                        help="MAML as inner steps, shots, ways and meta-batch grow, instead of "
+                             "the table of learners")
+    parser.add_argument("--plot", metavar="PNG", help="with --growth: draw it into this file")
     args = parser.parse_args()
+    if args.plot and not args.growth:
+        parser.error("--plot draws the --growth table; add --growth")
     meta_batch = args.meta_batch or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    # Pretraining learners take no meta-step: they train on labelled minibatches, not episodes.
-    names = args.only or [n for n, cls in LEARNERS.items()
-                          if "classification" in cls.task_kinds and cls.family != "pretrained"]
-    print(f"# Omniglot-shaped {WAYS}-way {SHOTS}-shot, {QUERIES} queries/class, Conv-4-{FILTERS}, "
-          f"{SIZE}x{SIZE}, meta-batch {meta_batch}, median of {rounds} round(s); torch "
-          f"{torch.__version__}, {args.threads} CPU thread(s), {platform.processor() or 'cpu'}"
-          + (f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""))
-    print(f"{'learner':<11}{'device':<7}{'orch path':<17}{'orch tasks/s':>13}"
-          f"{'loop tasks/s':>13}{'orch/loop':>10}")
-    for device_name in devices:
-        device = torch.device(device_name)
-        for name in names:
-            orch_rate, loop_rate, path = measure(name, device, meta_batch, rounds)
-            loop = f"{loop_rate:>13.2f}{orch_rate / loop_rate:>10.2f}" if loop_rate else (
-                f"{'-':>13}{'-':>10}")
-            print(f"{name:<11}{device_name:<7}{path:<17}{orch_rate:>13.2f}{loop}", flush=True)
+    l2l, why = import_learn2learn()
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"# torch {torch.__version__}, {args.threads} CPU thread(s) of {os.cpu_count()}, "
+          f"{platform.processor() or 'cpu'}"
+          + (f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in devices else "")
+          + f"; load average {load} at the start")
+    print(f"# learn2learn {l2l.__version__}" if l2l else f"# learn2learn not importable ({why}): "
+          "its column stays empty")
+    print(f"# tasks/s: median of {rounds} round(s) alternating the implementations; "
+          f"{QUERIES} queries per class, Conv-4-{FILTERS}, {SIZE}x{SIZE}"
+          + ("; MiB: peak memory one meta-step adds, fresh child process each" if args.memory
+             else ""))
+    if args.growth:
+        growth_table(devices, rounds, args.threads, args.memory, args.plot)
+    else:
+        setting = Setting(meta_batch=meta_batch)
+        print(f"# {setting.label()}, each learner's default knobs")
+        # Pretraining learners take no meta-step: they train on labelled minibatches.
+        names = args.only or [n for n, cls in LEARNERS.items()
+                              if "classification" in cls.task_kinds and cls.family != "pretrained"]
+        learner_table(names, setting, devices, rounds, args.threads, args.memory)
+    print(f"# load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ evaluation and serving.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.functional import max_unpool2d
+
+from learners.functional import in_plain_autograd
 
 BACKBONES = ("mlp", "conv4", "resnet12")
 
@@ -33,6 +37,57 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
+
+
+class _PoolKeepingIndices(torch.autograd.Function):
+    """Max-pooling over windows that do not overlap, whose backward keeps only the argmax
+    indices. ``torch.max_pool2d``'s autograd node also keeps its input alive for its backward,
+    which reads nothing of it but its shape: after BatchNorm that input is a full-resolution map
+    nothing else needs, held per block until the task's ``backward``. The backward here is
+    ``max_unpool2d`` (the same values as max-pooling's backward where windows do not overlap,
+    in the same memory layout), itself differentiable (a gather by the same indices), so inner
+    gradients taken with ``create_graph`` work as before."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, window: int) -> Tensor:
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, [window, window],
+                                                                 [window, window])
+        ctx.window, ctx.size = window, x.shape[-2:]
+        ctx.save_for_backward(indices)
+        return pooled
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (indices,) = ctx.saved_tensors
+        return max_unpool2d(grad, indices, ctx.window, ctx.window, output_size=ctx.size), None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that, in the CPU autograd loop (``functional.plain_autograd``) and for
+    windows that do not overlap (Conv-4's and ResNet-12's 2x2), keeps only its argmax indices
+    for the backward (``_PoolKeepingIndices``): the same values and gradients, one full-
+    resolution map less held per block. Elsewhere (vmap, torch.func gradients, evaluation) it
+    is ``nn.MaxPool2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        window = self.kernel_size
+        if (not in_plain_autograd() or not torch.is_grad_enabled() or self.return_indices
+                or not isinstance(window, int) or self.stride not in (window, (window, window))
+                or self.padding not in (0, (0, 0)) or self.dilation not in (1, (1, 1))
+                or self.ceil_mode or x.dim() != 4 or not _plain_tensor(x)):
+            return super().forward(x)
+        return _PoolKeepingIndices.apply(x, window)
+
+
+def _plain_tensor(x: Tensor) -> bool:
+    """Whether ``x`` is an ordinary tensor rather than one a torch.func transform wraps (some
+    learners take torch.func gradients inside the autograd loop: the LSTM meta-learner,
+    MetaNet). Wrapped tensors have no storage of their own."""
+    try:
+        x.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 class ConvBlock(nn.Sequential):
@@ -58,8 +113,9 @@ def conv_block(in_channels: int, out_channels: int) -> ConvBlock:
     return ConvBlock(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        # In place: it runs after the pool (FORWARD_ORDER), on a map nothing keeps for backward.
+        nn.ReLU(inplace=True),
+        MaxPool2d(2),
     )
 
 
@@ -99,7 +155,7 @@ class ResidualBlock(nn.Module):
                                   *conv(out_channels, out_channels), nn.LeakyReLU(0.1),
                                   *conv(out_channels, out_channels))
         self.shortcut = nn.Sequential(*conv(in_channels, out_channels, 1))
-        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), MaxPool2d(2))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.body(x) + self.shortcut(x))
