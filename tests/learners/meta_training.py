@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from learners.base import Learner, Params
-from pipelines.base import TaskFamily
+from pipelines.base import Task, TaskBatch, TaskFamily
 
 
 def trainable(learner: Learner, seed: int = 0) -> Params:
@@ -34,3 +34,13 @@ def meta_train(learner: Learner, family: TaskFamily, params: Params, *, iteratio
             for name in statistics:
                 params[name] -= learner.statistics_momentum * params[name].grad
     return params
+
+
+def random_episodes(count: int = 2) -> TaskBatch:
+    """``count`` random 5-way 1-shot Omniglot-shaped episodes (3 queries per class), seeded: for
+    tests that compare two gradient paths on the same input, not for learning."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(5)
+    return TaskBatch.stack([Task(torch.rand(5, 1, 28, 28, generator=generator), labels,
+                                 torch.rand(15, 1, 28, 28, generator=generator),
+                                 labels.repeat_interleave(3)) for _ in range(count)])

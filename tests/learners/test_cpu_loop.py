@@ -16,18 +16,10 @@ import learners.base as base
 from learners.backbones import ConvBlock
 from orchestrator.config import ModelSection
 from orchestrator.factory import build_learner
-from pipelines.base import Task, TaskBatch
+from meta_training import random_episodes
 
 LEARNERS = [("maml", {}), ("fomaml", {}), ("metasgd", {}), ("anil", {}), ("mamlpp", {}),
             ("maml", {"head": "zero"}), ("protonet", {}), ("relation", {}), ("sca", {})]
-
-
-def episodes(count: int = 2) -> TaskBatch:
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(5)
-    return TaskBatch.stack([Task(torch.rand(5, 1, 28, 28, generator=generator), labels,
-                                 torch.rand(15, 1, 28, 28, generator=generator),
-                                 labels.repeat_interleave(3)) for _ in range(count)])
 
 
 def relative(a: dict, b: dict) -> float:
@@ -42,7 +34,7 @@ def test_cpu_loop_equals_torch_func(name, knobs, monkeypatch):
                             output_size=5)
     learner.progress = 0.5  # MAML++: second order, last-step loss
     assert learner.uses_autograd_loop()
-    params, batch = learner.init_params(0), episodes()
+    params, batch = learner.init_params(0), random_episodes()
     reference, _ = learner.batch_gradient(params, batch, vectorize=True)  # torch.func
     fast, _ = learner.batch_gradient(params, batch, vectorize=False, progress=0.5)
     assert relative(fast, reference) < 1e-3

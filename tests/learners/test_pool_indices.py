@@ -13,18 +13,10 @@ import learners.backbones as backbones
 from learners.functional import plain_autograd
 from orchestrator.config import ModelSection
 from orchestrator.factory import build_learner
-from pipelines.base import Task, TaskBatch
+from meta_training import random_episodes
 
 # Two inner steps: the pool's backward is itself differentiated (second order) at every step.
 LEARNERS = [("maml", {"inner_steps": 2}), ("mamlpp", {}), ("anil", {}), ("metasgd", {})]
-
-
-def episodes(count: int = 2) -> TaskBatch:
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(5)
-    return TaskBatch.stack([Task(torch.rand(5, 1, 28, 28, generator=generator), labels,
-                                 torch.rand(15, 1, 28, 28, generator=generator),
-                                 labels.repeat_interleave(3)) for _ in range(count)])
 
 
 def learner_for(name: str, knobs: dict):
@@ -46,7 +38,7 @@ def stock(monkeypatch, backbone: nn.Module) -> None:
 @pytest.mark.parametrize("name, knobs", LEARNERS, ids=[n for n, _ in LEARNERS])
 def test_meta_gradient_equals_stock_pooling(name, knobs, monkeypatch):
     learner = learner_for(name, knobs)
-    params, batch = learner.init_params(0), episodes()
+    params, batch = learner.init_params(0), random_episodes()
     fast, fast_stats = learner.batch_gradient(params, batch, progress=0.5)
     stock(monkeypatch, learner.backbone)
     reference, stats = learner.batch_gradient(params, batch, progress=0.5)

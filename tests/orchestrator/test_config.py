@@ -35,7 +35,7 @@ def test_quickstart_example_is_valid():
     ({"bogus": 1}, "bogus: unknown key; allowed: algorithms, data"),
     ({"training": {"iterations": "many"}}, "training.iterations: Input should be a valid integer"),
     ({"training": {"iterationz": 3}}, "training.iterationz: unknown key; allowed: "),
-    ({"algorithms": {"mamll": {}}}, "algorithms.mamll: unknown algorithm; allowed: alpaca, anil, fomaml, maml"),
+    ({"algorithms": {"mamll": {}}}, "algorithms.mamll: unknown algorithm; allowed: alpaca, anil, baseline, baselinepp, fomaml, maml"),
     ({"algorithms": {"maml": {"inner_lr": {"low": 0.2, "high": 0.1}}}},
      "algorithms.maml.inner_lr: low (0.2) must not exceed high (0.1)"),
     ({"algorithms": {"maml": {"inner_lr": {"low": 0, "high": 0.1, "log": True}}}},
