@@ -2,7 +2,8 @@
 consecutive batches of a task family's train split (its training batches: episodes, or labelled
 minibatches for pretraining learners), running statistics moved as a moving average, as
 MetaTrainer does it, without the trainer (so a test controls the learner, the optimiser's rate
-and the batch path directly)."""
+and the batch path directly). Also ``random_episodes``: the seeded random input of the tests
+that compare two gradient paths."""
 
 from __future__ import annotations
 
