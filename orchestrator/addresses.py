@@ -59,3 +59,11 @@ def prepare_environment(address: str | None) -> None:
     parsed = parse(effective(address))
     if parsed is not None and parsed.loopback:
         os.environ.update(LOOPBACK_ENV)
+
+
+def loopback_hosts(nodes: int, *, distinct: bool) -> list[str]:
+    """The address of each node of a loopback cluster (``orch cluster up``): all 127.0.0.1, or
+    (``distinct``) one loopback address each -- 127.0.0.1 for the head, 127.0.0.2, 127.0.0.3,
+    ... for the workers -- so that the nodes present as separate hosts, as on a real cluster
+    (Linux routes all of 127.0.0.0/8 to the loopback interface)."""
+    return [f"127.0.0.{i + 1 if distinct else 1}" for i in range(nodes)]

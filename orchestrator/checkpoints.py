@@ -15,6 +15,11 @@ mid-write is never loaded, the previous one is. The identity hashes everything t
 trained weights -- algorithm, resolved knobs, task distribution, model and training settings,
 the initial backbone's digest (``model.init``) -- so a checkpoint from another sweep file never
 seeds a trial.
+
+An object store may time out or restart: every call to a remote store waits it out
+(``retry.call``, up to ``services.outage_s``), and while a trial trains its checkpoints are
+written from a thread (``BackgroundWrites``), so training goes on while the store is slow or
+away; the last checkpoint of a trial is written before it ends.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from typing import Any, Mapping
 import pyarrow.fs as pafs
 import torch
 
+from orchestrator import retry
 from orchestrator.config import ConfigError, Sweep, Training
 from orchestrator.errors import UserError, first_line
 from orchestrator.training import LoopState, Validation
@@ -118,8 +125,31 @@ def decode(data: bytes, name: str, trial_identity: str) -> LoopState:
     return state
 
 
+SERVICE = "checkpoint store"
+# Words of pyarrow's errors for an object store that is away or overloaded (S3's AWS error
+# names, curl's and the HTTP client's), as against a missing key or a refused permission.
+TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING",
+                     "INTERNAL_FAILURE", "REQUEST_TIMEOUT", "curlCode", "Connection refused",
+                     "Connection reset", "timed out", "Timeout", "HTTP status 5")
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` says the object store was away rather than that the call was wrong."""
+    if isinstance(error, retry.StoreUnavailable):
+        return True
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError, FileExistsError)) or not isinstance(error, OSError):
+        return False
+    return any(marker in str(error) for marker in TRANSIENT_MARKERS)
+
+
+def _never(error: BaseException) -> bool:
+    return False
+
+
 class CheckpointStore:
-    """The folder or object-store prefix that holds every trial's checkpoints."""
+    """The folder or object-store prefix that holds every trial's checkpoints. Calls to a remote
+    store wait out an outage (``retry.call``); a local disk does not blink, and is not retried."""
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -131,15 +161,24 @@ class CheckpointStore:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
         self.root = self.root.rstrip("/")
+        self.remote = not isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _call(self, function: Any) -> Any:
+        return retry.call(function, service=SERVICE, url=self.uri,
+                          transient=transient if self.remote else _never)
 
     def check(self) -> None:
         """Fail in one line, before any trial runs, where checkpoints cannot be written."""
         probe = f"{self.root}/.orch-probe-{uuid.uuid4().hex}"
-        try:
+
+        def write_probe() -> None:
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as stream:
                 stream.write(b"probe")
             self.fs.delete_file(probe)
+
+        try:
+            self._call(write_probe)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot write checkpoints to {self.uri} (training.checkpoint_storage): "
                               f"{first_line(error)}") from None
@@ -150,31 +189,44 @@ class CheckpointStore:
     def save(self, folder: str, iteration: int, data: bytes) -> str:
         """Write ``data`` as the folder's checkpoint of ``iteration``: under a temporary name
         first, then renamed, so that a reader sees a whole file or none; older ones pruned."""
-        self.fs.create_dir(folder, recursive=True)
         final = f"{folder}/ckpt-{iteration:08d}.pt"
-        staging = f"{folder}/.ckpt-{iteration:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(staging) as stream:
-            stream.write(data)
-        self.fs.move(staging, final)
-        for _, old in self.listing(folder)[KEEP:]:
-            self.fs.delete_file(old)
-        return final
+
+        def write() -> str:
+            self.fs.create_dir(folder, recursive=True)
+            staging = f"{folder}/.ckpt-{iteration:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open_output_stream(staging) as stream:
+                stream.write(data)
+            self.fs.move(staging, final)
+            for _, old in self._listing(folder)[KEEP:]:
+                self.fs.delete_file(old)
+            return final
+
+        return self._call(write)
 
     def listing(self, folder: str) -> list[tuple[int, str]]:
         """The folder's checkpoints as (iteration, path), newest first; staging files ignored."""
+        return self._call(lambda: self._listing(folder))
+
+    def _listing(self, folder: str) -> list[tuple[int, str]]:
         infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         found = [(int(match.group(1)), info.path) for info in infos
                  if info.type == pafs.FileType.File and (match := FILE_NAME.match(info.base_name))]
         return sorted(found, reverse=True)
 
     def read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as stream:
-            return stream.read()
+        def read_all() -> bytes:
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+
+        return self._call(read_all)
 
     def remove(self, folder: str) -> None:
         """Delete a finished trial's checkpoints."""
-        if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
-            self.fs.delete_dir(folder)
+        def delete() -> None:
+            if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
+                self.fs.delete_dir(folder)
+
+        self._call(delete)
 
 
 @dataclass
@@ -235,9 +287,97 @@ class TrialCheckpoints:
                                   f"({first_line(error)})") from None
 
 
+class BackgroundWrites:
+    """A trial's checkpoints written to an object store from a thread, so that training goes on
+    while the store is slow or away. Only the newest checkpoint matters: one that arrives while
+    another still waits replaces it. A store away for longer than ``services.outage_s`` (or
+    any other failure) is raised in the training thread at its next ``check``."""
+
+    def __init__(self, store: CheckpointStore, folder: str):
+        self.store, self.folder = store, folder
+        self.changed = threading.Condition()
+        self.waiting: tuple[int, bytes] | None = None
+        self.busy = False
+        self.failure: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="orch-checkpoints", daemon=True)
+        self.thread.start()
+
+    def put(self, iteration: int, data: bytes) -> None:
+        self.check()
+        with self.changed:
+            self.waiting = (iteration, data)
+            self.changed.notify_all()
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def wait(self) -> None:
+        """Until nothing waits to be written (then ``check``)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.failure is not None or
+                                  (self.waiting is None and not self.busy))
+        self.check()
+
+    def close(self) -> None:
+        """Stop writing (the trial ended): a checkpoint still waiting is dropped, one being
+        written is finished."""
+        with self.changed:
+            self.closed, self.waiting = True, None
+            self.changed.notify_all()
+        self.thread.join()
+
+    def _run(self) -> None:
+        with retry.in_background():
+            self._write_until_closed()
+
+    def _write_until_closed(self) -> None:
+        down_since, attempts = None, 0
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.waiting is not None or self.closed)
+                if self.closed:
+                    return
+                iteration, data = self.waiting
+                self.waiting, self.busy = None, True
+            try:
+                with retry.single_attempt():
+                    self.store.save(self.folder, iteration, data)
+                down_since, attempts = None, 0
+            except retry.StoreUnavailable as unavailable:
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since >= retry.outage_s():
+                    self._fail(retry.outage_error(unavailable.service, unavailable.url,
+                                                  now - down_since, unavailable.error))
+                    return
+                attempts += 1
+                with self.changed:  # try again after the pause, unless a newer one came
+                    if self.waiting is None and not self.closed:
+                        self.waiting = (iteration, data)
+                    self.busy = False
+                    self.changed.notify_all()
+                    self.changed.wait_for(lambda: self.closed, timeout=retry.waits(attempts))
+                continue
+            except Exception as error:  # noqa: BLE001 -- raised in the training thread
+                self._fail(error)
+                return
+            with self.changed:
+                self.busy = False
+                self.changed.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        with self.changed:
+            self.failure, self.busy = error, False
+            self.changed.notify_all()
+
+
 class TrialCheckpointer:
     """Saves one trial's loop state at the sweep's interval (``training.checkpoint_*``) and
-    counts what saving cost, for the run's record."""
+    counts what saving cost the training loop, for the run's record. On an object store the
+    saves before the last are written in the background (``BackgroundWrites``); the last one,
+    and every save to a local disk, before ``save`` returns."""
 
     def __init__(self, trial: TrialCheckpoints, training: Training):
         self.trial = trial
@@ -245,18 +385,32 @@ class TrialCheckpointer:
         self.seconds = None if training.checkpoint_minutes is None else training.checkpoint_minutes * 60
         self.last_save = time.monotonic()
         self.saved, self.cost_s = 0, 0.0
+        self.background = (BackgroundWrites(trial.store, trial.folder) if trial.store.remote
+                           else None)
 
     def due(self, iterations_done: int, *, last: bool) -> bool:
+        if self.background is not None:
+            self.background.check()
         if last:
             return True
         if self.every and iterations_done % self.every == 0:
             return True
         return self.seconds is not None and time.monotonic() - self.last_save >= self.seconds
 
-    def save(self, state: LoopState) -> None:
+    def save(self, state: LoopState, *, last: bool = False) -> None:
         started = time.perf_counter()
-        self.trial.store.save(self.trial.folder, state.iteration,
-                              encode(state, self.trial.identity))
+        data = encode(state, self.trial.identity)
+        if self.background is not None and not last:
+            self.background.put(state.iteration, data)
+        else:
+            if self.background is not None:
+                self.background.wait()
+            self.trial.store.save(self.trial.folder, state.iteration, data)
         self.cost_s += time.perf_counter() - started
         self.saved += 1
         self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        """The trial ended (complete, pruned or failed): no more writes from it."""
+        if self.background is not None:
+            self.background.close()

@@ -120,18 +120,25 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
             f"interrupted; finished trials are kept in the stores (continue with: orch launch "
             f"{sweep_file} --resume)") from None
     table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
-    for column in ("algorithm", "best trial", sweep.search.metric, "complete/pruned/failed",
-                   "registered", "champion"):
+    unfinished = sum(s.counts["unfinished"] for s in summaries)
+    states = "complete/pruned/failed" + ("/unfinished" if unfinished else "")
+    for column in ("algorithm", "best trial", sweep.search.metric, states, "registered",
+                   "champion"):
         table.add_column(column)
     for s in summaries:
         reg = s.registration
+        counts = [s.counts[state] for state in states.split("/")]
         table.add_row(s.algorithm, "-" if s.best_trial is None else str(s.best_trial),
                       "-" if s.best_value is None else f"{s.best_value:.4f}",
-                      f"{s.counts['complete']}/{s.counts['pruned']}/{s.counts['failed']}",
+                      "/".join(map(str, counts)),
                       f"{reg.name} v{reg.version}" if reg else "-",
                       ("yes" if reg.champion else "no") if reg else "-")
     output_console().print(table)
     uri = sweep.tracking_uri(tracking_uri)
+    if unfinished:
+        raise MachineryError(f"{unfinished} trial(s) could not finish because the machinery failed "
+                             "them beyond search.restarts (the orch: lines above say how); they "
+                             f"are kept: continue with orch launch {sweep_file} --resume")
     if not quiet:
         console.print(f"inspect: mlflow ui --backend-store-uri {uri}   (or: orch ui)")
 
@@ -176,8 +183,9 @@ class _progress_display:
     def update(self, algorithm: str, counts: dict[str, int], running: int, best: float | None,
                total: int, restarts: int = 0) -> None:
         done = sum(counts.values())
+        unfinished = f"unfinished {counts['unfinished']}  " if counts.get("unfinished") else ""
         detail = (f"running {running}  pruned {counts['pruned']}  failed {counts['failed']}  "
-                  f"restarts {restarts}  best {'-' if best is None else f'{best:.4f}'}")
+                  f"{unfinished}restarts {restarts}  best {'-' if best is None else f'{best:.4f}'}")
         if not self.bars:
             self.progress.start()  # only once trials start: early errors stay one clean line
         if algorithm not in self.bars:
@@ -190,7 +198,8 @@ class _progress_display:
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @json_option
 def runs(sweep_name: str, storage: str, as_json: bool) -> None:
-    """List the trials of SWEEP_NAME: state (complete, pruned, failed), params and metric."""
+    """List the trials of SWEEP_NAME: state (complete, pruned, failed, running, or interrupted:
+    its orch launch is gone and --resume continues it), params and metric."""
     from orchestrator.study import trial_rows
 
     from orchestrator.tracking import require_store

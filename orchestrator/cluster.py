@@ -58,6 +58,13 @@ def is_machine_failure(error: BaseException) -> bool:
     return isinstance(error, MACHINE_FAILURES)
 
 
+def lost_local_node(error: BaseException) -> bool:
+    """True where the Ray this process drives lost this machine's node (its raylet died): every
+    task started from here would fail the same way, so restarting trials is pointless."""
+    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+    return isinstance(cause, ray.exceptions.LocalRayletDiedError)
+
+
 def connect(address: str | None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Start Ray in this process (``address`` None) or join a cluster by address.
 
@@ -402,23 +409,29 @@ def _sum_statistics(results: Sequence[tuple[dict[str, float], int]]) -> tuple[di
     return stats, sum(n for _, n in results)
 
 
-def start_loopback_cluster(nodes: int, *, cpus: float, port: int, temp_dir: str) -> tuple[Any, list[str]]:
-    """Start ``nodes`` real Ray nodes on 127.0.0.1 in this process's care; return the cluster
-    (``.address``, ``.shutdown()``) and the node ids.
+def start_loopback_cluster(nodes: int, *, cpus: float, port: int, temp_dir: str,
+                           distinct_hosts: bool = False) -> tuple[Any, list[str]]:
+    """Start ``nodes`` real Ray nodes on the loopback in this process's care; return the
+    cluster (``.address``, ``.shutdown()``) and the node ids.
 
     ``ray.cluster_utils.Cluster`` is what Ray's own multi-node tests use on one machine: every
     node has its own raylet, object store and CPUs, and all its processes are children of this
     one, so stopping is ``shutdown()`` and never ``ray stop`` (which ends every Ray here). Run
-    under ``addresses.LOOPBACK_ENV`` so that the nodes keep 127.0.0.1 instead of the outward IP."""
+    under ``addresses.LOOPBACK_ENV`` so that the nodes keep their loopback addresses instead of
+    the outward IP. With ``distinct_hosts`` each node listens on its own loopback address
+    (``addresses.loopback_hosts``): Ray, and orch's rules for clusters of several hosts, see as many hosts
+    as nodes."""
     from ray.cluster_utils import Cluster
 
+    hosts = addresses.loopback_hosts(nodes, distinct=distinct_hosts)
     # Ports other than the GCS's are left to the OS, so that clusters side by side never clash.
-    node = dict(node_ip_address="127.0.0.1", num_cpus=cpus, temp_dir=temp_dir,
-                dashboard_agent_listen_port=None, include_dashboard=False)
-    cluster = Cluster(initialize_head=True, head_node_args=dict(node, gcs_server_port=port))
+    node = dict(num_cpus=cpus, temp_dir=temp_dir, dashboard_agent_listen_port=None,
+                include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        node, node_ip_address=hosts[0], gcs_server_port=port))
     try:
-        for _ in range(nodes - 1):
-            cluster.add_node(**node)
+        for host in hosts[1:]:
+            cluster.add_node(node_ip_address=host, **node)
         ids = [cluster.head_node.node_id] + [worker.node_id for worker in cluster.worker_nodes]
     except BaseException:
         cluster.shutdown()

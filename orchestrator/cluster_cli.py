@@ -1,6 +1,8 @@
-"""``orch cluster``: a real multi-node Ray cluster on 127.0.0.1, to try multi-node sweeps on one machine.
+"""``orch cluster``: a real multi-node Ray cluster on the loopback, to try multi-node sweeps on one
+machine.
 
     orch cluster up --nodes 2          # prints the address last: 127.0.0.1:6390
+    orch cluster up --nodes 3 --distinct-hosts   # nodes on 127.0.0.1, 127.0.0.2, 127.0.0.3
     orch launch examples/quickstart.yaml --address 127.0.0.1:6390
     orch cluster status
     orch cluster down                  # ends exactly the processes `up` started
@@ -28,7 +30,7 @@ from typing import Any
 
 import click
 
-from orchestrator import addresses
+from orchestrator import addresses, processes
 from orchestrator.config import ConfigError
 from orchestrator.errors import MachineryError
 
@@ -52,12 +54,19 @@ _state = click.option("--state-dir", envvar="ORCH_CLUSTER_STATE", default=str(DE
 @click.option("--cpus", type=click.FloatRange(min=0), default=1, show_default=True, help="CPUs per node.")
 @click.option("--port", type=click.IntRange(1024, 65535), default=6390, show_default=True,
               help="The head's GCS port, on 127.0.0.1; the address is 127.0.0.1:PORT.")
+@click.option("--distinct-hosts", is_flag=True,
+              help="Give each node its own loopback address (head 127.0.0.1, workers 127.0.0.2, "
+                   "127.0.0.3, ...), so the nodes present as separate hosts and orch's multi-host "
+                   "rules apply as on a real cluster (no SQLite, no local checkpoint folder, no "
+                   "relative data.path).")
 @_state
-def up(nodes: int, cpus: float, port: int, state_dir: Path) -> None:
-    """Start NODES Ray nodes on 127.0.0.1; the last line printed is the address for --address."""
-    address, node_ids = start(nodes, cpus=cpus, port=port, state_dir=state_dir)
-    for i, node_id in enumerate(node_ids):
-        click.echo(f"{node_id}  {'head  ' if i == 0 else 'worker'}  127.0.0.1  CPU={cpus:g}")
+def up(nodes: int, cpus: float, port: int, distinct_hosts: bool, state_dir: Path) -> None:
+    """Start NODES Ray nodes on the loopback; the last line printed is the address for --address."""
+    address, node_ids = start(nodes, cpus=cpus, port=port, state_dir=state_dir,
+                              distinct_hosts=distinct_hosts)
+    hosts = addresses.loopback_hosts(nodes, distinct=distinct_hosts)
+    for i, (node_id, host) in enumerate(zip(node_ids, hosts)):
+        click.echo(f"{node_id}  {'head  ' if i == 0 else 'worker'}  {host}  CPU={cpus:g}")
     click.echo(f"local Ray cluster: {nodes} node(s); stop it with: orch cluster down", err=True)
     click.echo(address)
 
@@ -73,9 +82,11 @@ def status(state_dir: Path) -> None:
     click.echo(f"address:    {state['address']}")
     click.echo(f"nodes:      {len(state['node_ids'])}, {state['cpus']:g} CPU each")
     click.echo(f"processes:  {len(alive)} alive (supervisor pid {state['pid']})")
-    for i, node_id in enumerate(state["node_ids"]):
-        click.echo(f"{node_id}  {'head  ' if i == 0 else 'worker'}  {'ALIVE' if alive else 'DEAD'}")
-    if not _alive(state["pid"], state["start_time"]):
+    hosts = state.get("hosts") or ["127.0.0.1"] * len(state["node_ids"])
+    for i, (node_id, host) in enumerate(zip(state["node_ids"], hosts)):
+        click.echo(f"{node_id}  {'head  ' if i == 0 else 'worker'}  {host}  "
+                   f"{'ALIVE' if alive else 'DEAD'}")
+    if not processes.alive(state["pid"], state["start_time"]):
         raise MachineryError(f"the local cluster at {state['address']} is not running; "
                           "orch cluster down clears its state")
 
@@ -92,7 +103,8 @@ def down(state_dir: Path) -> None:
     click.echo(f"stopped the local cluster at {state['address']} ({count} processes)")
 
 
-def start(nodes: int, *, cpus: float, port: int, state_dir: Path) -> tuple[str, list[str]]:
+def start(nodes: int, *, cpus: float, port: int, state_dir: Path,
+          distinct_hosts: bool = False) -> tuple[str, list[str]]:
     """Start the supervisor and wait for its nodes; return the address and node ids."""
     state = _read_state(state_dir)
     if state is not None:
@@ -119,11 +131,13 @@ def start(nodes: int, *, cpus: float, port: int, state_dir: Path) -> tuple[str, 
     with open(state_dir / LOG_FILE, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cluster_cli", json.dumps(dict(
-                nodes=nodes, cpus=cpus, port=port, temp_dir=ray_dir, ready=str(state_dir / READY_FILE)))],
+                nodes=nodes, cpus=cpus, port=port, temp_dir=ray_dir, distinct_hosts=distinct_hosts,
+                ready=str(state_dir / READY_FILE)))],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
-    state = dict(pid=process.pid, start_time=_start_time(process.pid), address=f"127.0.0.1:{port}",
-                 cpus=cpus, node_ids=[], temp_dir=temp_dir)
+    state = dict(pid=process.pid, start_time=processes.start_time(process.pid), address=f"127.0.0.1:{port}",
+                 cpus=cpus, node_ids=[], temp_dir=temp_dir,
+                 hosts=addresses.loopback_hosts(nodes, distinct=distinct_hosts))
     _write_state(state, state_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
@@ -143,7 +157,7 @@ def start(nodes: int, *, cpus: float, port: int, state_dir: Path) -> tuple[str, 
 def stop(state: dict[str, Any], state_dir: Path, *, keep_log: bool = False) -> int:
     """SIGTERM the supervisor (it shuts its nodes down), then SIGKILL what is left of its session."""
     alive = _processes(state)
-    if _alive(state["pid"], state["start_time"]):
+    if processes.alive(state["pid"], state["start_time"]):
         os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     while _processes(state) and time.monotonic() < deadline:
@@ -179,36 +193,9 @@ def _write_state(state: dict[str, Any], state_dir: Path) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int) -> int:
-    fields = _stat(pid)
-    return int(fields[19]) if fields else -1
-
-
-def _alive(pid: int, start_time: int) -> bool:
-    """``pid`` is the process recorded (same start time, so not a reused pid) and not a zombie."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in "ZX" and int(fields[19]) == start_time
-
-
 def _processes(state: dict[str, Any]) -> list[int]:
-    """Live processes of the supervisor's session: it and every Ray process of its nodes.
-    Only processes started after the supervisor count, so a reused session id is not ours."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if (fields and fields[0] not in "ZX" and int(fields[3]) == state["pid"]
-                    and int(fields[19]) >= state["start_time"]):
-                found.append(int(entry.name))
-    return found
+    """Live processes of the supervisor's session: it and every Ray process of its nodes."""
+    return processes.in_session(state["pid"], state["start_time"])
 
 
 def _last_line(path: Path) -> str:
@@ -227,7 +214,8 @@ def _serve(options: dict[str, Any]) -> None:
     nodes, node_ids = None, []
     try:
         nodes, node_ids = start_loopback_cluster(options["nodes"], cpus=options["cpus"],
-                                                 port=options["port"], temp_dir=options["temp_dir"])
+                                                 port=options["port"], temp_dir=options["temp_dir"],
+                                                 distinct_hosts=options["distinct_hosts"])
         ready = Path(options["ready"])
         ready.with_suffix(".tmp").write_text(json.dumps({"address": nodes.address, "node_ids": node_ids}))
         ready.with_suffix(".tmp").replace(ready)

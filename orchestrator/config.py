@@ -244,6 +244,15 @@ class Search(Section):
     restarts: int = Field(3, ge=0, le=100)
 
 
+class Services(Section):
+    # How long the Optuna storage, the MLflow tracking server or the checkpoint store may stay
+    # away (a database restart or failover, a server upgrade) while orch retries it with
+    # exponential backoff and trials keep training; past it the sweep stops with one line naming
+    # the store, every unfinished trial kept for `orch launch --resume`.
+    outage_s: float = Field(300.0, gt=0, le=86400,
+                            description="seconds a store may be away before the sweep stops")
+
+
 class Range(Section):
     """A searchable numeric range: ``{low, high, log?, int?, step?}``."""
 
@@ -310,6 +319,7 @@ class Sweep(Section):
     training: Training = Training()
     workers: Workers = Workers()
     search: Search = Search()
+    services: Services = Services()
     algorithms: dict[str, AlgorithmSpace] = Field(min_length=1)
 
     @field_validator("name")

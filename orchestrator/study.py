@@ -6,42 +6,244 @@ One study per algorithm of a sweep, named ``<sweep>/<algorithm>``, in the sweep'
 for trials and tells their results (ask/tell); each trial's remote driver re-opens the study to
 report intermediate validation metrics and ask the pruner, so pruning works the same in-process
 and on a cluster.
+
+A database restarts now and then (a failover, an upgrade): every storage call waits it out
+(``retry.call``, up to ``services.outage_s``) on a connection pool that checks a connection
+before using it. The sweep driver records Optuna's own heartbeat for each trial it runs and a
+lease on each study it drives (``DriverLease``), so a trial whose driver vanished is told from
+one still running: ``--resume`` takes over only from a driver that is gone.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import optuna
+import sqlalchemy.exc
 from filelock import FileLock
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from orchestrator.config import Choices, Range, Search, Sweep, grid_values
+from orchestrator import processes, retry
+from orchestrator.config import Choices, ConfigError, Range, Search, Sweep, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STATES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
           TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+SERVICE = "Optuna storage"
+# Seconds between the heartbeats a sweep driver records (Optuna's per trial, orch's per study).
+HEARTBEAT_S = 10
+# The study user attribute holding the lease of the driver that runs the study.
+LEASE_ATTR = "orch_driver"
 
 
 def study_name(sweep_name: str, algorithm: str) -> str:
     return f"{sweep_name}/{algorithm}"
 
 
-def storage(url: str) -> RDBStorage:
-    """An Optuna storage object for ``url`` (SQLite gets a generous lock timeout: trials on
-    several processes write to it at once)."""
+def shown(url: str) -> str:
+    """``url`` as orch prints it: a password in it is masked."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` says the database was away (connection refused or lost, server
+    restarting, a SQLite file locked) rather than that the call was wrong."""
+    for cause in _chain(error):
+        if isinstance(cause, (retry.StoreUnavailable, sqlalchemy.exc.OperationalError,
+                              sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)):
+            return True
+        if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated:
+            return True
+    return False
+
+
+def _chain(error: BaseException | None) -> Iterable[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+class ResilientStorage(RDBStorage):
+    """Optuna's ``RDBStorage`` whose every call waits out a database that restarts
+    (``retry.call``); its pool checks each connection before use (``pool_pre_ping``), so
+    connections a restart broke are replaced rather than failing a call."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Any = None) -> bool:
+        """As Optuna's, but a repeat of a write whose answer was lost in an outage (the trial
+        already ended in ``state``) succeeds instead of raising."""
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                if attempts > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return retry.call(attempt, service=SERVICE, url=shown(self.url), transient=transient)
+
+
+def _retrying(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    def retried(self: ResilientStorage, *args: Any, **kwargs: Any) -> Any:
+        return retry.call(lambda: method(self, *args, **kwargs), service=SERVICE,
+                          url=shown(self.url), transient=transient)
+
+    retried.__name__, retried.__doc__ = name, method.__doc__
+    return retried
+
+
+# Every method of RDBStorage that reads or writes the database.
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+              "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+              "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
+              "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+              "get_all_trials", "get_best_trial", "record_heartbeat"):
+    setattr(ResilientStorage, _name, _retrying(_name))
+
+
+def storage(url: str) -> ResilientStorage:
+    """An Optuna storage object for ``url``, recording heartbeats (a trial is stale once its
+    driver has been silent for ``services.outage_s`` plus three heartbeats). SQLite gets a
+    generous lock timeout: trials on several processes write to it at once."""
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
+    options = dict(heartbeat_interval=HEARTBEAT_S, grace_period=grace_s())
+
+    def open_storage() -> ResilientStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
+            return ResilientStorage(url, engine_kwargs=engine, **options)
+
     if not url.startswith("sqlite:///"):
-        return RDBStorage(url, heartbeat_interval=None)
+        return retry.call(open_storage, service=SERVICE, url=shown(url), transient=transient)
     path = Path(url.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
+    engine["connect_args"] = {"timeout": 60}
     # Creating the storage creates its tables: serialise that between sweeps starting at once.
     with FileLock(f"{path}.lock"):
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=None)
+        return retry.call(open_storage, service=SERVICE, url=url, transient=transient)
+
+
+def grace_s() -> int:
+    """How long a driver may be silent before its trials count as abandoned: longer than an
+    outage it waits out (it cannot record heartbeats meanwhile), plus three heartbeats."""
+    return int(retry.outage_s() + 3 * HEARTBEAT_S)
+
+
+@dataclass(frozen=True)
+class DriverLease:
+    """Who drives a study: the host and process of its ``orch launch``, and when it last said
+    so (it says so every ``HEARTBEAT_S`` seconds while it runs)."""
+
+    host: str
+    pid: int
+    started: int  # the process's start time (clock ticks since boot), so a reused pid is told apart
+    at: float  # time.time() of its last heartbeat
+
+    @classmethod
+    def mine(cls) -> "DriverLease":
+        return cls(socket.gethostname(), os.getpid(), processes.start_time(os.getpid()), time.time())
+
+    @classmethod
+    def read(cls, raw: Any) -> "DriverLease | None":
+        try:
+            return cls(**raw) if raw else None
+        except TypeError:
+            return None
+
+    def silent_s(self) -> float:
+        return max(0.0, time.time() - self.at)
+
+    def gone(self) -> bool:
+        """Whether that driver certainly no longer runs: a process of this host that ended, or
+        a driver silent for longer than it could wait out an outage (``grace_s``)."""
+        if self.host == socket.gethostname() and not processes.alive(self.pid, self.started):
+            return True
+        return self.silent_s() > grace_s()
+
+    def describe(self) -> str:
+        return f"orch launch (pid {self.pid} on {self.host}, last heard {self.silent_s():.0f} s ago)"
+
+
+class DriverHeartbeat:
+    """While a sweep driver runs a study: its lease on the study and Optuna's heartbeat of each
+    trial it has running, every ``HEARTBEAT_S`` seconds, from a thread. A beat the database
+    does not take is skipped (the driver's own calls wait out the outage); ``stop`` removes the
+    lease, so that a later ``--resume`` need not wait for it to go stale."""
+
+    def __init__(self, store: ResilientStorage, study_id: int, running: Callable[[], list[int]]):
+        self.store, self.study_id, self.running = store, study_id, running
+        self.lease = DriverLease.mine()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="orch-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2 * HEARTBEAT_S)
+        try:
+            with retry.single_attempt():
+                self.store.set_study_user_attr(self.study_id, LEASE_ATTR, None)
+        except Exception:  # noqa: BLE001 -- a lease left behind goes stale by itself
+            pass
+
+    def _run(self) -> None:
+        with retry.in_background():
+            while not self.stopped.wait(HEARTBEAT_S):
+                try:
+                    with retry.single_attempt():
+                        self._beat()
+                except Exception:  # noqa: BLE001 -- the next beat tries again
+                    continue
+
+    def _beat(self) -> None:
+        lease = DriverLease(self.lease.host, self.lease.pid, self.lease.started, time.time())
+        self.store.set_study_user_attr(self.study_id, LEASE_ATTR, lease.__dict__)
+        for trial_id in self.running():
+            self.store.record_heartbeat(trial_id)
+
+
+def check_no_live_driver(url: str, sweep_name: str) -> None:
+    """Refuse to ``--resume`` a sweep another ``orch launch`` still drives: two drivers would
+    run the same trials. A driver that is gone (``DriverLease.gone``) is taken over."""
+    store = storage(url)
+    for name in existing_studies(url, sweep_name):
+        lease = DriverLease.read(store.get_study_user_attrs(
+            store.get_study_id_from_name(name)).get(LEASE_ATTR))
+        if lease is not None and not lease.gone():
+            wait = max(1, int(grace_s() - lease.silent_s()) + 1)
+            raise ConfigError(f"--resume: sweep {sweep_name!r} is still driven by "
+                              f"{lease.describe()}; stop that one first, or, if its machine is "
+                              f"gone, run this again in {wait} s")
 
 
 def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
@@ -144,6 +346,18 @@ class SweepStudy:
             sampler=self.sampler(self.seed), pruner=make_pruner(sweep.search),
             load_if_exists=load_if_exists)
         self.study_id = self.storage.get_study_id_from_name(self.name)
+        self.heartbeat: DriverHeartbeat | None = None
+
+    def drive(self, running: Callable[[], list[int]]) -> None:
+        """Take the study's lease and keep it, with Optuna's heartbeat of the trials
+        ``running()`` names (their storage ids), until ``release``."""
+        self.heartbeat = DriverHeartbeat(self.storage, self.study_id, running)
+        self.heartbeat.start()
+
+    def release(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def trials(self, *states: str) -> list[TrialRecord]:
         """The trials in the given states (``complete``, ``running``, ...), by number."""
@@ -155,7 +369,10 @@ class SweepStudy:
         """A new trial and its knobs, from a sampler seeded ``seed``: the sweep driver seeds it
         by the trial's slot, so a resumed sweep asks what an uninterrupted one would have."""
         self.study.sampler = self.sampler(seed)
-        trial = self.study.ask()
+        with warnings.catch_warnings():
+            # Optuna expects heartbeats from study.optimize; orch's driver records them itself.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask()
         knobs = suggest(trial, space)
         record = TrialRecord(trial.number, self._id_of(trial.number), "running",
                              dict(trial.params), dict(trial.user_attrs))
@@ -213,7 +430,10 @@ class SweepStudy:
 class TrialReporter:
     """A trial's handle on its study from the process that trains it: report and ask to prune.
     Steps the trial reported before it restarted are not reported again (Optuna would ignore
-    them with a warning); the pruner is still asked, and answers as it did."""
+    them with a warning); the pruner is still asked, and answers as it did.
+
+    While the database is away the trial trains on: its values wait in order (``retry.Outbox``)
+    and the pruner is asked again once every value is stored."""
 
     def __init__(self, storage_url: str, name: str, number: int, search: Search):
         store = storage(storage_url)
@@ -222,23 +442,45 @@ class TrialReporter:
             store.get_study_id_from_name(name), number)
         self.reported = set(store.get_trial(trial_id).intermediate_values)
         self.trial = optuna.trial.Trial(study, trial_id)
+        self.outbox = retry.Outbox()
+
+    def record(self, value: float, step: int) -> bool:
+        """Store an intermediate metric (once per step); True once nothing waits to be stored."""
+        if step in self.reported:
+            return self.outbox.flush()
+        self.reported.add(step)
+        return self.outbox.send(lambda: self.trial.report(value, step))
 
     def report(self, value: float, step: int) -> bool:
-        """Record an intermediate metric; True if the pruner says stop."""
-        if step not in self.reported:
-            self.trial.report(value, step)
-            self.reported.add(step)
-        return self.trial.should_prune()
+        """Record an intermediate metric; True if the pruner says stop (never while a value
+        is still waiting for the database)."""
+        if not self.record(value, step):
+            return False
+        try:
+            with retry.single_attempt():
+                return self.trial.should_prune()
+        except retry.StoreUnavailable:
+            return False
+
+    def drain(self) -> None:
+        """Wait until every reported value is stored (the trial's end)."""
+        self.outbox.drain()
 
 
 def trial_rows(url: str, sweep_name: str) -> list[dict[str, Any]]:
     """Every trial of every study of a sweep, as plain rows for ``orch runs``."""
     rows = []
+    store = storage(url)
     for name in existing_studies(url, sweep_name):
-        study = optuna.load_study(study_name=name, storage=storage(url))
+        study = optuna.load_study(study_name=name, storage=store)
+        lease = DriverLease.read(study.user_attrs.get(LEASE_ATTR))
+        driven = lease is not None and not lease.gone()
         for trial in study.get_trials(deepcopy=False):
+            state = STATES.get(trial.state, trial.state.name.lower())
+            if state == "running" and not driven:
+                state = "interrupted"  # its driver is gone: orch launch --resume continues it
             rows.append({"algorithm": name.split("/", 1)[1], "number": trial.number,
-                         "state": STATES.get(trial.state, trial.state.name.lower()),
+                         "state": state,
                          "value": trial.value, "params": dict(trial.params),
                          "reason": trial.user_attrs.get("fail_reason", "")})
     return rows

@@ -9,6 +9,9 @@ unchanged, and each trial's placement group can hold its shard workers' bundles.
 A trial whose process or node dies -- a failure of the machine, not of its code -- is started
 again from its last checkpoint, up to ``search.restarts`` times, as the same Optuna trial and the
 same MLflow run; so are the trials a killed ``orch launch`` left running, on ``--resume``.
+Failures of the machinery never fail a trial: one whose restarts ran out is set aside unfinished
+(resumable), a store away for longer than ``services.outage_s`` and a Ray that lost this
+machine's node stop the sweep with one line, every unfinished trial kept for ``--resume``.
 
 A sweep with ``model.init`` resolves that model here, once, before anything is written; every
 trial's request carries its backbone weights (``pretrained``).
@@ -21,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import checkpoints, cluster, pretrained, study as studies, tracking
+from orchestrator import checkpoints, cluster, pretrained, retry, study as studies, tracking
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
-from orchestrator.errors import first_line
+from orchestrator.errors import MachineryError, first_line
 from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
 from orchestrator.factory import build_family, split_names, task_shape
 from pipelines.base import TaskFamily
@@ -40,7 +43,9 @@ class AlgorithmSummary:
     best_value: float | None = None
     best_trial: int | None = None
     registration: tracking.Registration | None = None
-    counts: dict[str, int] = field(default_factory=lambda: {"complete": 0, "pruned": 0, "failed": 0})
+    # "unfinished": trials the machinery failed beyond their restarts, kept for --resume.
+    counts: dict[str, int] = field(default_factory=lambda: {"complete": 0, "pruned": 0, "failed": 0,
+                                                            "unfinished": 0})
     restarts: int = 0  # trials started again after their process or node died
 
 
@@ -72,6 +77,7 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
            connect_timeout: float = cluster.CONNECT_TIMEOUT_S) -> list[AlgorithmSummary]:
     """Run the sweep; ``source`` (the sweep file) prefixes error messages."""
     relative_data = sweep.data.relative_paths() if isinstance(sweep.data, ImageData) else []
+    retry.configure(outage_s=sweep.services.outage_s, notice=notice)
     sweep = resolve_paths(sweep)
     family = validate_data(sweep, source)
     uri = sweep.tracking_uri(tracking_uri)
@@ -82,20 +88,25 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     check_sweep_name(sweep, uri, storage_url, resume)
     if resume:
         check_same_init(sweep, uri, init)
+        studies.check_no_live_driver(storage_url, sweep.name)
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url, relative_data)
     if sweep.training.checkpoints_enabled():
         checkpoints.CheckpointStore(sweep.checkpoint_uri()).check()
     mlflow_client = tracking.client(uri)
-    experiment_id = tracking.find_experiment(mlflow_client, sweep.name) or tracking.create_experiment(
+    experiment_id = tracking.create_experiment(
         mlflow_client, sweep.name, sweep.run_path(), uri,
         {"orch.sweep": sweep.name, "orch.task_fingerprint": sweep.task_fingerprint(),
          **tracking.init_tags(init.record() if init else None)})
     summaries = []
-    for algorithm in sweep.algorithms:
-        summaries.append(StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri,
-                                     storage_url, resume=resume, progress=progress,
-                                     notice=notice, init=init).run())
+    try:
+        for algorithm in sweep.algorithms:
+            summaries.append(StudyRunner(sweep, algorithm, mlflow_client, experiment_id, uri,
+                                         storage_url, resume=resume, progress=progress,
+                                         notice=notice, init=init).run())
+    except MachineryError as error:  # a store away past the bound, Ray without this node
+        raise type(error)(f"{first_line(error)}; every unfinished trial is kept: continue with "
+                          f"orch launch {source} --resume") from None
     return summaries
 
 
@@ -211,16 +222,21 @@ class StudyRunner:
         self.launched = sum(self.summary.counts.values()) + len(self.queued)
 
     def run(self) -> AlgorithmSummary:
-        self.report()
-        while self.launched < self.sweep.search.trials or self.running or self.queued:
-            while len(self.running) < self.sweep.search.parallel and (
-                    self.queued or self.launched < self.sweep.search.trials):
-                if self.queued:
-                    self.start(self.queued.pop(0))
-                else:
-                    self.launch_next()
-            self.collect_one()
-        return self.finish()
+        retry.reset_spent()  # what the stores cost the driver for this study: logged by finish
+        self.study.drive(lambda: [entry.trial.trial_id for entry in list(self.running.values())])
+        try:
+            self.report()
+            while self.launched < self.sweep.search.trials or self.running or self.queued:
+                while len(self.running) < self.sweep.search.parallel and (
+                        self.queued or self.launched < self.sweep.search.trials):
+                    if self.queued:
+                        self.start(self.queued.pop(0))
+                    else:
+                        self.launch_next()
+                self.collect_one()
+            return self.finish()
+        finally:
+            self.study.release()
 
     def continue_interrupted(self) -> list[_Running]:
         """Trials left running by a sweep driver that died continue as they were: the same
@@ -302,31 +318,52 @@ class StudyRunner:
         done = cluster.first_done(list(self.running))
         entry = self.running.pop(done)
         cluster.release(entry.group)
-        search = self.sweep.search
         try:
             result: TrialResult = cluster.result(done)
         except Exception as error:  # the trial's process raised or died
-            reason = describe_failure(error)
-            if cluster.is_machine_failure(error):
-                if entry.restarts < search.restarts:
-                    entry.restarts += 1
-                    self.summary.restarts += 1
-                    self.say(f"{self.algorithm} trial {entry.request.number}: {reason}; "
-                             f"restart {entry.restarts} of {search.restarts}")
-                    self.start(entry)
-                    self.report()
-                    return
-                reason = f"{reason} (after {entry.restarts} restarts; search.restarts)"
-            elif entry.attempt < search.retries:
+            if self.machinery_failed(entry, error):
+                return
+            if entry.attempt < self.sweep.search.retries:
                 entry.attempt += 1
                 self.start(entry)
                 return
+            reason = describe_failure(error)
             tracking.TrialRun(self.uri, entry.request.run_id).finish("failed", reason)
             result = TrialResult("failed", None, {}, reason)
         self.study.tell(entry.trial, result.state, result.value, result.reason)
         self.summary.counts[result.state] += 1
         self.forget_checkpoints(entry)
         self.report()
+
+    def machinery_failed(self, entry: _Running, error: Exception) -> bool:
+        """Deal with a trial that failed because the machinery did, never marking it failed:
+        restart it from its checkpoint while ``search.restarts`` allows, then set it aside
+        unfinished; stop the sweep where no trial can go on (a store away past the bound, or
+        the Ray of this process without its node). False: the trial's own code failed."""
+        cause = getattr(error, "cause", None) or error
+        if isinstance(cause, retry.ServiceOutage):
+            raise cause
+        if not cluster.is_machine_failure(error):
+            return False
+        reason = describe_failure(error)
+        number = entry.request.number
+        if cluster.lost_local_node(error):
+            raise MachineryError(f"the Ray this sweep runs on lost this machine's node ({reason}), "
+                                 "so every trial would fail the same way: stopped at "
+                                 f"{self.algorithm} trial {number}, nothing marked failed")
+        search = self.sweep.search
+        if entry.restarts < search.restarts:
+            entry.restarts += 1
+            self.summary.restarts += 1
+            self.say(f"{self.algorithm} trial {number}: {reason}; restart {entry.restarts} of "
+                     f"{search.restarts}")
+            self.start(entry)
+        else:
+            self.summary.counts["unfinished"] += 1
+            self.say(f"{self.algorithm} trial {number}: {reason} after {entry.restarts} restarts "
+                     "(search.restarts); set aside unfinished, for orch launch --resume")
+        self.report()
+        return True
 
     def forget_checkpoints(self, entry: _Running) -> None:
         """A finished trial's checkpoints are of no further use."""
@@ -357,7 +394,8 @@ class StudyRunner:
             summary.best_value, summary.best_trial = best.value, best.number
             summary.registration = _register(sweep, self.algorithm, self.client, best, self.init)
         tracking.finish_parent(self.client, self.parent, {"number": summary.best_trial, "metrics": {
-            sweep.search.metric: summary.best_value}} if best else None)
+            sweep.search.metric: summary.best_value}} if best else None,
+            extra=tracking.store_seconds(retry.spent_s()))
         return summary
 
 

@@ -7,12 +7,20 @@ Ray node ids of its workers (tag ``orch.worker_nodes``), the model it started fr
 algorithm's study the best trial's model becomes a new version of ``<prefix><algorithm>``; the
 ``champion`` alias moves to it only if it beats the current champion on the same task fingerprint
 from the same initial weights.
+
+A tracking server restarts now and then: every call waits it out (``RetryingClient``, up to
+``services.outage_s``), creations are found-or-created so that a call repeated after a lost
+answer makes no second run, experiment or version, and a trial's metric steps wait in its
+outbox while it trains (``TrialRun``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,12 +34,22 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from orchestrator import retry
 from orchestrator.errors import MachineryError, UserError, first_line
 from orchestrator.config import URI_FORMS
 from orchestrator.meta_model import MetaModel, ModelSource, decode_inputs, input_example
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+# MLflow's own HTTP retries (7, backoff factor 2: minutes per call) and 120 s timeout would hide
+# an outage inside one call; orch retries whole calls itself (``retry``), so each attempt is
+# kept short. Set either variable to override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# Against a tracking server MLflow prints a "View run ... at" line to stdout for every run it
+# ends; orch's own output says where to look.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 CHAMPION = "champion"
 TAG_SWEEP = "orch.sweep"
@@ -78,20 +96,74 @@ def require_store(uri: str, what: str = "MLflow tracking store") -> str:
     return uri
 
 
-def client(uri: str) -> MlflowClient:
+def service_name(uri: str) -> str:
+    return "MLflow tracking server" if uri.startswith(("http://", "https://")) else "MLflow tracking store"
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server or its database was away (no connection, a
+    timeout, a 5xx or 429 answer, a locked SQLite file) rather than that the call was wrong."""
+    import requests
+    import sqlalchemy.exc
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (retry.StoreUnavailable, requests.exceptions.ConnectionError,
+                              requests.exceptions.Timeout, sqlalchemy.exc.OperationalError)):
+            return True
+        if isinstance(error, MlflowException):
+            status = error.get_http_status_code()
+            if status >= 500 or status == 429:
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose every call waits out a tracking server or store that does not
+    answer (``retry.call``); ``raw`` is the client itself, for a call that must not be repeated
+    on its own (see ``find_or_create``)."""
+
+    def __init__(self, raw: MlflowClient, uri: str):
+        self.raw, self.uri = raw, uri
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.raw, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def retried(*args: Any, **kwargs: Any) -> Any:
+            return self.retrying(lambda: attribute(*args, **kwargs))
+
+        return retried
+
+    def retrying(self, function: Any) -> Any:
+        return retry.call(function, service=service_name(self.uri), url=self.uri,
+                          transient=transient)
+
+
+def client(uri: str) -> RetryingClient:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # An explicit client, never mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
     # the environment, which would redirect every later sweep of this process and its children.
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
     # Opening a store creates its tables (the client's constructor already opens the tracking
     # store); two sweeps starting at once on a new file would race to create them. Open both
     # stores, tracking and registry, under a file lock.
     with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
-        mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mlflow_client = RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
         mlflow_client.search_registered_models(max_results=1)
     return mlflow_client
+
+
+def find_or_create(mlflow_client: RetryingClient, find: Any, create: Any) -> Any:
+    """``find()`` or else ``create()``, retried as one: a creation whose answer an outage lost
+    is found on the next attempt instead of being made twice. ``create`` uses the raw client."""
+    return mlflow_client.retrying(lambda: find() or create())
 
 
 def artifact_location(uri: str, run_dir: Path) -> str | None:
@@ -102,7 +174,8 @@ def artifact_location(uri: str, run_dir: Path) -> str | None:
     return None
 
 
-def find_experiment(mlflow_client: MlflowClient, sweep_name: str) -> str | None:
+def find_experiment(mlflow_client: MlflowClient | RetryingClient,
+                    sweep_name: str) -> str | None:
     experiment = mlflow_client.get_experiment_by_name(sweep_name)
     return experiment.experiment_id if experiment is not None else None
 
@@ -123,35 +196,54 @@ def experiment_tags(uri: str, name: str) -> dict[str, str] | None:
     return dict(experiment.tags) if experiment is not None else None
 
 
-def create_experiment(mlflow_client: MlflowClient, sweep_name: str, run_dir: Path,
+def create_experiment(mlflow_client: RetryingClient, sweep_name: str, run_dir: Path,
                       tracking_uri: str, tags: Mapping[str, str]) -> str:
-    return mlflow_client.create_experiment(sweep_name, artifact_location=artifact_location(
-        tracking_uri, run_dir), tags=dict(tags))
+    """The sweep's experiment, made once (a repeat after a lost answer finds it)."""
+    return find_or_create(
+        mlflow_client, lambda: find_experiment(mlflow_client.raw, sweep_name),
+        lambda: mlflow_client.raw.create_experiment(sweep_name, artifact_location=artifact_location(
+            tracking_uri, run_dir), tags=dict(tags)))
 
 
-def parent_run(mlflow_client: MlflowClient, experiment_id: str, sweep_name: str,
+def parent_run(mlflow_client: RetryingClient, experiment_id: str, sweep_name: str,
                algorithm: str) -> str:
     """The algorithm's parent run, created on first use and found again on resume."""
-    existing = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'algorithm' and "
-                                       f"tags.`{TAG_ALGORITHM}` = '{algorithm}'", max_results=1)
-    if existing:
-        return existing[0].info.run_id
-    run = mlflow_client.create_run(experiment_id, run_name=algorithm, tags={
-        TAG_SWEEP: sweep_name, TAG_ALGORITHM: algorithm, TAG_KIND: "algorithm"})
-    return run.info.run_id
+    def find() -> str | None:
+        existing = mlflow_client.raw.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'algorithm' and "
+                                           f"tags.`{TAG_ALGORITHM}` = '{algorithm}'", max_results=1)
+        return existing[0].info.run_id if existing else None
+
+    return find_or_create(mlflow_client, find, lambda: mlflow_client.raw.create_run(
+        experiment_id, run_name=algorithm, tags={TAG_SWEEP: sweep_name, TAG_ALGORITHM: algorithm,
+                                                 TAG_KIND: "algorithm"}).info.run_id)
 
 
-def finish_parent(mlflow_client: MlflowClient, run_id: str, best: Mapping[str, Any] | None) -> None:
+def finish_parent(mlflow_client: RetryingClient, run_id: str, best: Mapping[str, Any] | None, *,
+                  extra: Mapping[str, float] | None = None) -> None:
+    """End an algorithm's run with its best trial; ``extra`` metrics are logged at the step
+    that counts this driver's launches of the study (0 first, 1 after a ``--resume``, ...)."""
     if best:
         mlflow_client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), 0, 0)
                                                  for k, v in best.get("metrics", {}).items()],
                                 tags=[RunTag("orch.best_trial", str(best.get("number")))])
+    if extra:
+        logged = mlflow_client.get_run(run_id).data.metrics
+        step = max((len(mlflow_client.get_metric_history(run_id, key)) for key in extra
+                    if key in logged), default=0)
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                                 for k, v in extra.items()])
     mlflow_client.set_terminated(run_id, "FINISHED")
 
 
 class TrialRun:
-    """The nested MLflow run of one trial, used from the process that trains it."""
+    """The nested MLflow run of one trial, used from the process that trains it.
+
+    Metric steps logged while the trial trains (``log_metrics(..., wait=False)``) go through
+    its outbox: while the tracking server is away the trial trains on and the steps are sent,
+    in order and each once (MLflow keeps one copy of an identical metric), when it is back.
+    Everything else waits for the server (``retry.call``)."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
@@ -159,16 +251,25 @@ class TrialRun:
         self.run_id = run_id
         # Per metric, the last step already in the run: not logged again (see ``continue_run``).
         self.logged_through: dict[str, int] = {}
+        self.outbox = retry.Outbox()
 
     @classmethod
     def create(cls, uri: str, experiment_id: str, parent_run_id: str, *, sweep_name: str,
                algorithm: str, number: int) -> "TrialRun":
-        """A new nested run; the sweep driver creates it so that a trial whose process dies
-        still has exactly one run, which the driver can mark failed."""
-        run = client(uri).create_run(experiment_id, run_name=f"{algorithm}-{number}", tags={
-            MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_SWEEP: sweep_name, TAG_ALGORITHM: algorithm,
-            TAG_TRIAL: str(number), TAG_KIND: "trial"})
-        return cls(uri, run.info.run_id)
+        """The trial's nested run, made once; the sweep driver makes it so that a trial whose
+        process dies still has exactly one run, which the driver can mark failed."""
+        mlflow_client = client(uri)
+
+        def find() -> str | None:
+            runs = trial_runs(mlflow_client.raw, experiment_id, algorithm=algorithm, number=number)
+            return runs[0].info.run_id if runs else None
+
+        run_id = find_or_create(mlflow_client, find, lambda: mlflow_client.raw.create_run(
+            experiment_id, run_name=f"{algorithm}-{number}", tags={
+                MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_SWEEP: sweep_name,
+                TAG_ALGORITHM: algorithm, TAG_TRIAL: str(number),
+                TAG_KIND: "trial"}).info.run_id)
+        return cls(uri, run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, _short(v)) for k, v in sorted(params.items())]
@@ -185,11 +286,22 @@ class TrialRun:
             for key in run.data.metrics}
         return dict(run.data.tags)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, *, wait: bool = True) -> None:
+        """Log ``metrics`` at ``step``; ``wait=False``: through the outbox, without waiting
+        for a server that is away."""
         fresh = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()
                  if step > self.logged_through.get(k, -1)]
-        if fresh:
+        if not fresh:
+            return
+        if wait:
+            self.flush()
             self.client.log_batch(self.run_id, metrics=fresh)
+        else:
+            self.outbox.send(lambda: self.client.log_batch(self.run_id, metrics=fresh))
+
+    def flush(self) -> None:
+        """Wait until every metric step in the outbox is logged."""
+        self.outbox.drain()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, _short(v)) for k, v in tags.items()])
@@ -216,13 +328,24 @@ class TrialRun:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, state: str, reason: str = "") -> None:
-        """``state``: complete, pruned or failed (MLflow FINISHED, KILLED or FAILED)."""
+        """``state``: complete, pruned or failed (MLflow FINISHED, KILLED or FAILED), once every
+        metric step is logged."""
+        self.flush()
         tags = {TAG_STATE: state}
         if reason:
             tags[TAG_FAIL_REASON] = reason
         self.set_tags(tags)
         status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
         self.client.set_terminated(self.run_id, status)
+
+
+def store_seconds(spent: Mapping[str, float]) -> dict[str, float]:
+    """``retry.spent_s()`` as metrics ``store_seconds.<store>``: the seconds a trial (or, on an
+    algorithm's run, the sweep driver) spent in calls to each store, waits for an outage
+    included; ``..._background`` ones overlapped the work (checkpoints written while training
+    went on, heartbeats)."""
+    return {"store_seconds." + re.sub(r"[^a-z]+", "_", service.lower()).strip("_"): seconds
+            for service, seconds in spent.items()}
 
 
 def _short(value: Any) -> str:
@@ -270,7 +393,7 @@ def init_tags(record: Mapping[str, str] | None) -> dict[str, str]:
     return {TAG_INIT + key: value for key, value in (record or {}).items()}
 
 
-def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: str,
+def register(mlflow_client: RetryingClient, *, model_uri: str, name: str, run_id: str,
              sweep_name: str, trial: int, metric_name: str, metric: float, direction: str,
              fingerprint: str, init: Mapping[str, str] | None = None) -> Registration:
     """A new version of ``name``; the champion alias moves to it only if it is better on the
@@ -287,14 +410,15 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
                                                               "orch.direction": direction})
         except MlflowException:  # another sweep created it in between
             mlflow_client.get_registered_model(name)
-    version = _version_of_run(mlflow_client, name, run_id)  # registered before a crash?
-    if version is None:
-        # The version's source is the run's artifact folder, which a tracking server accepts.
-        source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{model_uri.rsplit('/', 1)[-1]}"
-        version = mlflow_client.create_model_version(name, source, run_id=run_id, tags={
+    # The version's source is the run's artifact folder, which a tracking server accepts.
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{model_uri.rsplit('/', 1)[-1]}"
+    # Found if registered before a crash, or before an answer an outage lost.
+    version = find_or_create(
+        mlflow_client, lambda: _version_of_run(mlflow_client.raw, name, run_id),
+        lambda: mlflow_client.raw.create_model_version(name, source, run_id=run_id, tags={
             "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
             "orch.metric_value": repr(float(metric)), "orch.direction": direction,
-            "orch.task_fingerprint": fingerprint, **init_tags(init)}).version
+            "orch.task_fingerprint": fingerprint, **init_tags(init)}).version)
     champion = _is_champion(mlflow_client, name, version) or _beats_champion(
         mlflow_client, name, metric, direction, fingerprint, (init or {}).get("digest", ""))
     if champion:
@@ -302,21 +426,22 @@ def register(mlflow_client: MlflowClient, *, model_uri: str, name: str, run_id: 
     return Registration(name, str(version), metric, champion)
 
 
-def _version_of_run(mlflow_client: MlflowClient, name: str, run_id: str) -> str | None:
+def _version_of_run(mlflow_client: MlflowClient | RetryingClient, name: str,
+                    run_id: str) -> str | None:
     for version in mlflow_client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
             return str(version.version)
     return None
 
 
-def _is_champion(mlflow_client: MlflowClient, name: str, version: str) -> bool:
+def _is_champion(mlflow_client: RetryingClient, name: str, version: str) -> bool:
     try:
         return str(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == str(version)
     except MlflowException:
         return False
 
 
-def _beats_champion(mlflow_client: MlflowClient, name: str, metric: float, direction: str,
+def _beats_champion(mlflow_client: RetryingClient, name: str, metric: float, direction: str,
                     fingerprint: str, init_digest: str) -> bool:
     try:
         current = mlflow_client.get_model_version_by_alias(name, CHAMPION)
@@ -343,7 +468,7 @@ def promote(uri: str, name: str, version: str) -> None:
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
 
 
-def registered_models(mlflow_client: MlflowClient, prefix: str = "") -> list[dict[str, Any]]:
+def registered_models(mlflow_client: RetryingClient, prefix: str = "") -> list[dict[str, Any]]:
     rows = []
     for model in mlflow_client.search_registered_models(max_results=1000):
         if not model.name.startswith(prefix):
@@ -360,24 +485,24 @@ def registered_models(mlflow_client: MlflowClient, prefix: str = "") -> list[dic
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
-def delete_runs(mlflow_client: MlflowClient, run_ids: Sequence[str]) -> None:
+def delete_runs(mlflow_client: RetryingClient, run_ids: Sequence[str]) -> None:
     for run_id in run_ids:
         mlflow_client.delete_run(run_id)
 
 
-def log_artifacts(mlflow_client: MlflowClient, run_id: str, paths: Sequence[Path],
+def log_artifacts(mlflow_client: RetryingClient, run_id: str, paths: Sequence[Path],
                   folder: str | None = None) -> None:
     for path in paths:
         mlflow_client.log_artifact(run_id, str(path), folder)
 
 
-def model_uri_of_run(mlflow_client: MlflowClient, run_id: str) -> str | None:
+def model_uri_of_run(mlflow_client: RetryingClient, run_id: str) -> str | None:
     """The ``runs:/`` URI of the model a trial's run logged (tag ``orch.model_uri``), if any."""
     return mlflow_client.get_run(run_id).data.tags.get(TAG_MODEL_URI)
 
 
-def trial_runs(mlflow_client: MlflowClient, experiment_id: str, *, algorithm: str | None = None,
-               number: int | None = None) -> list[Any]:
+def trial_runs(mlflow_client: MlflowClient | RetryingClient, experiment_id: str, *,
+               algorithm: str | None = None, number: int | None = None) -> list[Any]:
     """The trial runs of a sweep's experiment, or of one algorithm, or of one trial (found by
     tags: the driver may have died before it noted the run id in Optuna)."""
     conditions = [f"tags.`{TAG_KIND}` = 'trial'"]
@@ -475,8 +600,9 @@ def download_model(source: ModelSource, folder: str) -> str:
     """Download the model's artifacts into ``folder``; returns the local path."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=source.location, dst_path=folder,
-                                               tracking_uri=source.tracking_uri)
+    return retry.call(lambda: mlflow.artifacts.download_artifacts(
+        artifact_uri=source.location, dst_path=folder, tracking_uri=source.tracking_uri),
+        service=service_name(source.tracking_uri), url=source.tracking_uri, transient=transient)
 
 
 def tag_model_version(source: ModelSource, tags: Mapping[str, str]) -> None:

@@ -167,7 +167,7 @@ class Checkpointer(Protocol):
 
     def due(self, iterations_done: int, *, last: bool) -> bool: ...
 
-    def save(self, state: LoopState) -> None: ...
+    def save(self, state: LoopState, *, last: bool = False) -> None: ...
 
 
 # Called after each validation with (iteration, metrics); returning True stops the trial (pruning).
@@ -280,7 +280,7 @@ class MetaTrainer:
                 checkpointer.save(LoopState(
                     iteration + 1, _detached(params), optimizer.state_dict(),
                     list(outcome.evaluations), torch.get_rng_state(),
-                    extra_state() if extra_state is not None else {}))
+                    extra_state() if extra_state is not None else {}), last=last)
             if out_of_time:
                 break
         outcome.tasks_per_second = tasks / max(time.perf_counter() - started, 1e-9)

@@ -5,6 +5,12 @@ MLflow (metric curves, the model), Optuna (intermediate values, pruning) and the
 checkpoints, and picks the farm. A trial started again -- after its node or process died, a
 retry, or ``orch launch --resume`` -- continues from the checkpoint the sweep driver chose, in the
 same MLflow run and the same Optuna trial, logging and reporting each step once.
+
+While a store is away the trial trains on: its metric steps and intermediate values wait in
+outboxes and its checkpoints in a background writer (``retry``), and are written once the store
+is back. A store away for longer than ``services.outage_s`` ends the trial with
+``retry.ServiceOutage``, which the sweep driver treats as the machinery's failure, not the
+trial's: the trial stays resumable from its checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import checkpoints, cluster, plots
+from orchestrator import checkpoints, cluster, plots, retry, tracking
 from orchestrator.config import Sweep
 from orchestrator.meta_model import MetaModel
 from orchestrator.pretrained import Init
@@ -68,6 +74,8 @@ def run_trial(request: TrialRequest) -> TrialResult:
     """Train, validate, report and log one trial; a diverging trial is returned as failed.
     Any other exception propagates, so the sweep driver can retry or restart the trial."""
     sweep = Sweep.model_validate(request.sweep)
+    retry.configure(outage_s=sweep.services.outage_s)
+    retry.reset_spent()  # a Ray worker process may have run other trials before
     run = TrialRun(request.tracking_uri, request.run_id)
     reporter = TrialReporter(request.storage_url, request.study_name, request.number, sweep.search)
     init_digest = request.init.digest if request.init else None
@@ -84,16 +92,23 @@ def run_trial(request: TrialRequest) -> TrialResult:
         extra = state.extra if state else {}
         train_curve: list[tuple[int, float]] = list(extra.get("train_curve", []))
         val_curve: list[tuple[int, float]] = list(extra.get("val_curve", []))
+        # The training statistics logged every 10 iterations, kept in the checkpoint with the
+        # validations (``LoopState.evaluations``): what an earlier start of the trial logged but
+        # could not send before it died is sent by this one (``replay``).
+        logged: list[tuple[int, dict[str, float]]] = list(extra.get("logged", []))
+        if state is not None:
+            replay(run, reporter, state, logged, sweep.search.metric)
 
         def on_eval(iteration: int, metrics: dict[str, float]) -> bool:
-            run.log_metrics(metrics, step=iteration)
+            run.log_metrics(metrics, step=iteration, wait=False)
             val_curve.append((iteration, metrics[sweep.search.metric]))
             return reporter.report(metrics[sweep.search.metric], iteration)
 
         def on_iteration(iteration: int, stats: dict[str, float]) -> None:
             train_curve.append((iteration + 1, stats["train_loss"]))
             if iteration % 10 == 0:
-                run.log_metrics(stats, step=iteration + 1)
+                logged.append((iteration + 1, dict(stats)))
+                run.log_metrics(stats, step=iteration + 1, wait=False)
 
         checkpointer = (checkpoints.TrialCheckpointer(saving, sweep.training)
                         if saving is not None else None)
@@ -101,10 +116,16 @@ def run_trial(request: TrialRequest) -> TrialResult:
             outcome = trainer.train(on_eval, on_iteration=on_iteration, resume=state,
                                     checkpointer=checkpointer,
                                     extra_state=lambda: {"train_curve": train_curve,
+                                                         "logged": logged,
                                                          "val_curve": val_curve})
         except TrialDiverged as error:
+            reporter.drain()
             run.finish("failed", str(error))
             return TrialResult("failed", None, {}, str(error), nodes)
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()
+        reporter.drain()
         metrics = outcome.final
         value = metrics[sweep.search.metric]
         run.log_metrics({"tasks_per_second": outcome.tasks_per_second}, step=0)
@@ -123,11 +144,30 @@ def run_trial(request: TrialRequest) -> TrialResult:
                                 metric={sweep.search.metric: value}, **recorded)
         with tempfile.TemporaryDirectory() as folder:
             run.log_model(model.save(Path(folder) / "meta_model"))
+        log_store_seconds(run)
         run.finish("complete")
         return TrialResult("complete", value, metrics, "", nodes, outcome.tasks_per_second)
     finally:
         if isinstance(farm, cluster.RayFarm):
             farm.shutdown()
+
+
+def replay(run: TrialRun, reporter: TrialReporter, state: LoopState,
+           logged: list[tuple[int, dict[str, float]]], metric: str) -> None:
+    """Log and report what the trial's checkpoint holds and its stores do not: the metric steps
+    and intermediate values an earlier start of the trial computed but could not send (its
+    store was away) before it died. Steps already stored are skipped, so none is written twice."""
+    for step, stats in logged:
+        run.log_metrics(stats, step=step)
+    for evaluation in state.evaluations:
+        run.log_metrics(evaluation.metrics, step=evaluation.iteration)
+        reporter.record(evaluation.metrics[metric], evaluation.iteration)
+
+
+def log_store_seconds(run: TrialRun) -> None:
+    """What the stores cost this start of the trial (``tracking.store_seconds``), up to here,
+    the model's upload included."""
+    run.log_metrics(tracking.store_seconds(retry.spent_s()), step=0)
 
 
 def resume(run: TrialRun, request: TrialRequest,

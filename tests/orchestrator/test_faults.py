@@ -4,6 +4,7 @@ processes where the fault is a process's death."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -65,7 +66,7 @@ def test_diverging_trial_fails_with_reason_and_sweep_continues(ray_local, tmp_pa
     raw["algorithms"] = {"maml": {"inner_lr": 1e4, "outer_lr": 1e3},
                          "reptile": {"inner_lr": 0.01, "inner_steps": 2, "outer_lr": 0.003}}
     maml, reptile = launch(sweep_from_dict(raw))
-    assert maml.counts == {"complete": 0, "pruned": 0, "failed": 1} and maml.registration is None
+    assert maml.counts == {"complete": 0, "pruned": 0, "failed": 1, "unfinished": 0} and maml.registration is None
     assert reptile.counts["complete"] == 1 and reptile.registration is not None
     study = optuna.load_study(study_name="diverge/maml", storage=f"sqlite:///{tmp_path}/runs/optuna.db")
     (trial,) = study.trials
@@ -192,3 +193,48 @@ def test_two_sweeps_and_two_promotions_at_once(tmp_path):
 def champions(client, versions: list[str]) -> list[str]:
     """The versions of orch-maml that carry the champion alias."""
     return [v for v in versions if "champion" in client.get_model_version("orch-maml", v).aliases]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid``."""
+    from orchestrator import processes
+
+    parents = {int(p.name): (processes.stat(int(p.name)) or [0, 0])[1]
+               for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if int(parent) in frontier}
+        found += frontier
+    return found
+
+
+def test_a_lost_in_process_ray_stops_the_sweep_at_once_and_resume_finishes(tmp_path):
+    """The raylet of `orch launch`'s own Ray SIGKILLed mid-trial: every trial would fail the
+    same way, so the sweep stops after the first, in one line, marks no trial failed and burns
+    no restarts; `--resume` then finishes every trial."""
+    run_dir = tmp_path / "runs"
+    path = write(tmp_path / "raylet.yaml", small_sweep("raylet", run_dir, trials=2,
+                                                         iterations=100))
+    driver = orch("launch", str(path), "--quiet", cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while checkpointed_iteration(run_dir, "raylet", 0) < 10:
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
+        time.sleep(0.05)
+    (raylet,) = [pid for pid in descendants(driver.pid)
+                 if Path(f"/proc/{pid}/exe").resolve().name == "raylet"]
+    os.kill(raylet, signal.SIGKILL)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1, output
+    (error,) = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert "lost this machine's node" in error and "LocalRayletDiedError" in error, error
+    assert "nothing marked failed" in error and "--resume" in error
+    assert "restart 1 of" not in output
+    assert "FAIL" not in trial_states(run_dir / "optuna.db")
+    listing = orch("runs", "raylet", "--storage", f"sqlite:///{run_dir}/optuna.db", "--json",
+                   cwd=tmp_path)
+    rows = json.loads(listing.communicate(timeout=60)[0])
+    states = [row["state"] for row in rows]  # the trial it ran is no longer "running"
+    assert states[-1] == "interrupted" and set(states) <= {"complete", "interrupted"}, states
+
+    finish(orch("launch", str(path), "--quiet", "--resume", cwd=tmp_path))
+    assert trial_states(run_dir / "optuna.db") == ["COMPLETE"] * 2
