@@ -71,11 +71,14 @@ class Service:
     def user(self) -> str | None:
         return None
 
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, user=self.user())
+                start_new_session=True, user=self.user(), env=self.environment())
         try:
             wait_until(self.ready, self.name, self.process)
         except BaseException:
@@ -191,6 +194,11 @@ class MLflowServer(Service):
         return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
                 "--port", str(self.port), "--workers", "2"]
+
+    def environment(self) -> dict[str, str]:
+        # No background jobs (trace archival and the like): orch uses none, and on two cores
+        # their worker processes slow everything else.
+        return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def ready(self) -> bool:
         try:

@@ -155,3 +155,25 @@ def test_the_trials_process_is_killed_and_the_trial_continues(three_nodes, tmp_p
     sweep = sweep_dict("process-lost", tmp_path / "runs", workers=0)
     summaries, notices = run_killing(sweep, lambda node_id, pid: os.kill(pid, signal.SIGKILL))
     check_resumed(sweep, summaries, notices, uninterrupted)
+
+
+def test_a_trial_out_of_restarts_is_set_aside_unfinished_not_failed(three_nodes, tmp_path,
+                                                                    uninterrupted):
+    """With ``search.restarts: 0`` a trial whose process dies is not restarted -- and not
+    failed either: it is kept unfinished (RUNNING in Optuna, its run open, its checkpoints
+    kept), the sweep says so, and a ``--resume`` finishes it where it was."""
+    sweep = sweep_dict("no-restarts", tmp_path / "runs", workers=0)
+    sweep["search"]["restarts"] = 0
+    summaries, notices = run_killing(sweep, lambda node_id, pid: os.kill(pid, signal.SIGKILL))
+    (summary,) = summaries
+    assert summary.counts == {"complete": 0, "pruned": 0, "failed": 0, "unfinished": 1}
+    assert summary.registration is None
+    assert any("set aside unfinished, for orch launch --resume" in line for line in notices)
+    config = sweep_from_dict(sweep)
+    (trial,) = optuna.load_study(study_name="no-restarts/maml", storage=config.storage_url()).trials
+    assert trial.state == optuna.trial.TrialState.RUNNING
+
+    (summary,) = launch(config, resume=True)
+    assert summary.counts["complete"] == 1 and summary.registration is not None
+    (trial,) = optuna.load_study(study_name="no-restarts/maml", storage=config.storage_url()).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == uninterrupted

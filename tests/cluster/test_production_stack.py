@@ -250,3 +250,20 @@ def test_sixteen_trials_at_once_on_the_stack(deployment, tmp_path):
     check_every_trial_complete_once(stores, config, expected=16)
     versions = tracking.client(stores.mlflow.url).search_model_versions("name = 'load-fomaml'")
     assert len(versions) == 1
+
+
+def test_the_loopback_hosts_are_held_to_the_rules_of_a_real_cluster(deployment, tmp_path):
+    """The nodes of `orch cluster up --distinct-hosts` are three hosts to orch: a SQLite store or
+    a local checkpoint folder is refused before anything is written, as on a real cluster."""
+    path = sweep("rules", tmp_path, deployment, trials=1, parallel=1, iterations=20,
+                 algorithms={"fomaml": {}})
+    raw = yaml.safe_load(path.read_text())
+    hosts = "3 hosts (127.0.0.1, 127.0.0.2, 127.0.0.3)"
+    for change, refused in (
+            ({"storage": None}, "Optuna storage sqlite:///"),
+            ({"training": {**raw["training"], "checkpoint_storage": str(tmp_path / "ckpt")}},
+             "checkpoint storage /")):
+        path.write_text(yaml.safe_dump({**raw, **change}))
+        status, output = finish(orch("launch", str(path), "--quiet", cwd=tmp_path), timeout=120)
+        assert status == 1 and f"the Ray cluster spans {hosts} but the {refused}" in output, output
+        assert not (tmp_path / "runs").exists()  # nothing written
