@@ -193,7 +193,7 @@ class MLflowServer(Service):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", "2"]
+                "--port", str(self.port), "--workers", "1"]
 
     def environment(self) -> dict[str, str]:
         # No background jobs (trace archival and the like): orch uses none, and on two cores
