@@ -9,9 +9,10 @@ Where: ``training.checkpoint_storage``, a local folder (default ``<run_dir>/chec
 A checkpoint is one file: a magic line, a JSON header line (the trial's identity, the iteration,
 the payload's length and SHA-256), then the payload, ``torch.save`` of the ``LoopState``
 (loaded with ``weights_only``, so a foreign file can hold data but never run code). It is written
-under a temporary name and renamed (one atomic step on a local disk; an object store publishes
-an object only once it is complete), and its digest is checked on load: a file torn by a kill
-mid-write is never loaded, the previous one is. The identity hashes everything that shapes the
+under a temporary name, fsynced and renamed, and the folder fsynced (one atomic, durable step on
+a local disk; an object store publishes an object only once it is complete), and older ones are
+pruned only after that; its digest is checked on load: a file torn by a kill mid-write is never
+loaded, the previous one is. The identity hashes everything that shapes the
 trained weights -- algorithm, resolved knobs, task distribution, model and training settings,
 the initial backbone's digest (``model.init``) -- so a checkpoint from another sweep file never
 seeds a trial.
@@ -187,16 +188,25 @@ class CheckpointStore:
         return f"{self.root}/{sweep_name}/{algorithm}/trial-{number:05d}"
 
     def save(self, folder: str, iteration: int, data: bytes) -> str:
-        """Write ``data`` as the folder's checkpoint of ``iteration``: under a temporary name
-        first, then renamed, so that a reader sees a whole file or none; older ones pruned."""
+        """Write ``data`` as the folder's checkpoint of ``iteration`` so that a reader sees a
+        whole file or none, even after a power loss; only then are older ones pruned.
+
+        On a local disk: written under a temporary name and fsynced, renamed into place, and
+        the folder fsynced so the rename itself is on disk -- without the two fsyncs a power
+        loss can leave the new name pointing at unwritten blocks after the old checkpoints were
+        pruned. An object store publishes an object only once its upload completes, and
+        makes it durable before it answers; the rename there is a copy, pruning follows it."""
         final = f"{folder}/ckpt-{iteration:08d}.pt"
+        staging = f"{folder}/.ckpt-{iteration:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
         def write() -> str:
-            self.fs.create_dir(folder, recursive=True)
-            staging = f"{folder}/.ckpt-{iteration:08d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            with self.fs.open_output_stream(staging) as stream:
-                stream.write(data)
-            self.fs.move(staging, final)
+            if self.remote:
+                self.fs.create_dir(folder, recursive=True)
+                with self.fs.open_output_stream(staging) as stream:
+                    stream.write(data)
+                self.fs.move(staging, final)
+            else:
+                _write_durably(Path(staging), Path(final), data)
             for _, old in self._listing(folder)[KEEP:]:
                 self.fs.delete_file(old)
             return final
@@ -227,6 +237,21 @@ class CheckpointStore:
                 self.fs.delete_dir(folder)
 
         self._call(delete)
+
+
+def _write_durably(staging: Path, final: Path, data: bytes) -> None:
+    """``data`` at ``final`` on a local disk, whole or not at all, surviving a power loss."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    with open(staging, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(staging, final)
+    folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 @dataclass

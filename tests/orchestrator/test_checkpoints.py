@@ -193,3 +193,66 @@ def test_a_pyarrow_filesystem_uri_stores_checkpoints_too(tmp_path):
     assert store.listing(folder) == []
     with pytest.raises(ConfigError, match="training.checkpoint_storage"):
         checkpoints.CheckpointStore("nosuchscheme://bucket/prefix")
+
+
+# Saves checkpoint 12 into a folder holding 4 and 8, and SIGKILLs itself just before the n-th
+# step of the save that touches the disk: 1 the file's fsync, 2 the rename, 3 the folder's fsync,
+# 4 pruning checkpoint 4 (0: no kill).
+KILLED_WRITER = """
+import os, signal, sys
+import torch
+from orchestrator import checkpoints
+from orchestrator.training import LoopState
+
+root, folder, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+steps = {"n": 0}
+
+def dying(real):
+    def call(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+
+os.fsync, os.replace = dying(os.fsync), dying(os.replace)
+store = checkpoints.CheckpointStore(root)
+
+class Pruning:
+    def __init__(self, fs):
+        self.fs = fs
+
+    def __getattr__(self, name):
+        real = getattr(self.fs, name)
+        return dying(real) if name == "delete_file" else real
+
+store.fs = Pruning(store.fs)
+state = LoopState(12, {"w": torch.full((3,), 12.0)})
+store.save(folder, 12, checkpoints.encode(state, "id"))
+"""
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 4])
+def test_a_writer_killed_at_any_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path, step):
+    """Kill the writing process before the file's fsync, the rename, the folder's fsync or the
+    pruning of the oldest: the newest loadable checkpoint is the one being written or the one
+    before it, never a torn file, and no older one was pruned before the new one was in place.
+    (A process kill, not a power loss: the fsyncs are what makes the same hold then.)"""
+    import subprocess
+    import sys
+
+    store = checkpoints.CheckpointStore(str(tmp_path / "store"))
+    folder = store.trial_folder("ckpt", "maml", 0)
+    for iteration in (4, 8):
+        store.save(folder, iteration, checkpoints.encode(
+            LoopState(iteration, {"w": torch.full((3,), float(iteration))}), "id"))
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "store"), folder,
+                           str(step)], capture_output=True, text=True)
+    assert done.returncode == (-9 if step else 0), done.stderr
+    found = checkpoints.TrialCheckpoints(store, folder, "id").latest()
+    assert not found.refused
+    expected = 8 if step in (1, 2) else 12  # renamed into place from step 3 on
+    assert found.iteration == expected
+    state = checkpoints.TrialCheckpoints(store, folder, "id").load(found.path)
+    assert torch.equal(state.params["w"], torch.full((3,), float(expected)))
+    assert {i for i, _ in store.listing(folder)} >= {8, expected}  # 8 pruned only after 12 is in
