@@ -9,7 +9,7 @@ way a sweep file is read.
     model: {backbone: mlp, hidden: [40, 40]}
     training: {meta_batch: 25, iterations: 300, eval_every: 50}
     workers: {count: 2, cpus: 0.5, gpus: 0}
-    search: {trials: 4, parallel: 1, metric: val_loss, direction: minimize}
+    search: {trials: 4, parallel: 1, metric: val_loss}   # minimised: the direction follows
     algorithms:
       maml: {inner_lr: {low: 0.001, high: 0.1, log: true}, inner_steps: 1, outer_lr: 0.001}
 """
@@ -250,7 +250,7 @@ class HyperbandPruning(Section):
     min_resource: int = Field(1, ge=1, description="iterations a trial runs before its first rung")
     # The most iterations a trial runs; auto: the first finished trial's last reported iteration.
     max_resource: int | Literal["auto"] = "auto"
-    reduction_factor: int = Field(3, ge=2, description="1/reduction_factor of trials go on per rung")
+    reduction_factor: int = Field(3, ge=2, description="1/reduction_factor of trials go on")
 
 
 class SuccessiveHalvingPruning(Section):
