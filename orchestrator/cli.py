@@ -3,6 +3,7 @@
     orch launch examples/quickstart.yaml      # tune, farm, track and register
     orch runs quickstart                      # the sweep's trials, state, params and metric
     orch models                               # registered models, versions, metric, aliases
+    orch dashboard quickstart                 # optuna-dashboard on the sweep's studies
     orch promote orch-maml 2                  # move the champion alias by hand
     orch predict --model models:/orch-protonet@champion --support S/ --query Q/
     orch evaluate --model models:/orch-protonet@champion --split test --ways 5 --shots 1
@@ -122,17 +123,20 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
     table = Table(title=f"sweep {sweep.name}: best trial per algorithm")
     unfinished = sum(s.counts["unfinished"] for s in summaries)
     states = "complete/pruned/failed" + ("/unfinished" if unfinished else "")
-    for column in ("algorithm", "best trial", sweep.search.metric, states, "registered",
-                   "champion"):
+    several = len(sweep.search.objectives) > 1
+    for column in ("algorithm", "best trial", sweep.search.first_objective, states, "registered",
+                   "champion", *(["Pareto front (registered)"] if several else [])):
         table.add_column(column)
     for s in summaries:
         reg = s.registration
         counts = [s.counts[state] for state in states.split("/")]
+        front = [f"{len(s.front)} trials: " + (", ".join(
+            f"v{r.version}" for r in s.front_registrations) or "none")] if several else []
         table.add_row(s.algorithm, "-" if s.best_trial is None else str(s.best_trial),
                       "-" if s.best_value is None else f"{s.best_value:.4f}",
                       "/".join(map(str, counts)),
                       f"{reg.name} v{reg.version}" if reg else "-",
-                      ("yes" if reg.champion else "no") if reg else "-")
+                      ("yes" if reg.champion else f"no: {reg.note}") if reg else "-", *front)
     output_console().print(table)
     uri = sweep.tracking_uri(tracking_uri)
     if unfinished:
@@ -199,7 +203,8 @@ class _progress_display:
 @json_option
 def runs(sweep_name: str, storage: str, as_json: bool) -> None:
     """List the trials of SWEEP_NAME: state (complete, pruned, failed, running, or interrupted:
-    its orch launch is gone and --resume continues it), params and metric."""
+    its orch launch is gone and --resume continues it), params, each objective's value, and
+    "front" for the trials on their study's Pareto front (one objective: the best)."""
     from orchestrator.study import trial_rows
 
     from orchestrator.tracking import require_store
@@ -211,12 +216,15 @@ def runs(sweep_name: str, storage: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=1, default=str))
         return
     table = Table(title=f"sweep {sweep_name}")
-    for column in ("algorithm", "trial", "state", "value", "params", "reason"):
+    for column in ("algorithm", "trial", "state", "value", "front", "params", "reason"):
         table.add_column(column)
     for row in rows:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(row["params"].items()))
-        table.add_row(row["algorithm"], str(row["number"]), row["state"],
-                      "-" if row["value"] is None else f"{row['value']:.4f}", params, row["reason"])
+        values = row["values"] or {}
+        value = ("-" if not values else f"{row['value']:.4f}" if len(values) == 1 else
+                 ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        table.add_row(row["algorithm"], str(row["number"]), row["state"], value,
+                      "front" if row["front"] else "", params, row["reason"])
     output_console().print(table)
 
 
@@ -229,7 +237,8 @@ def _fmt(value: Any) -> str:
 @click.option("--prefix", default="", help="Only models whose name starts with this.")
 @json_option
 def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
-    """List registered models: versions, metric and aliases."""
+    """List registered models: versions, metric, aliases, and why a version is not the champion
+    (scored on another metric, task or starting point, not better, or a Pareto front member)."""
     from orchestrator import tracking
 
     rows = tracking.registered_models(tracking.client(tracking.require_store(tracking_uri)), prefix)
@@ -240,11 +249,15 @@ def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
                                for row in rows], indent=1))
         return
     table = Table(title=f"registered models in {tracking_uri}")
-    for column in ("model", "version", "metric", "value", "sweep", "aliases"):
+    fronts = any(row["front"] for row in rows)
+    for column in ("model", "version", "metric", "value", "sweep", "aliases",
+                   *(["Pareto front"] if fronts else []), "why not champion"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], str(row["version"]), row["metric"], row["value"], row["sweep"],
-                      row["aliases"])
+        metric = f"{row['metric']} ({row['direction']})" if row["direction"] else row["metric"]
+        front = ["yes" if row["front"] else ""] if fronts else []
+        table.add_row(row["name"], str(row["version"]), metric, row["value"], row["sweep"],
+                      row["aliases"], *front, row["note"])
     output_console().print(table)
 
 
@@ -271,6 +284,23 @@ def ui(tracking_uri: str, host: str, port: int) -> None:
                "--host", host, "--port", str(port)]
     console.print(f"MLflow UI on http://{host}:{port}  (Ctrl-C to stop)")
     raise SystemExit(subprocess.call(command))
+
+
+@cli.command()
+@click.argument("sweep_name")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 exposes the dashboard to the network.")
+@click.option("--port", default=8080, show_default=True)
+def dashboard(sweep_name: str, storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the studies of SWEEP_NAME (live while it runs; bound to
+    127.0.0.1 unless told otherwise)."""
+    from orchestrator.study import dashboard_storage, serve_dashboard
+
+    view = dashboard_storage(storage, sweep_name)
+    console.print(f"optuna-dashboard for sweep {sweep_name} on http://{host}:{port}  "
+                  "(Ctrl-C to stop)")
+    serve_dashboard(view, host=host, port=port)
 
 
 cli.add_command(data)

@@ -311,7 +311,7 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
         if on_task is not None:
             on_task(episodes.tasks)
         return Cell(entrant, setting, evaluation, cached=True,
-                    cost=_cost(model, evaluation, steps, timed_on))
+                    cost=cost(model, evaluation, steps, timed_on))
     transform = None
     if setting.shift is not None:
         shift, level, treatment = setting.shift, setting.level, family.preprocessing()
@@ -329,10 +329,12 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
                           transform_queries=transform)
     timed_on = timing_context()
     _write_cache(cache, key, entrant, setting, evaluation, timed_on)
-    return Cell(entrant, setting, evaluation, cost=_cost(model, evaluation, steps, timed_on))
+    return Cell(entrant, setting, evaluation, cost=cost(model, evaluation, steps, timed_on))
 
 
-def _cost(model: MetaModel, evaluation: Evaluation, steps: int | None, timed_on: str) -> Cost:
+def cost(model: MetaModel, evaluation: Evaluation, steps: int | None, timed_on: str) -> Cost:
+    """What adapting cost ``model`` in ``evaluation`` (timed ``timed_on``); a sweep's cost
+    objectives are this too (``orchestrator.objectives``)."""
     return Cost(warm_ms(evaluation.seconds), inner_steps(model, evaluation, steps),
                 parameter_count(model), timed_on)
 

@@ -9,7 +9,7 @@ way a sweep file is read.
     model: {backbone: mlp, hidden: [40, 40]}
     training: {meta_batch: 25, iterations: 300, eval_every: 50}
     workers: {count: 2, cpus: 0.5, gpus: 0}
-    search: {trials: 4, parallel: 1, metric: val_loss, direction: minimize}
+    search: {trials: 4, parallel: 1, metric: val_loss}   # minimised: the direction follows
     algorithms:
       maml: {inner_lr: {low: 0.001, high: 0.1, log: true}, inner_steps: 1, outer_lr: 0.001}
 """
@@ -225,23 +225,191 @@ class Workers(Section):
     driver_cpus: float = Field(1.0, ge=0)
 
 
+# What a search can optimise, each with the one direction that makes sense for it. The first two
+# are the validation loop's; the others are what adapting costs, measured as `orch compare`
+# measures them (orchestrator/objectives.py).
+OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "adapt_ms": "minimize",
+              "inner_steps": "minimize", "parameters": "minimize"}
+VALIDATION_METRICS = ("val_loss", "val_accuracy")
+
+
+class MedianPruning(Section):
+    """Optuna's MedianPruner: stop a trial whose validation metric is worse than the median of
+    earlier trials' at the same iteration."""
+
+    name: Literal["median"] = "median"
+    n_startup_trials: int = Field(2, ge=0, description="trials that finish before any is pruned")
+    n_warmup_steps: int = Field(0, ge=0, description="iterations before a trial can be pruned")
+
+
+class HyperbandPruning(Section):
+    """Optuna's HyperbandPruner: successive halving over several brackets of budgets, in
+    meta-iterations."""
+
+    name: Literal["hyperband"]
+    min_resource: int = Field(1, ge=1, description="iterations a trial runs before its first rung")
+    # The most iterations a trial runs; auto: the first finished trial's last reported iteration.
+    max_resource: int | Literal["auto"] = "auto"
+    reduction_factor: int = Field(3, ge=2, description="1/reduction_factor of trials go on")
+
+
+class SuccessiveHalvingPruning(Section):
+    """Optuna's SuccessiveHalvingPruner (asynchronous successive halving, ASHA): at rung k, at
+    iteration min_resource * reduction_factor ** (min_early_stopping_rate + k), a trial goes on
+    only if it is in the top 1/reduction_factor of the trials that reached that rung."""
+
+    name: Literal["successive_halving"]
+    # Iterations before the first rung; auto: estimated from the first finished trial.
+    min_resource: int | Literal["auto"] = "auto"
+    reduction_factor: int = Field(4, ge=2)
+    min_early_stopping_rate: int = Field(0, ge=0)
+    # Trials that must reach a rung before any is promoted from it (needs an integer min_resource).
+    bootstrap_count: int = Field(0, ge=0)
+
+    @field_validator("min_resource")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be at least 1 or auto, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _bootstrap_needs_a_resource(self) -> "SuccessiveHalvingPruning":
+        if self.bootstrap_count > 0 and self.min_resource == "auto":
+            raise _KeyError(("search", "pruner", "bootstrap_count"),
+                            "needs an integer min_resource (auto estimates it from the first "
+                            "finished trial, which bootstrapping waits for)")
+        return self
+
+    def first_rung(self) -> int | None:
+        """The iteration of the first rung; None while min_resource is auto."""
+        if self.min_resource == "auto":
+            return None
+        return self.min_resource * self.reduction_factor ** self.min_early_stopping_rate
+
+
+class NoPruning(Section):
+    name: Literal["none"]
+
+
+PRUNERS = {"median": MedianPruning, "hyperband": HyperbandPruning,
+           "successive_halving": SuccessiveHalvingPruning, "none": NoPruning}
+
+
+def _pruner_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("name")
+    return getattr(value, "name", None)
+
+
+Pruning = Annotated[Union[Annotated[MedianPruning, Tag("median")],
+                          Annotated[HyperbandPruning, Tag("hyperband")],
+                          Annotated[SuccessiveHalvingPruning, Tag("successive_halving")],
+                          Annotated[NoPruning, Tag("none")]], Discriminator(_pruner_tag)]
+
+
 class Search(Section):
     trials: int = Field(8, ge=1, description="Optuna trials per algorithm")
     parallel: int = Field(1, ge=1, description="trials running at once")
     # tpe, random; grid: every combination of the searched knobs, each a choice list or a range
     # with a step or int: true; gp: Gaussian-process Bayesian optimisation; cmaes: CMA-ES, for
-    # numeric ranges only (no choices).
-    sampler: Literal["tpe", "random", "grid", "gp", "cmaes"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    # "val_loss" for any family, "val_accuracy" for classification.
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
+    # numeric ranges and one objective only; nsgaii: the NSGA-II genetic algorithm (Pareto
+    # fronts of several objectives). TPE keeps trials running at once apart (constant liar).
+    sampler: Literal["tpe", "random", "grid", "gp", "cmaes", "nsgaii"] = "tpe"
+    # median, hyperband, successive_halving or none; a name, or {name: ..., knob: value} with the
+    # pruner's knobs (see the classes above). Default: median for one objective, none for
+    # several (Optuna's pruners read one intermediate value; they are refused with several).
+    pruner: Pruning | None = None
+    # What the search optimises: a name of OBJECTIVES, or a list of them (several objectives:
+    # Optuna searches their Pareto front; the first, val_loss or val_accuracy, picks the
+    # champion). val_accuracy needs classification data.
+    metric: str | list[str] = "val_loss"
+    # Follows from the metric (val_loss minimised, val_accuracy maximised; costs minimised);
+    # given, it must agree: one name, or a list with one per objective.
+    direction: Literal["minimize", "maximize"] | list[Literal["minimize", "maximize"]] | None = None
     # A trial that raises is retried this many times before it is recorded as failed.
     retries: int = Field(0, ge=0, le=10)
     # A trial whose process or node dies (a failure of the machine, not of the trial's code:
     # node lost, worker killed, out of memory, actor lost) is restarted from its last
     # checkpoint this many times; separate from retries.
     restarts: int = Field(3, ge=0, le=100)
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, dict) and value is not None:
+            raise ValueError(f"must be a pruner's name ({', '.join(PRUNERS)}) or {{name: ..., "
+                             f"knob: value}}, got {value!r}")
+        if isinstance(value, dict) and "name" not in value:
+            raise ValueError(f"name the pruner: {{name: {' | '.join(PRUNERS)}, ...knobs}}")
+        return value
+
+    @model_validator(mode="after")
+    def _objectives_and_directions(self) -> "Search":
+        names = [self.metric] if isinstance(self.metric, str) else list(self.metric)
+        if not names:
+            raise _KeyError(("search", "metric"), "names no objective; give val_loss or "
+                            "val_accuracy, or a list starting with one")
+        for name in names:
+            if name not in OBJECTIVES:
+                raise _KeyError(("search", "metric"), f"unknown objective {name!r}; allowed: "
+                                f"{', '.join(OBJECTIVES)}")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise _KeyError(("search", "metric"), f"{twice[0]} is named twice")
+        if names[0] not in VALIDATION_METRICS:
+            raise _KeyError(("search", "metric"), (
+                f"{names[0]} is a cost of adapting, to trade against a validation metric: name "
+                f"val_loss or val_accuracy first (it picks the champion), e.g. "
+                f"[val_accuracy, {names[0]}]"))
+        implied = [OBJECTIVES[name] for name in names]
+        if self.direction is not None:
+            given = [self.direction] if isinstance(self.direction, str) else list(self.direction)
+            if len(given) != len(names):
+                raise _KeyError(("search", "direction"), (
+                    f"{len(given)} direction{'s' * (len(given) != 1)} for {len(names)} "
+                    f"objective{'s' * (len(names) != 1)} in search.metric; leave "
+                    "search.direction out: it follows from the metric"))
+            for name, want, got in zip(names, implied, given):
+                if want != got:
+                    raise _KeyError(("search", "direction"), (
+                        f"{got} contradicts search.metric {name}, which is {want[:-1]}ed; leave "
+                        f"search.direction out: it follows from the metric"))
+        if len(names) > 1:
+            if self.pruner is not None and self.pruner.name != "none":
+                raise _KeyError(("search", "pruner"), (
+                    f"{self.pruner.name} prunes on one intermediate value and search.metric "
+                    f"names {len(names)} objectives (Optuna cannot prune several): use none or "
+                    f"leave search.pruner out"))
+            if self.sampler == "cmaes":
+                raise _KeyError(("search", "sampler"), (
+                    f"cmaes searches one objective and search.metric names {len(names)}: use "
+                    f"tpe, nsgaii, gp, random or grid"))
+        return self
+
+    @property
+    def objectives(self) -> list[str]:
+        """What the search optimises, in order (the first picks the champion)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def directions(self) -> list[str]:
+        """Each objective's direction (``OBJECTIVES``)."""
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    @property
+    def first_objective(self) -> str:
+        """The validation metric that is pruned on, shown as the best so far, and that decides
+        the champion."""
+        return self.objectives[0]
+
+    def pruning(self) -> MedianPruning | HyperbandPruning | SuccessiveHalvingPruning | NoPruning:
+        """The pruner, its default resolved: median for one objective, none for several."""
+        if self.pruner is not None:
+            return self.pruner
+        return MedianPruning() if len(self.objectives) == 1 else NoPruning(name="none")
 
 
 class Services(Section):
@@ -431,6 +599,39 @@ class Sweep(Section):
                                     f"{points}")
         return self
 
+    @model_validator(mode="after")
+    def _check_search(self) -> "Sweep":
+        """Refuse objectives the data cannot give and pruner knobs that could never prune
+        within ``training.iterations`` (the steps a trial reports are its iterations)."""
+        if self.data.family == "sinusoid" and "val_accuracy" in self.search.objectives:
+            raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
+                            "sinusoid is regression: use val_loss")
+        pruner, iterations = self.search.pruner, self.training.iterations
+        where = ("search", "pruner")
+        if isinstance(pruner, MedianPruning) and pruner.n_warmup_steps >= iterations:
+            raise _KeyError(where + ("n_warmup_steps",), (
+                f"{pruner.n_warmup_steps} is not below training.iterations {iterations}: "
+                "pruning could stop a trial at its last iteration only, saving nothing"))
+        if isinstance(pruner, HyperbandPruning):
+            if pruner.min_resource >= iterations:
+                raise _KeyError(where + ("min_resource",), (
+                    f"{pruner.min_resource} is not below training.iterations {iterations}: "
+                    "pruning could stop a trial at its last iteration only, saving nothing"))
+            if pruner.max_resource != "auto" and not (
+                    pruner.min_resource < pruner.max_resource <= iterations):
+                raise _KeyError(where + ("max_resource",), (
+                    f"{pruner.max_resource} must exceed min_resource {pruner.min_resource} and "
+                    f"not exceed training.iterations {iterations} (auto: a trial's last "
+                    "iteration)"))
+        if isinstance(pruner, SuccessiveHalvingPruning):
+            rung = pruner.first_rung()
+            if rung is not None and rung >= iterations:
+                raise _KeyError(where, (
+                    f"its first rung is at iteration {rung} (min_resource * reduction_factor ** "
+                    f"min_early_stopping_rate), not below training.iterations {iterations}: "
+                    "pruning could stop a trial at its last iteration only, saving nothing"))
+        return self
+
     # -- derived values -------------------------------------------------------------------------
 
     def space(self, algorithm: str) -> dict[str, Range | Choices | bool | int | float | str]:
@@ -586,7 +787,9 @@ def _first_problem(error: ValidationError) -> str:
     location = [str(part) for part in problem["loc"]]
     # Union members (sinusoid/images, Range/Choices/scalars) add their tag to the path; drop it.
     location = [part for part in location if part not in {"sinusoid", "images", "Range", "Choices",
-                                                           "bool", "int", "float", "str"}]
+                                                           "bool", "int", "float", "str",
+                                                           *PRUNERS}
+                and not part.startswith(("literal[", "list["))]
     key = ".".join(location) or "(top level)"
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "extra_forbidden":
@@ -594,6 +797,8 @@ def _first_problem(error: ValidationError) -> str:
         message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     elif problem["type"] == "missing":
         message = "required key is missing"
+    elif problem["type"] == "union_tag_invalid" and location[-1:] == ["pruner"]:
+        message = f"unknown pruner {problem['ctx']['tag']!r}; allowed: {', '.join(PRUNERS)}"
     elif problem["type"] == "union_tag_invalid":
         message = f"unknown family {problem['ctx']['tag']!r}; allowed: sinusoid, images"
         key += ".family"
@@ -607,6 +812,9 @@ def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
     for part in location:
         if part in ("sinusoid", "images"):
             model = SinusoidData if part == "sinusoid" else ImageData
+            continue
+        if part in PRUNERS:
+            model = PRUNERS[part]
             continue
         field = getattr(model, "model_fields", {}).get(part)
         annotation = field.annotation if field is not None else None

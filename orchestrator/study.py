@@ -12,6 +12,13 @@ A database restarts now and then (a failover, an upgrade): every storage call wa
 before using it. The sweep driver records Optuna's own heartbeat for each trial it runs and a
 lease on each study it drives (``DriverLease``), so a trial whose driver vanished is told from
 one still running: ``--resume`` takes over only from a driver that is gone.
+
+Each study has one sampler for the driver's life, seeded by the sweep's seed (and, on
+``--resume``, by how many trials the study already holds); TPE counts running trials as
+worse than any finished one (constant liar), so trials started together are proposed apart.
+A study of several objectives (``search.metric`` a list) keeps its Pareto front in
+``best_trials``; its trials report no intermediate values (Optuna prunes on one objective
+only). ``serve_dashboard`` serves optuna-dashboard on a sweep's studies.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import optuna
 import sqlalchemy.exc
@@ -125,10 +132,10 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
     setattr(ResilientStorage, _name, _retrying(_name))
 
 
-def storage(url: str) -> ResilientStorage:
-    """An Optuna storage object for ``url``, recording heartbeats (a trial is stale once its
-    driver has been silent for ``services.outage_s`` plus three heartbeats). SQLite gets a
-    generous lock timeout: trials on several processes write to it at once."""
+def storage(url: str, *, kind: type[ResilientStorage] = ResilientStorage) -> ResilientStorage:
+    """An Optuna storage object for ``url`` (of class ``kind``), recording heartbeats (a trial
+    is stale once its driver has been silent for ``services.outage_s`` plus three heartbeats).
+    SQLite gets a generous lock timeout: trials on several processes write to it at once."""
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
@@ -137,7 +144,7 @@ def storage(url: str) -> ResilientStorage:
     def open_storage() -> ResilientStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
-            return ResilientStorage(url, engine_kwargs=engine, **options)
+            return kind(url, engine_kwargs=engine, **options)
 
     if not url.startswith("sqlite:///"):
         return retry.call(open_storage, service=SERVICE, url=shown(url), transient=transient)
@@ -246,10 +253,27 @@ def check_no_live_driver(url: str, sweep_name: str) -> None:
                               f"gone, run this again in {wait} s")
 
 
+def check_same_objectives(url: str, sweep: Sweep) -> None:
+    """Refuse to ``--resume`` a sweep whose studies search other objectives or directions than
+    its file now names: finished trials would be weighed the other way, or told values of
+    another length."""
+    store = storage(url)
+    wanted = list(zip(sweep.search.objectives, sweep.search.directions))
+    for name in existing_studies(url, sweep.name):
+        study = optuna.load_study(study_name=name, storage=store)
+        directions = [direction.name.lower() for direction in study.directions]
+        names = study.metric_names or list(sweep.search.objectives)[:len(directions)]
+        if list(zip(names, directions)) != wanted:
+            searched = ", ".join(f"{n} ({d})" for n, d in zip(names, directions))
+            raise ConfigError(f"--resume: study {name} searches {searched}, but search.metric "
+                              f"now asks for {', '.join(f'{n} ({d})' for n, d in wanted)}; "
+                              "resume with the objectives it started with, or launch a new sweep")
+
+
 def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
     """The sampler ``search.sampler`` names, seeded (a grid is the study's: ``SweepStudy``); the
     sweep file's validation has already refused a space it cannot search (a continuous range
-    for grid, choices for cmaes)."""
+    for grid, choices or several objectives for cmaes)."""
     startup = min(5, max(1, search.trials // 2))
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -259,7 +283,15 @@ def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if search.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    if search.sampler == "nsgaii":
+        # Generations of a quarter of the trials (at least 2, Optuna's minimum; at most its
+        # default 50), so that a sweep of a few dozen trials breeds a few generations.
+        return optuna.samplers.NSGAIISampler(seed=seed,
+                                             population_size=min(50, max(2, search.trials // 4)))
+    # Constant liar: a running trial counts as worse than every finished one, so trials asked
+    # while others run (search.parallel > 1, trials continued on --resume) are proposed away
+    # from them rather than next to the same optimum.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
 
 
 def grid(space: Mapping[str, Any]) -> dict[str, list[Any]]:
@@ -279,10 +311,21 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:
-    if search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+    """The pruner ``search.pruner`` names, with its knobs (validated by the sweep file); steps
+    are meta-iterations."""
+    pruner = search.pruning()
+    if pruner.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=pruner.n_startup_trials,
+                                           n_warmup_steps=pruner.n_warmup_steps)
+    if pruner.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=pruner.min_resource,
+                                              max_resource=pruner.max_resource,
+                                              reduction_factor=pruner.reduction_factor)
+    if pruner.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor,
+            min_early_stopping_rate=pruner.min_early_stopping_rate,
+            bootstrap_count=pruner.bootstrap_count)
     return optuna.pruners.NopPruner()
 
 
@@ -328,13 +371,19 @@ class TrialRecord:
     state: str  # a value of STATES
     params: dict[str, Any]
     user_attrs: dict[str, Any]
-    value: float | None = None
+    # The trial's objective values, in search.metric's order (complete trials only).
+    values: tuple[float, ...] | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The first objective's value."""
+        return self.values[0] if self.values else None
 
 
 class SweepStudy:
     """One algorithm's study as the sweep driver uses it: ask for trials, record their ends,
-    find the best, draw the study's plots. Trials are handed out as ``TrialRecord``s, so the
-    driver never holds an Optuna object."""
+    find the best and the Pareto front, draw the study's plots. Trials are handed out as
+    ``TrialRecord``s, so the driver never holds an Optuna object."""
 
     def __init__(self, sweep: Sweep, algorithm: str, *, load_if_exists: bool):
         self.search, self.seed = sweep.search, sweep.training.seed
@@ -342,11 +391,25 @@ class SweepStudy:
         self.name = study_name(sweep.name, algorithm)
         self.storage = storage(sweep.storage_url())
         self.study = optuna.create_study(
-            study_name=self.name, storage=self.storage, direction=sweep.search.direction,
-            sampler=self.sampler(self.seed), pruner=make_pruner(sweep.search),
-            load_if_exists=load_if_exists)
+            study_name=self.name, storage=self.storage, directions=sweep.search.directions,
+            pruner=make_pruner(sweep.search), load_if_exists=load_if_exists)
         self.study_id = self.storage.get_study_id_from_name(self.name)
+        if self.study.metric_names != sweep.search.objectives:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                self.study.set_metric_names(sweep.search.objectives)  # shown by the dashboard
+        # One sampler for the driver's life. A new study's is seeded by the sweep's seed; a
+        # resumed one's also by the trials the study holds, so resuming the same stores twice
+        # asks the same knobs. (A resumed sweep does not ask what the uninterrupted one would
+        # have: the sampler's random state lives in this process, not in the storage.)
+        held = len(self.study.get_trials(deepcopy=False))
+        self.study.sampler = self._sampler(self.seed + held)
         self.heartbeat: DriverHeartbeat | None = None
+
+    @property
+    def several(self) -> bool:
+        """Whether the study has several objectives (a Pareto front, no pruning)."""
+        return len(self.search.objectives) > 1
 
     def drive(self, running: Callable[[], list[int]]) -> None:
         """Take the study's lease and keep it, with Optuna's heartbeat of the trials
@@ -365,10 +428,8 @@ class SweepStudy:
         return [self._record(t) for t in self.study.get_trials(deepcopy=False,
                                                               states=wanted or None)]
 
-    def ask(self, seed: int, space: Mapping[str, Any]) -> tuple[TrialRecord, dict[str, Any]]:
-        """A new trial and its knobs, from a sampler seeded ``seed``: the sweep driver seeds it
-        by the trial's slot, so a resumed sweep asks what an uninterrupted one would have."""
-        self.study.sampler = self.sampler(seed)
+    def ask(self, space: Mapping[str, Any]) -> tuple[TrialRecord, dict[str, Any]]:
+        """A new trial and its knobs, from the study's sampler."""
         with warnings.catch_warnings():
             # Optuna expects heartbeats from study.optimize; orch's driver records them itself.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -378,10 +439,10 @@ class SweepStudy:
                              dict(trial.params), dict(trial.user_attrs))
         return record, knobs
 
-    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        """The sampler of the next ask, seeded ``seed``. A grid instead keeps one order, shuffled
-        by the sweep's seed, in which trial n takes point n: every ask's sampler agrees on it, a
-        resumed sweep's too, so no point is drawn twice."""
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        """The study's sampler, seeded ``seed``. A grid instead keeps one order, shuffled by the
+        sweep's seed, in which trial n takes point n: a resumed sweep's grid agrees on it, so
+        no point is drawn twice."""
         if self.grid is not None:
             return AskTellGridSampler(self.grid, seed=self.seed)
         return make_sampler(self.search, seed)
@@ -389,11 +450,12 @@ class SweepStudy:
     def set_user_attr(self, trial: TrialRecord, key: str, value: Any) -> None:
         self.storage.set_trial_user_attr(trial.trial_id, key, value)
 
-    def tell(self, trial: TrialRecord, state: str, value: float | None = None,
+    def tell(self, trial: TrialRecord, state: str, values: Sequence[float] | None = None,
              reason: str = "") -> None:
-        """Record a trial's end: ``complete`` with its value, ``pruned``, or ``failed`` and why."""
+        """Record a trial's end: ``complete`` with its objective values (in search.metric's
+        order), ``pruned``, or ``failed`` and why."""
         if state == "complete":
-            self.study.tell(trial.number, value)
+            self.study.tell(trial.number, list(values or ()))
         elif state == "pruned":
             self.study.tell(trial.number, state=TrialState.PRUNED)
         else:
@@ -401,11 +463,19 @@ class SweepStudy:
             self.study.tell(trial.number, state=TrialState.FAIL)
 
     def best(self) -> TrialRecord | None:
-        """The best complete trial, or None before the first."""
-        try:
-            return self._record(self.study.best_trial)
-        except ValueError:
+        """The best complete trial on the first objective (with several objectives, the member
+        of the Pareto front that is best on it), or None before the first."""
+        front = self.front()
+        if not front:
             return None
+        sign = 1 if self.search.directions[0] == "minimize" else -1
+        return min(front, key=lambda trial: (sign * trial.values[0], trial.number))
+
+    def front(self) -> list[TrialRecord]:
+        """The complete trials no other complete trial beats on every objective (Optuna's
+        ``best_trials``; with one objective, the best), by number."""
+        return sorted((self._record(t) for t in self.study.best_trials),
+                      key=lambda trial: trial.number)
 
     def requeue_as_new(self, trial: TrialRecord, marker: str) -> None:
         """Record a running trial that cannot be continued as failed (flagged ``marker``, so it
@@ -416,7 +486,7 @@ class SweepStudy:
                                  skip_if_exists=False)
 
     def plots(self, folder: Path) -> list[Path]:
-        return study_plots(self.study, folder)
+        return study_plots(self.study, folder, self.search.objectives)
 
     def _id_of(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
@@ -424,7 +494,8 @@ class SweepStudy:
     def _record(self, frozen: optuna.trial.FrozenTrial) -> TrialRecord:
         return TrialRecord(frozen.number, self._id_of(frozen.number),
                            STATES.get(frozen.state, frozen.state.name.lower()),
-                           dict(frozen.params), dict(frozen.user_attrs), frozen.value)
+                           dict(frozen.params), dict(frozen.user_attrs),
+                           tuple(frozen.values) if frozen.values else None)
 
 
 class TrialReporter:
@@ -433,19 +504,26 @@ class TrialReporter:
     them with a warning); the pruner is still asked, and answers as it did.
 
     While the database is away the trial trains on: its values wait in order (``retry.Outbox``)
-    and the pruner is asked again once every value is stored."""
+    and the pruner is asked again once every value is stored. A study of several objectives
+    takes no intermediate values (Optuna's ``Trial.report`` is for one objective): there the
+    reporter stores nothing and never prunes; the metric curves are in MLflow."""
 
     def __init__(self, storage_url: str, name: str, number: int, search: Search):
+        self.several = len(search.objectives) > 1
+        self.outbox = retry.Outbox()
+        if self.several:
+            return
         store = storage(storage_url)
         study = optuna.load_study(study_name=name, storage=store, pruner=make_pruner(search))
         trial_id = store.get_trial_id_from_study_id_trial_number(
             store.get_study_id_from_name(name), number)
         self.reported = set(store.get_trial(trial_id).intermediate_values)
         self.trial = optuna.trial.Trial(study, trial_id)
-        self.outbox = retry.Outbox()
 
     def record(self, value: float, step: int) -> bool:
         """Store an intermediate metric (once per step); True once nothing waits to be stored."""
+        if self.several:
+            return True
         if step in self.reported:
             return self.outbox.flush()
         self.reported.add(step)
@@ -453,8 +531,8 @@ class TrialReporter:
 
     def report(self, value: float, step: int) -> bool:
         """Record an intermediate metric; True if the pruner says stop (never while a value
-        is still waiting for the database)."""
-        if not self.record(value, step):
+        is still waiting for the database, nor with several objectives)."""
+        if not self.record(value, step) or self.several:
             return False
         try:
             with retry.single_attempt():
@@ -468,43 +546,100 @@ class TrialReporter:
 
 
 def trial_rows(url: str, sweep_name: str) -> list[dict[str, Any]]:
-    """Every trial of every study of a sweep, as plain rows for ``orch runs``."""
+    """Every trial of every study of a sweep, as plain rows for ``orch runs``: ``value`` is the
+    first objective's, ``values`` each objective's by name, ``front`` whether the trial is on
+    its study's Pareto front (with one objective: among the best)."""
     rows = []
     store = storage(url)
     for name in existing_studies(url, sweep_name):
         study = optuna.load_study(study_name=name, storage=store)
         lease = DriverLease.read(study.user_attrs.get(LEASE_ATTR))
         driven = lease is not None and not lease.gone()
+        names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+        front = {trial.number for trial in study.best_trials}
         for trial in study.get_trials(deepcopy=False):
             state = STATES.get(trial.state, trial.state.name.lower())
             if state == "running" and not driven:
                 state = "interrupted"  # its driver is gone: orch launch --resume continues it
+            values = dict(zip(names, trial.values)) if trial.values else None
             rows.append({"algorithm": name.split("/", 1)[1], "number": trial.number,
-                         "state": state,
-                         "value": trial.value, "params": dict(trial.params),
+                         "state": state, "value": trial.values[0] if trial.values else None,
+                         "values": values, "front": trial.number in front,
+                         "params": dict(trial.params),
                          "reason": trial.user_attrs.get("fail_reason", "")})
     return rows
 
 
-def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's optimisation history and parameter importances, each as PNG and HTML;
+def dashboard_storage(url: str, sweep_name: str) -> "SweepStorageView":
+    """The storage ``orch dashboard`` serves: the sweep's studies only, read through the same
+    retrying storage as the sweep's own calls; ``ConfigError`` where it holds no study of the
+    sweep (nothing is created)."""
+    if not sweep_exists(url, sweep_name):
+        raise ConfigError(f"no sweep named {sweep_name!r} in {shown(url)} (see: orch runs, or "
+                          "pass the --storage the sweep used)")
+    return SweepStorageView.of(url, sweep_name)
+
+
+def serve_dashboard(view: "SweepStorageView", *, host: str, port: int) -> None:
+    """Serve optuna-dashboard on ``view`` at ``host:port`` until interrupted (Ctrl-C)."""
+    import optuna_dashboard
+
+    optuna_dashboard.run_server(view, host=host, port=port)
+
+
+class SweepStorageView(ResilientStorage):
+    """The storage as ``orch dashboard`` shows it: only the studies of one sweep are listed."""
+
+    prefix = ""
+
+    @classmethod
+    def of(cls, url: str, sweep_name: str) -> "SweepStorageView":
+        view = storage(url, kind=cls)
+        view.prefix = study_name(sweep_name, "")
+        return view
+
+    def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
+        return [study for study in super().get_all_studies()
+                if study.study_name.startswith(self.prefix)]
+
+
+def study_plots(study: optuna.Study, folder: Path, objectives: Sequence[str] = ()) -> list[Path]:
+    """Optuna's optimisation history (of the first objective) and parameter importances, each as
+    PNG and HTML, and with several objectives the Pareto front (``pareto_front``: Optuna's plot
+    of 2 or 3 objectives; with more, the first against each other one, ``pareto_front_<name>``);
     importances are skipped while fewer than two complete trials vary a parameter."""
     import optuna.visualization.matplotlib
 
     from orchestrator.plots import save_figure  # sets matplotlib's file-only backend first
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    names = list(objectives) or [f"objective {i}" for i in range(len(study.directions))]
+    first = {} if len(names) == 1 else {"target": lambda t: t.values[0], "target_name": names[0]}
     makers = {"optimization_history": (optuna.visualization.plot_optimization_history,
-                                       optuna.visualization.matplotlib.plot_optimization_history),
+                                       optuna.visualization.matplotlib.plot_optimization_history,
+                                       first),
               "param_importances": (optuna.visualization.plot_param_importances,
-                                    optuna.visualization.matplotlib.plot_param_importances)}
-    for name, (interactive, static) in makers.items():
+                                    optuna.visualization.matplotlib.plot_param_importances,
+                                    first)}
+    if len(names) in (2, 3):
+        makers["pareto_front"] = (optuna.visualization.plot_pareto_front,
+                                  optuna.visualization.matplotlib.plot_pareto_front,
+                                  {"target_names": names})
+    elif len(names) > 3:
+        for index in range(1, len(names)):
+            makers[f"pareto_front_{names[index]}"] = (
+                optuna.visualization.plot_pareto_front,
+                optuna.visualization.matplotlib.plot_pareto_front,
+                {"targets": lambda t, i=index: (t.values[0], t.values[i]),
+                 "target_names": [names[0], names[index]]})
+    written = []
+    for name, (interactive, static, options) in makers.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             try:
-                interactive(study).write_html(folder / f"{name}.html", include_plotlyjs="cdn")
-                axes = static(study)
+                interactive(study, **options).write_html(folder / f"{name}.html",
+                                                         include_plotlyjs="cdn")
+                axes = static(study, **options)
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue  # not enough complete trials, or no parameter varies
         written += [folder / f"{name}.html", save_figure(axes.figure, folder / f"{name}.png")]

@@ -15,10 +15,16 @@ machine's node stop the sweep with one line, every unfinished trial kept for ``-
 
 A sweep with ``model.init`` resolves that model here, once, before anything is written; every
 trial's request carries its backbone weights (``pretrained``).
+
+With several objectives (``search.metric`` a list) every model on the study's Pareto front is
+registered, tagged ``orch.pareto_front``; only the member best on the first objective is offered
+the champion alias. The front is also a table (``pareto/front.csv``) and a plot on the
+algorithm's run.
 """
 
 from __future__ import annotations
 
+import csv
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,7 +48,10 @@ class AlgorithmSummary:
     metric: str
     best_value: float | None = None
     best_trial: int | None = None
-    registration: tracking.Registration | None = None
+    registration: tracking.Registration | None = None  # the best trial's, on the first objective
+    # Several objectives: the Pareto front's trial numbers and every member's registration.
+    front: list[int] = field(default_factory=list)
+    front_registrations: list[tracking.Registration] = field(default_factory=list)
     # "unfinished": trials the machinery failed beyond their restarts, kept for --resume.
     counts: dict[str, int] = field(default_factory=lambda: {"complete": 0, "pruned": 0, "failed": 0,
                                                             "unfinished": 0})
@@ -88,6 +97,7 @@ def launch(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None
     check_sweep_name(sweep, uri, storage_url, resume)
     if resume:
         check_same_init(sweep, uri, init)
+        studies.check_same_objectives(storage_url, sweep)
         studies.check_no_live_driver(storage_url, sweep.name)
     cluster.connect(address or sweep.ray.address, timeout_s=connect_timeout)
     check_cluster(sweep, uri, storage_url, relative_data)
@@ -211,7 +221,7 @@ class StudyRunner:
         self.progress, self.notice = progress, notice
         self.study = studies.SweepStudy(sweep, algorithm, load_if_exists=resume)
         self.parent = tracking.parent_run(mlflow_client, experiment_id, sweep.name, algorithm)
-        self.summary = AlgorithmSummary(algorithm, sweep.search.metric)
+        self.summary = AlgorithmSummary(algorithm, sweep.search.first_objective)
         self.space = sweep.space(algorithm)
         self.sweep_dict = sweep.model_dump(mode="json")
         self.running: dict[Any, _Running] = {}  # by the Ray task that drives the trial
@@ -261,9 +271,7 @@ class StudyRunner:
         return continued
 
     def launch_next(self) -> None:
-        # A sampler seeded by the trial's slot: a resumed sweep asks exactly what an
-        # uninterrupted one would have asked, given the same finished trials.
-        trial, knobs = self.study.ask(self.sweep.training.seed + self.launched, self.space)
+        trial, knobs = self.study.ask(self.space)
         entry = self.entry(trial, knobs, self.create_run(trial, knobs))
         if entry.saves is not None:  # left by an earlier sweep of the same name, deleted
             entry.saves.remove()
@@ -281,8 +289,8 @@ class StudyRunner:
                         "iterations": sweep.training.iterations, "seed": sweep.training.seed,
                         "workers": sweep.workers.count, "task_fingerprint": sweep.task_fingerprint(),
                         **data_mix_params(sweep)})
-        if self.init is not None:
-            run.set_tags(tracking.init_tags(self.init.record()))
+        run.set_tags({**tracking.objective_tags(sweep.search.objectives, sweep.search.directions),
+                      **tracking.init_tags(self.init.record() if self.init else None)})
         run.log_dict(self.sweep_dict, "sweep.json")
         self.study.set_user_attr(trial, "mlflow_run_id", run.run_id)
         return run.run_id
@@ -330,7 +338,7 @@ class StudyRunner:
             reason = describe_failure(error)
             tracking.TrialRun(self.uri, entry.request.run_id).finish("failed", reason)
             result = TrialResult("failed", None, {}, reason)
-        self.study.tell(entry.trial, result.state, result.value, result.reason)
+        self.study.tell(entry.trial, result.state, result.values, result.reason)
         self.summary.counts[result.state] += 1
         self.forget_checkpoints(entry)
         self.report()
@@ -392,11 +400,45 @@ class StudyRunner:
         best = self.study.best()
         if best is not None:
             summary.best_value, summary.best_trial = best.value, best.number
+        if best is not None and self.study.several:
+            self.register_front(best)
+        elif best is not None:
             summary.registration = _register(sweep, self.algorithm, self.client, best, self.init)
         tracking.finish_parent(self.client, self.parent, {"number": summary.best_trial, "metrics": {
-            sweep.search.metric: summary.best_value}} if best else None,
+            sweep.search.first_objective: summary.best_value}} if best else None,
             extra=tracking.store_seconds(retry.spent_s()))
         return summary
+
+    def register_front(self, best: studies.TrialRecord) -> None:
+        """Register every model of the Pareto front (only ``best``, the member best on the
+        first objective, may take the champion alias) and log the front as a table."""
+        summary, search = self.summary, self.sweep.search
+        rows = []
+        for trial in self.study.front():
+            why = ("" if trial.number == best.number else
+                   f"Pareto front member; the champion follows {search.first_objective}, on "
+                   f"which trial {best.number} is best")
+            registration = _register(self.sweep, self.algorithm, self.client, trial, self.init,
+                                     front=True, not_champion_why=why)
+            summary.front.append(trial.number)
+            if registration is not None:
+                summary.front_registrations.append(registration)
+            if trial.number == best.number:
+                summary.registration = registration
+            rows.append({"trial": trial.number,
+                         **dict(zip(search.objectives, trial.values or ())),
+                         **{f"param.{k}": v for k, v in sorted(trial.params.items())},
+                         "model_version": registration.version if registration else "",
+                         "champion": bool(registration and registration.champion),
+                         "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", "")})
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "front.csv"
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(rows)
+            tracking.log_artifacts(self.client, self.parent, [path], "pareto")
 
 
 def data_mix_params(sweep: Sweep) -> dict[str, str]:
@@ -408,15 +450,24 @@ def data_mix_params(sweep: Sweep) -> dict[str, str]:
             "data_weights": ",".join(f"{w:.4g}" for w in sweep.data.source_weights())}
 
 
-def _register(sweep: Sweep, algorithm: str, mlflow_client, best,
-              init: pretrained.Init | None) -> tracking.Registration | None:
-    run_id = best.user_attrs.get("mlflow_run_id")
+def _register(sweep: Sweep, algorithm: str, mlflow_client, trial: studies.TrialRecord,
+              init: pretrained.Init | None, *, front: bool = False,
+              not_champion_why: str = "") -> tracking.Registration | None:
+    """Register ``trial``'s model; ``not_champion_why`` set: without offering it the alias."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
     model_uri = tracking.model_uri_of_run(mlflow_client, run_id) if run_id else None
     if model_uri is None:
         return None
+    search = sweep.search
+    several = len(search.objectives) > 1
     return tracking.register(mlflow_client, model_uri=model_uri,
                              name=f"{sweep.tracking.registry_prefix}{algorithm}", run_id=run_id,
-                             sweep_name=sweep.name, trial=best.number,
-                             metric_name=sweep.search.metric, metric=best.value,
-                             direction=sweep.search.direction, fingerprint=sweep.task_fingerprint(),
-                             init=init.record() if init else None)
+                             sweep_name=sweep.name, trial=trial.number,
+                             metric_name=search.first_objective, metric=trial.value,
+                             direction=search.directions[0], fingerprint=sweep.task_fingerprint(),
+                             init=init.record() if init else None,
+                             objectives=dict(zip(search.objectives, trial.values))
+                             if several else None,
+                             directions=search.directions, front=front,
+                             may_be_champion=not not_champion_why,
+                             not_champion_why=not_champion_why)

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestrator import retry
+from orchestrator import champion as champion_policy, retry
 from orchestrator.errors import MachineryError, UserError, first_line
 from orchestrator.config import URI_FORMS
 from orchestrator.meta_model import MetaModel, ModelSource, decode_inputs, input_example
@@ -67,6 +67,19 @@ TAG_DRIVER = "orch.driver"
 TAG_RESTARTS = "orch.restarts"
 TAG_RECOMPUTED = "orch.recomputed_iterations"
 TAG_RESUMED_FROM = "orch.resumed_from"
+# What a trial run and a registered version were scored on: the first objective and its
+# direction (orch.metric, orch.direction), and every objective in order as name:direction
+# (orch.objectives); a version's value of each is orch.objective.<name>.
+TAG_METRIC = "orch.metric"
+TAG_DIRECTION = "orch.direction"
+TAG_OBJECTIVES = "orch.objectives"
+TAG_OBJECTIVE = "orch.objective."
+# A version on its sweep's Pareto front (several objectives): "true".
+TAG_FRONT = "orch.pareto_front"
+# Why a version did not take the champion alias when it was registered (empty: it did).
+TAG_CHAMPION_NOTE = "orch.champion_note"
+# Where a trial's cost objectives (adapt_ms) were timed (compare.timing_context).
+TAG_COSTS_TIMED_ON = "orch.costs_timed_on"
 
 
 REACH_TIMEOUT_S = 5.0
@@ -379,6 +392,7 @@ class Registration:
     version: str
     metric: float
     champion: bool
+    note: str = ""  # why it did not take the champion alias (champion.Decision.reason)
 
 
 # A trial run's and a registered version's record of the model its backbone started from
@@ -393,37 +407,61 @@ def init_tags(record: Mapping[str, str] | None) -> dict[str, str]:
     return {TAG_INIT + key: value for key, value in (record or {}).items()}
 
 
+def objective_tags(objectives: Sequence[str], directions: Sequence[str]) -> dict[str, str]:
+    """``orch.metric``, ``orch.direction`` (the first objective's) and ``orch.objectives``."""
+    return {TAG_METRIC: objectives[0], TAG_DIRECTION: directions[0],
+            TAG_OBJECTIVES: ",".join(f"{n}:{d}" for n, d in zip(objectives, directions))}
+
+
 def register(mlflow_client: RetryingClient, *, model_uri: str, name: str, run_id: str,
              sweep_name: str, trial: int, metric_name: str, metric: float, direction: str,
-             fingerprint: str, init: Mapping[str, str] | None = None) -> Registration:
-    """A new version of ``name``; the champion alias moves to it only if it is better on the
-    same task fingerprint from the same initial weights (or there is no champion yet). ``init``:
-    the ``pretrained.Init.record()`` of a model trained from a pretrained backbone, kept on the
-    version as ``orch.init.*`` tags;
-    a champion trained from scratch and one trained from a backbone are not compared, nor two
-    trained from different backbones."""
+             fingerprint: str, init: Mapping[str, str] | None = None,
+             objectives: Mapping[str, float] | None = None, directions: Sequence[str] = (),
+             front: bool = False, may_be_champion: bool = True,
+             not_champion_why: str = "") -> Registration:
+    """A new version of ``name``, tagged with what it was scored on; the champion alias moves
+    to it as ``champion.decide`` says (same metric, direction, task fingerprint and initial
+    weights, and better), and otherwise the version records why not (``orch.champion_note``).
+    ``init``: the ``pretrained.Init.record()`` of a model trained from a pretrained backbone,
+    kept as ``orch.init.*`` tags. ``objectives``: each objective's value (several objectives;
+    ``directions`` in the same order), ``front``: the version is on its sweep's Pareto front;
+    ``may_be_champion`` False (``not_champion_why`` says why) registers it without offering it
+    the alias."""
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
         try:
-            mlflow_client.create_registered_model(name, tags={"orch.metric": metric_name,
-                                                              "orch.direction": direction})
+            mlflow_client.create_registered_model(name, tags={TAG_METRIC: metric_name,
+                                                              TAG_DIRECTION: direction})
         except MlflowException:  # another sweep created it in between
             mlflow_client.get_registered_model(name)
     # The version's source is the run's artifact folder, which a tracking server accepts.
     source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{model_uri.rsplit('/', 1)[-1]}"
+    names = list(objectives or {metric_name: metric})
+    tags = {"orch.sweep": sweep_name, "orch.trial": str(trial),
+            **objective_tags(names, list(directions) or [direction]),
+            "orch.metric_value": repr(float(metric)), "orch.task_fingerprint": fingerprint,
+            **init_tags(init)}
+    if objectives:
+        tags.update({TAG_OBJECTIVE + key: repr(float(v)) for key, v in objectives.items()})
+    if front:
+        tags[TAG_FRONT] = "true"
     # Found if registered before a crash, or before an answer an outage lost.
-    version = find_or_create(
+    version = str(find_or_create(
         mlflow_client, lambda: _version_of_run(mlflow_client.raw, name, run_id),
-        lambda: mlflow_client.raw.create_model_version(name, source, run_id=run_id, tags={
-            "orch.sweep": sweep_name, "orch.trial": str(trial), "orch.metric": metric_name,
-            "orch.metric_value": repr(float(metric)), "orch.direction": direction,
-            "orch.task_fingerprint": fingerprint, **init_tags(init)}).version)
-    champion = _is_champion(mlflow_client, name, version) or _beats_champion(
-        mlflow_client, name, metric, direction, fingerprint, (init or {}).get("digest", ""))
-    if champion:
+        lambda: mlflow_client.raw.create_model_version(name, source, run_id=run_id,
+                                                       tags=tags).version))
+    if _is_champion(mlflow_client, name, version):
+        return Registration(name, version, metric, True)
+    if may_be_champion:
+        decision = champion_policy.decide(champion_policy.Score.from_tags(tags),
+                                          *_current_champion(mlflow_client, name))
+    else:
+        decision = champion_policy.Decision(False, not_champion_why)
+    if decision.take:
         mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-    return Registration(name, str(version), metric, champion)
+    mlflow_client.set_model_version_tag(name, version, TAG_CHAMPION_NOTE, decision.reason)
+    return Registration(name, version, metric, decision.take, decision.reason)
 
 
 def _version_of_run(mlflow_client: MlflowClient | RetryingClient, name: str,
@@ -441,20 +479,14 @@ def _is_champion(mlflow_client: RetryingClient, name: str, version: str) -> bool
         return False
 
 
-def _beats_champion(mlflow_client: RetryingClient, name: str, metric: float, direction: str,
-                    fingerprint: str, init_digest: str) -> bool:
+def _current_champion(mlflow_client: RetryingClient,
+                      name: str) -> tuple[champion_policy.Score | None, str]:
+    """What the current champion of ``name`` was scored on, and its version (None, "": none)."""
     try:
         current = mlflow_client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return True
-    if current.tags.get("orch.task_fingerprint") != fingerprint:
-        return False  # a different task distribution: metrics are not comparable
-    if current.tags.get(TAG_INIT_DIGEST, "") != init_digest:
-        return False  # another starting point: another method (Meta-Baseline is not ProtoNet)
-    best = float(current.tags.get("orch.metric_value", "nan"))
-    if best != best:  # NaN: a champion without a metric is replaced
-        return True
-    return metric < best if direction == "minimize" else metric > best
+        return None, ""
+    return champion_policy.Score.from_tags(current.tags), str(current.version)
 
 
 def promote(uri: str, name: str, version: str) -> None:
@@ -477,11 +509,20 @@ def registered_models(mlflow_client: RetryingClient, prefix: str = "") -> list[d
         for alias, version in (model.aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
         for version in mlflow_client.search_model_versions(f"name = '{model.name}'"):
+            held = aliases.get(str(version.version), [])
+            note = "" if CHAMPION in held else version.tags.get(TAG_CHAMPION_NOTE, "")
+            if CHAMPION not in held and not note and CHAMPION in (model.aliases or {}):
+                holder = model.aliases[CHAMPION]
+                note = (f"champion until the alias moved to v{holder}"
+                        if TAG_CHAMPION_NOTE in version.tags else
+                        f"registered before orch recorded why; the champion is v{holder}")
             rows.append({"name": model.name, "version": version.version,
-                         "metric": version.tags.get("orch.metric", ""),
+                         "metric": version.tags.get(TAG_METRIC, ""),
+                         "direction": version.tags.get(TAG_DIRECTION, ""),
                          "value": version.tags.get("orch.metric_value", ""),
                          "sweep": version.tags.get("orch.sweep", ""),
-                         "aliases": ",".join(sorted(aliases.get(str(version.version), [])))})
+                         "front": version.tags.get(TAG_FRONT) == "true",
+                         "aliases": ",".join(sorted(held)), "note": note})
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 

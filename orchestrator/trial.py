@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import checkpoints, cluster, plots, retry, tracking
+from orchestrator import checkpoints, cluster, objectives, plots, retry, tracking
 from orchestrator.config import Sweep
 from orchestrator.meta_model import MetaModel
 from orchestrator.pretrained import Init
@@ -54,11 +54,13 @@ class TrialRequest:
 @dataclass(frozen=True)
 class TrialResult:
     state: str  # complete, pruned or failed
-    value: float | None
+    value: float | None  # the first objective's (search.metric's first)
     metrics: dict[str, float]
     reason: str = ""
     nodes: tuple[str, ...] = ()
     tasks_per_second: float = 0.0
+    # A complete trial's value of each objective, in search.metric's order.
+    values: tuple[float, ...] = ()
 
 
 def make_farm(sweep: Sweep, request: TrialRequest):
@@ -96,13 +98,14 @@ def run_trial(request: TrialRequest) -> TrialResult:
         # validations (``LoopState.evaluations``): what an earlier start of the trial logged but
         # could not send before it died is sent by this one (``replay``).
         logged: list[tuple[int, dict[str, float]]] = list(extra.get("logged", []))
+        metric = sweep.search.first_objective
         if state is not None:
-            replay(run, reporter, state, logged, sweep.search.metric)
+            replay(run, reporter, state, logged, metric)
 
         def on_eval(iteration: int, metrics: dict[str, float]) -> bool:
             run.log_metrics(metrics, step=iteration, wait=False)
-            val_curve.append((iteration, metrics[sweep.search.metric]))
-            return reporter.report(metrics[sweep.search.metric], iteration)
+            val_curve.append((iteration, metrics[metric]))
+            return reporter.report(metrics[metric], iteration)
 
         def on_iteration(iteration: int, stats: dict[str, float]) -> None:
             train_curve.append((iteration + 1, stats["train_loss"]))
@@ -127,13 +130,13 @@ def run_trial(request: TrialRequest) -> TrialResult:
                 checkpointer.close()
         reporter.drain()
         metrics = outcome.final
-        value = metrics[sweep.search.metric]
+        value = metrics[metric]
         run.log_metrics({"tasks_per_second": outcome.tasks_per_second}, step=0)
         if checkpointer is not None:
             run.log_metrics({"checkpoint_seconds": checkpointer.cost_s}, step=0)
         with tempfile.TemporaryDirectory() as folder:
             run.log_artifact(plots.learning_curves(
-                train_curve, val_curve, sweep.search.metric,
+                train_curve, val_curve, metric,
                 f"{request.algorithm} trial {request.number}", Path(folder) / "learning_curves.png"),
                 "plots")
         if outcome.stopped_early:
@@ -141,12 +144,20 @@ def run_trial(request: TrialRequest) -> TrialResult:
             return TrialResult("pruned", value, metrics, "", nodes, outcome.tasks_per_second)
         recorded = {"init": request.init.record()} if request.init else {}
         model = MetaModel.build(request.sweep, request.algorithm, request.knobs, outcome.params,
-                                metric={sweep.search.metric: value}, **recorded)
+                                **recorded)
+        costs: dict[str, float] = {}
+        if objectives.costs_asked(sweep):
+            costs, timed_on = objectives.measure_costs(model, sweep)
+            run.log_metrics(costs, step=sweep.training.iterations)
+            run.set_tags({tracking.TAG_COSTS_TIMED_ON: timed_on})
+        values = objectives.values(sweep.search.objectives, metrics, costs)
+        model.spec["metric"] = dict(zip(sweep.search.objectives, values))
         with tempfile.TemporaryDirectory() as folder:
             run.log_model(model.save(Path(folder) / "meta_model"))
         log_store_seconds(run)
         run.finish("complete")
-        return TrialResult("complete", value, metrics, "", nodes, outcome.tasks_per_second)
+        return TrialResult("complete", value, metrics, "", nodes, outcome.tasks_per_second,
+                           tuple(values))
     finally:
         if isinstance(farm, cluster.RayFarm):
             farm.shutdown()

@@ -202,8 +202,8 @@ def test_a_sweep_survives_each_store_a_node_and_its_driver_failing(deployment, t
         best = min(found, key=lambda t: t.value)
         champion = client.get_model_version_by_alias(f"faults-{algorithm}", "champion")
         assert champion.tags["orch.trial"] == str(best.number)
-        # The champion is what an undisturbed sweep gives: its trial's knobs (the same
-        # proposals, seeded by slot) trained without a fault end at the same value, bitwise.
+        # The champion is what an undisturbed training gives: its trial's knobs trained
+        # without a fault end at the same value, bitwise.
         assert uninterrupted_value(config, algorithm, best.params) == best.value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.config import ConfigError, Range, load_sweep, sweep_from_dict
 
@@ -53,6 +54,47 @@ def test_quickstart_example_is_valid():
     ({"name": "bad name!"}, "name: must be 1-100 letters"),
     ({"algorithms": {}}, "algorithms: Dictionary should have at least 1 item"),
     ({"search": {"metric": "val_accuracy"}}, "search.metric: val_accuracy needs a classification"),
+    ({"search": {"metric": ["val_loss", "val_accuracy"]}},
+     "search.metric: val_accuracy needs a classification data set; sinusoid is regression"),
+    ({"search": {"direction": "maximize"}}, "search.direction: maximize contradicts "
+     "search.metric val_loss, which is minimized; leave search.direction out"),
+    ({"search": {"metric": ["val_loss", "adapt_ms"], "direction": ["minimize", "maximize"]}},
+     "search.direction: maximize contradicts search.metric adapt_ms, which is minimized"),
+    ({"search": {"metric": ["val_loss", "adapt_ms"], "direction": "minimize"}},
+     "search.direction: 1 direction for 2 objectives in search.metric"),
+    ({"search": {"metric": ["val_loss", "speed"]}}, "search.metric: unknown objective 'speed'; "
+     "allowed: val_loss, val_accuracy, adapt_ms, inner_steps, parameters"),
+    ({"search": {"metric": ["val_loss", "adapt_ms", "val_loss"]}},
+     "search.metric: val_loss is named twice"),
+    ({"search": {"metric": ["adapt_ms", "val_loss"]}}, "search.metric: adapt_ms is a cost of "
+     "adapting, to trade against a validation metric: name val_loss or val_accuracy first"),
+    ({"search": {"metric": []}}, "search.metric: names no objective"),
+    ({"search": {"metric": ["val_loss", "parameters"], "pruner": "median"}},
+     "search.pruner: median prunes on one intermediate value and search.metric names 2 "
+     "objectives"),
+    ({"search": {"metric": ["val_loss", "inner_steps"], "sampler": "cmaes"}},
+     "search.sampler: cmaes searches one objective and search.metric names 2"),
+    ({"search": {"pruner": "asha"}}, "search.pruner: unknown pruner 'asha'; allowed: median, "
+     "hyperband, successive_halving, none"),
+    ({"search": {"pruner": {"name": "successive_halving", "reduction": 3}}},
+     "search.pruner.reduction: unknown key; allowed: bootstrap_count, min_early_stopping_rate, "
+     "min_resource, name, reduction_factor"),
+    ({"search": {"pruner": {"name": "successive_halving", "reduction_factor": 1}}},
+     "search.pruner.reduction_factor: Input should be greater than or equal to 2"),
+    ({"search": {"pruner": {"name": "successive_halving", "min_resource": 0}}},
+     "search.pruner.min_resource: must be at least 1 or auto, got 0"),
+    ({"search": {"pruner": {"name": "successive_halving", "bootstrap_count": 2}}},
+     "search.pruner.bootstrap_count: needs an integer min_resource"),
+    ({"search": {"pruner": {"name": "successive_halving", "min_resource": 100,
+                            "min_early_stopping_rate": 1}}},
+     "search.pruner: its first rung is at iteration 400 (min_resource * reduction_factor ** "
+     "min_early_stopping_rate), not below training.iterations 300"),
+    ({"search": {"pruner": {"name": "median", "n_warmup_steps": 300}}},
+     "search.pruner.n_warmup_steps: 300 is not below training.iterations 300"),
+    ({"search": {"pruner": {"name": "hyperband", "max_resource": 500}}},
+     "search.pruner.max_resource: 500 must exceed min_resource 1 and not exceed "
+     "training.iterations 300"),
+    ({"search": {"pruner": {"min_resource": 3}}}, "search.pruner: name the pruner"),
 ])
 def test_bad_values_name_the_key(change, expected):
     with pytest.raises(ConfigError) as error:
@@ -61,6 +103,34 @@ def test_bad_values_name_the_key(change, expected):
     assert message.startswith("sweep.yaml: ")
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("search, objectives, directions, pruner", [
+    ({"metric": "val_loss"}, ["val_loss"], ["minimize"], "median"),
+    ({"metric": "val_accuracy"}, ["val_accuracy"], ["maximize"], "median"),
+    ({"metric": "val_accuracy", "direction": "maximize"}, ["val_accuracy"], ["maximize"], "median"),
+    ({"metric": ["val_accuracy", "adapt_ms"]}, ["val_accuracy", "adapt_ms"],
+     ["maximize", "minimize"], "none"),
+    ({"metric": ["val_accuracy", "parameters"], "pruner": "none"},
+     ["val_accuracy", "parameters"], ["maximize", "minimize"], "none"),
+    ({"pruner": {"name": "successive_halving", "min_resource": 50, "reduction_factor": 3}},
+     ["val_loss"], ["minimize"], "successive_halving"),
+])
+def test_the_direction_follows_from_the_metric(search, objectives, directions, pruner):
+    """No direction given: val_accuracy is maximised, val_loss and every cost minimised; the
+    default pruner is median for one objective and none for several (which cannot prune)."""
+    data = {"path": "unread"} if "val_accuracy" in objectives else {"family": "sinusoid"}
+    sweep = sweep_from_dict({"name": "x", "data": data, "search": search,
+                             "algorithms": {"protonet" if "path" in data else "maml": {}}})
+    assert sweep.search.objectives == objectives and sweep.search.directions == directions
+    assert sweep.search.first_objective == objectives[0]
+    assert sweep.search.pruning().name == pruner
+
+
+def test_every_example_loads_and_leaves_the_direction_to_its_metric():
+    for path in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")):
+        load_sweep(path)  # reads no data: only the file's own keys are checked
+        assert "direction" not in yaml.safe_load(path.read_text())["search"], path.name
 
 
 @pytest.mark.parametrize("text, expected", [

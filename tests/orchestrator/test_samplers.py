@@ -4,6 +4,7 @@ a sampler cannot search as asked is refused at load in one line."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import optuna
 import pytest
@@ -23,15 +24,15 @@ def sweep(tmp_path, sampler: str, trials: int, space: dict):
 
 
 def run_study(sweep, trials: int) -> list[dict]:
-    """Ask and tell as the sweep driver does: a new sampler seeded by the trial's slot before
-    each ask (orchestrator/sweep.py, StudyRunner.launch_next: SweepStudy.ask)."""
+    """Ask and tell as the sweep driver does, one trial at a time, from the study's one sampler
+    (orchestrator/sweep.py, StudyRunner.launch_next: SweepStudy.ask)."""
     study = studies.SweepStudy(sweep, "maml", load_if_exists=False)
     space = sweep.space("maml")
     asked = []
-    for slot in range(trials):
-        trial, knobs = study.ask(sweep.training.seed + slot, space)
+    for _ in range(trials):
+        trial, knobs = study.ask(space)
         asked.append(knobs)
-        study.tell(trial, "complete", (knobs["outer_lr"] - 0.002) ** 2 + knobs["inner_lr"])
+        study.tell(trial, "complete", [(knobs["outer_lr"] - 0.002) ** 2 + knobs["inner_lr"]])
     return asked
 
 
@@ -72,7 +73,8 @@ def test_grid_of_fewer_trials_draws_distinct_points(tmp_path):
 @pytest.mark.parametrize("sampler, expected", [("gp", optuna.samplers.GPSampler),
                                                ("cmaes", optuna.samplers.CmaEsSampler),
                                                ("tpe", optuna.samplers.TPESampler),
-                                               ("random", optuna.samplers.RandomSampler)])
+                                               ("random", optuna.samplers.RandomSampler),
+                                               ("nsgaii", optuna.samplers.NSGAIISampler)])
 def test_each_sampler_is_the_one_named(tmp_path, sampler, expected):
     space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
              "inner_steps": {"low": 1, "high": 5, "int": True}}
@@ -82,6 +84,8 @@ def test_each_sampler_is_the_one_named(tmp_path, sampler, expected):
     for knobs in run_study(sweep_, 8):
         assert 0.01 <= knobs["inner_lr"] <= 0.5 and 1 <= knobs["inner_steps"] <= 5
         assert 0.0003 <= knobs["outer_lr"] <= 0.003
+    resumed = studies.SweepStudy(sweep_, "maml", load_if_exists=True)
+    assert type(resumed.study.sampler) is expected  # the study's one sampler
 
 
 @pytest.mark.parametrize("sampler, space, expected", [
@@ -106,3 +110,72 @@ def test_grid_refuses_more_trials_than_points(tmp_path):
     with pytest.raises(ConfigError, match=r"^sweep.yaml: search.trials: 19 trials exceed the 18 "
                                           r"points of maml's grid; set at most 18$"):
         sweep(tmp_path, "grid", 19, GRID_SPACE)
+
+
+def test_four_trials_started_together_are_proposed_apart(tmp_path):
+    """search.parallel 4 after 8 finished trials with one optimum: the driver asks 4 trials
+    before any ends (StudyRunner.run), and TPE's constant liar counts each running one as worse
+    than every finished one, so the 4 spread over the range instead of crowding the optimum --
+    as Optuna's TPE without the liar does on the same seed and history (the control)."""
+    sweep_ = sweep_from_dict({"name": "parallel", "run_dir": str(tmp_path),
+                              "search": {"trials": 12, "parallel": 4},
+                              "algorithms": {"maml": {"inner_lr": {"low": 0.001, "high": 1.0,
+                                                                   "log": True},
+                                                      "outer_lr": 0.001, "inner_steps": 1}}})
+    space = sweep_.space("maml")
+
+    def together(study: studies.SweepStudy) -> list[float]:
+        for _ in range(8):  # past TPE's 5 startup trials: the model proposes from the history
+            trial, knobs = study.ask(space)
+            study.tell(trial, "complete", [(math.log10(knobs["inner_lr"]) + 2) ** 2])
+        return [study.ask(space)[1]["inner_lr"] for _ in range(4)]
+
+    asked = together(studies.SweepStudy(sweep_, "maml", load_if_exists=False))
+    assert len(set(asked)) == 4
+    decades = [math.log10(x) for x in asked]
+    assert max(decades) - min(decades) > 0.5, asked
+
+    control = studies.SweepStudy(sweep_.model_copy(update={"name": "control"}), "maml",
+                                 load_if_exists=False)
+    control.study.sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5,
+                                                       constant_liar=False)
+    crowded = [math.log10(x) for x in together(control)]
+    assert max(crowded) - min(crowded) < 0.3
+
+
+def test_successive_halving_prunes_at_its_rungs(tmp_path):
+    """search.pruner successive_halving with its knobs, asked as a trial's process asks
+    (TrialReporter): before min_resource (10 iterations) no trial is pruned; at that rung a
+    trial goes on only if it is in the better 1/reduction_factor (half) of the values reported
+    there so far (Optuna's ASHA: the first one is promoted with nothing to compare)."""
+    sweep_ = sweep_from_dict({"name": "asha", "run_dir": str(tmp_path),
+                              "training": {"iterations": 40, "eval_every": 5},
+                              "search": {"trials": 4, "pruner": {
+                                  "name": "successive_halving", "min_resource": 10,
+                                  "reduction_factor": 2}},
+                              "algorithms": {"maml": {}}})
+    assert isinstance(studies.make_pruner(sweep_.search), optuna.pruners.SuccessiveHalvingPruner)
+    study = studies.SweepStudy(sweep_, "maml", load_if_exists=False)
+    early, at_rung = [], []
+    for value in (1.0, 2.0, 0.5, 3.0):  # val_loss, the same at iterations 5 and 10
+        trial, _ = study.ask(sweep_.space("maml"))
+        reporter = studies.TrialReporter(sweep_.storage_url(), study.name, trial.number,
+                                         sweep_.search)
+        early.append(reporter.report(value, 5))
+        at_rung.append(reporter.report(value, 10))
+    assert early == [False] * 4
+    assert at_rung == [False, True, False, True]
+
+
+def test_resume_with_other_objectives_is_refused(tmp_path):
+    """A study made for val_loss cannot be resumed by a file asking for [val_loss, adapt_ms]:
+    its trials' values would be one short."""
+    base = {"name": "objectives", "run_dir": str(tmp_path), "algorithms": {"maml": {}}}
+    first = sweep_from_dict(base)
+    studies.SweepStudy(first, "maml", load_if_exists=False)
+    studies.check_same_objectives(first.storage_url(), first)
+    changed = sweep_from_dict({**base, "search": {"metric": ["val_loss", "adapt_ms"]}})
+    with pytest.raises(ConfigError, match=r"^--resume: study objectives/maml searches val_loss "
+                                          r"\(minimize\), but search.metric now asks for "
+                                          r"val_loss \(minimize\), adapt_ms \(minimize\);"):
+        studies.check_same_objectives(first.storage_url(), changed)
