@@ -91,32 +91,28 @@ class PTMAPKnobs(Knobs):
 
 @dataclass(frozen=True)
 class Method:
-    """A transductive method: its knobs and how it runs on a learner's episode."""
+    """A transductive method: its knobs and its function of an episode's features."""
 
     name: str
     title: str  # as the tables say it
     Knobs: type[Knobs]
     run: Callable[..., transductive.Transduced]
+    centred: bool = False  # it takes the training features' mean (``Learner.feature_mean``)
 
-
-def _on_features(method: Callable[..., transductive.Transduced], *, centred: bool = False):
-    """Run ``method`` on the learner's embeddings of the support and query sets."""
-
-    def run(learner: Learner, params: Params, support_x: Tensor, support_y: Tensor,
-            query_x: Tensor, ways: int, knobs: Knobs) -> transductive.Transduced:
-        support, query = learner.embedding(params, support_x), learner.embedding(params, query_x)
-        extra = {"centre": learner.feature_mean(params)} if centred else {}
-        return method(support, support_y, query, ways, **extra, **knobs.model_dump())
-
-    return run
+    def on_features(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int,
+                    knobs: Knobs, *, centre: Tensor | None = None) -> transductive.Transduced:
+        """The method on embeddings already computed (benchmarks/transductive.py batches
+        episodes this way); ``centre``: the learner's training feature mean, if any."""
+        extra = {"centre": centre} if self.centred else {}
+        return self.run(support, support_y, query, ways, **extra, **knobs.model_dump())
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("tim", "TIM-GD", TIMKnobs, _on_features(transductive.tim)),
-    Method("bdcspn", "BD-CSPN", BDCSPNKnobs, _on_features(transductive.bdcspn)),
-    Method("laplacianshot", "LaplacianShot", LaplacianShotKnobs,
-           _on_features(transductive.laplacianshot, centred=True)),
-    Method("ptmap", "PT-MAP", PTMAPKnobs, _on_features(transductive.ptmap)),
+    Method("tim", "TIM-GD", TIMKnobs, transductive.tim),
+    Method("bdcspn", "BD-CSPN", BDCSPNKnobs, transductive.bdcspn),
+    Method("laplacianshot", "LaplacianShot", LaplacianShotKnobs, transductive.laplacianshot,
+           centred=True),
+    Method("ptmap", "PT-MAP", PTMAPKnobs, transductive.ptmap),
 )}
 
 
@@ -224,12 +220,16 @@ def embedding_learners() -> list[str]:
 def check_learner(cls: type[Learner]) -> None:
     """Refuse, in one line, a learner whose adaptation has no embedding to work on."""
     if not cls.embeds:
+        why = NO_EMBEDDING.get(cls.family, "its adaptation reads the support set through a "
+                                           "learned module")
         raise TransductionError(
             f"{cls.name} has no embedding for transductive inference to work on ({cls.family} "
-            f"learner: {NO_EMBEDDING.get(cls.family, 'its adaptation reads the support set through a learned module')}); "
-            f"transductive methods run on {', '.join(embedding_learners())}")
+            f"learner: {why}); transductive methods run on {', '.join(embedding_learners())}")
 
 
+# Why a family's learners have no fixed embedding (the others read the support set through a
+# learned module: Matching's full-context embeddings, Relation's relation module, Siamese's
+# learned distance, ALPaCA's posterior).
 NO_EMBEDDING = {
     "gradient": "it adapts the network's weights themselves",
     "model-based": "it reads the episode as a sequence or generates weights, with no fixed "
@@ -253,9 +253,10 @@ def transductive_outputs(learner: Learner, params: Params, support_x: Tensor,
     if ways < 2 or len(torch.unique(support_y)) < 2:
         raise TransductionError(f"{transduction.method} needs a support set of at least 2 "
                                 "classes, got 1")
-    method = METHODS[transduction.method]
-    return method.run(learner, params, support_x, support_y, query_x, ways,
-                      transduction.knobs).log_probs
+    support, query = learner.embedding(params, support_x), learner.embedding(params, query_x)
+    return METHODS[transduction.method].on_features(
+        support, support_y, query, ways, transduction.knobs,
+        centre=learner.feature_mean(params)).log_probs
 
 
 def transductive_statistics(learner: Learner, params: Params, tasks, transduction: Transduction

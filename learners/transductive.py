@@ -119,7 +119,7 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_zeros(0)
 
 
-# -- TIM-GD -----------------------------------------------------------------------------------------
+# -- TIM-GD ----------------------------------------------------------------------------------------
 
 def tim_logits(features: Tensor, weights: Tensor, temperature: float) -> Tensor:
     """``-temperature / 2 * |z - w_k|^2`` for unit-length rows ``z`` of ``features``."""
@@ -196,7 +196,7 @@ def tim(support: Tensor, support_y: Tensor, query: Tensor, ways: int, *, iterati
     return Transduced(log_probs, torch.stack(trace) if trace else _empty(query))
 
 
-# -- BD-CSPN ----------------------------------------------------------------------------------------
+# -- BD-CSPN ---------------------------------------------------------------------------------------
 
 def shift_queries(support: Tensor, query: Tensor) -> Tensor:
     """BD-CSPN's cross-class correction: queries moved by the support mean minus the query
@@ -236,7 +236,7 @@ def bdcspn(support: Tensor, support_y: Tensor, query: Tensor, ways: int, *,
     return Transduced(F.log_softmax(epsilon * cosine(query, prototypes), dim=-1), _empty(query))
 
 
-# -- LaplacianShot ----------------------------------------------------------------------------------
+# -- LaplacianShot ---------------------------------------------------------------------------------
 
 def knn_affinity(x: Tensor, knn: int) -> Tensor:
     """``W[q, p] = 1`` where ``p`` is among the ``knn - 1`` nearest other rows of ``q`` (the
@@ -282,7 +282,7 @@ def laplacianshot(support: Tensor, support_y: Tensor, query: Tensor, ways: int, 
     return Transduced(log_probs, torch.stack(trace) if trace else _empty(query))
 
 
-# -- PT-MAP ---------------------------------------------------------------------------------------
+# -- PT-MAP ----------------------------------------------------------------------------------------
 
 def power_transform(support: Tensor, query: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """PT-MAP's features: ``(x + 1e-6)^beta`` of the non-negative features, unit rows, then

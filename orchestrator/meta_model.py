@@ -271,13 +271,16 @@ def decode_inputs(model: MetaModel, encoded: Sequence[str]) -> Tensor:
 
 def input_example(model: MetaModel) -> "pandas.DataFrame":
     """A small valid request for the model's pyfunc form, logged with it so that MLflow shows
-    and checks how to call it: two support rows of two classes and one query -- tiny base64 PNG
-    files (any size; the model's preprocessing resizes them) or, for regression, JSON numbers."""
+    and checks how to call it: two support rows of two classes and one query (two for a model
+    that classifies queries together, ``transduction``) -- tiny base64 PNG files (any size; the
+    model's preprocessing resizes them) or, for regression, JSON numbers."""
     import pandas as pd
 
     if model.classification:
         across, down = _example_png(model, vertical=False), _example_png(model, vertical=True)
         rows = [("support", across, "across"), ("support", down, "down"), ("query", down, None)]
+        if model.transduction is not None:
+            rows.append(("query", across, None))
     else:
         width = int(model.spec["shape"]["input_shape"][0])
         outputs = int(model.spec["shape"]["output_size"])

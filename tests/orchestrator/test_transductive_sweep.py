@@ -200,3 +200,29 @@ def _png(generator: np.random.Generator) -> str:
     Image.fromarray((generator.random((28, 28)) * 255).astype(np.uint8), "L").save(buffer,
                                                                                format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_the_example_sweep_file_loads():
+    from orchestrator.config import load_sweep
+
+    example = load_sweep(Path(__file__).resolve().parents[2] / "examples" / "transductive.yaml")
+    assert example.data.episodes == "variable"
+    assert example.space("simpleshot")["transductive"] == "laplacianshot"
+
+
+def test_the_logged_input_example_is_a_valid_request_for_a_transductive_model(swept):
+    """The example MLflow logs with the model holds two queries where the model classifies
+    queries together, so that it answers."""
+    from orchestrator.meta_model import input_example
+
+    uri, _, _ = swept
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("orch-protonet", "champion").version
+    served = PyfuncMetaModel()
+    served.model = MetaModel.load(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("orch-protonet", version),
+        tracking_uri=uri))
+    example = input_example(served.model)
+    assert list(example["role"]) == ["support", "support", "query", "query"]
+    answer = served.predict(None, example)["prediction"]
+    assert len(answer) == 2 and set(answer) <= {"down", "across"}

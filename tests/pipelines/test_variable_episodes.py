@@ -44,10 +44,11 @@ def test_ways_are_uniform_between_5_and_min_50_classes():
 def test_queries_are_balanced_and_shots_follow_the_support_budget():
     """With every class holding 20 images (Omniglot's), queries are min(10, 20 // 2) = 10 for
     every class, and the support budget over ways, floor(10 beta + 1), is uniform on 1..10
-    (chi-square at 0.1%; statistic 8.2 on 10 values, critical 27.9). Shots: at least 1 each,
-    at most the images left after the queries, adding up to at most the budget (and to more
-    than budget - ways where no class ran out of images); and, since the class weights differ by at most a factor 4 (log-uniform in
-    [0.5, 2]), the largest class's shots minus one stay below 4 times the smallest class's."""
+    (chi-square at 0.1%; statistic 8.2 on 10 values, critical 27.9). Shots: at least 1 each, at
+    most the images left after the queries, adding up to at most the budget (and to more than
+    budget - ways where no class ran out of images); and, since the class weights differ by at
+    most a factor 4 (log-uniform in [0.5, 2]), the largest class's shots minus one stay below 4
+    times the smallest class's."""
     drawn = compositions(np.full(40, 20))
     ratios = []
     for composition in drawn:
