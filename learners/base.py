@@ -50,6 +50,10 @@ How each family (``Learner.family``, one of ``FAMILIES``) maps onto it:
   ``adapt`` fits a new head on the support features (Baseline, Baseline++) or averages them
   into class means (SimpleShot); validation stays episodic, so they compare with the rest.
 
+Learners whose adaptation compares fixed embeddings of the inputs (ProtoNet, MetaOptNet and the
+pretrained ones) declare ``embeds`` and give them by ``embedding``: transductive inference
+(``learners/transduction.py``) classifies an episode's queries together on them.
+
 A learner never imports Ray, MLflow or Optuna.
 """
 
@@ -155,6 +159,9 @@ class Learner(abc.ABC):
     statistics_momentum: ClassVar[float] = 0.1
     # False keeps image batches NCHW in that loop (``autograd_batch_gradient``).
     channels_last_images: ClassVar[bool] = True
+    # True where adaptation compares fixed embeddings of the inputs (``embedding``), which
+    # transductive inference (learners/transduction.py) can then work on.
+    embeds: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -208,6 +215,16 @@ class Learner(abc.ABC):
         """Regression learners whose predictions are Gaussian (ALPaCA): the predictive mean,
         shaped like ``predict``'s outputs, and standard deviation. None (the default) for
         learners whose predictions carry no uncertainty."""
+        return None
+
+    def embedding(self, params: Params, x: Tensor) -> Tensor:
+        """The features ``[n, d]`` of inputs ``x`` that adaptation compares, for the learners
+        that declare ``embeds``: transductive methods classify queries on them."""
+        raise TypeError(f"{self.name} adapts without a fixed embedding of its inputs")
+
+    def feature_mean(self, params: Params) -> Tensor | None:
+        """The mean feature of the training images, where the learner keeps one (SimpleShot's
+        centring): transductive methods that centre features (LaplacianShot's CL2N) use it."""
         return None
 
     def is_statistic(self, name: str) -> bool:

@@ -60,6 +60,7 @@ class MetaOptNet(Learner):
     Hyperparameters = MetaOptNetHyperparameters
     needs_head = False
     task_kinds = ("classification",)
+    embeds = True
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True},
                     "svm_c": {"low": 0.01, "high": 1.0, "log": True}}
 
@@ -71,6 +72,9 @@ class MetaOptNet(Learner):
     def embed(self, params: Params, x: Tensor) -> Tensor:
         body = {k: v for k, v in params.items() if k != SCALE}
         return call(self.backbone, body, x).flatten(start_dim=1)
+
+    def embedding(self, params: Params, x: Tensor) -> Tensor:
+        return self.embed(params, x)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:

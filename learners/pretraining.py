@@ -63,6 +63,7 @@ class Pretrained(Learner):
     family = "pretrained"
     needs_head = False
     task_kinds = ("classification",)
+    embeds = True
     Hyperparameters = PretrainHyperparameters
     # Chen et al. train with Adam at its default rate, 0.001.
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
@@ -109,6 +110,9 @@ class Pretrained(Learner):
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, self.body(params), x).flatten(start_dim=1)
+
+    def embedding(self, params: Params, x: Tensor) -> Tensor:
+        return self.embed(params, x)
 
     def servable_ways(self, params: Params) -> int | None:
         return None  # every task gets a head (or class means) of its own

@@ -22,9 +22,13 @@ class ProtoNet(Learner):
     family = "metric"
     needs_head = False
     task_kinds = ("classification",)
+    embeds = True
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, params, x).flatten(start_dim=1)
+
+    def embedding(self, params: Params, x: Tensor) -> Tensor:
+        return self.embed(params, x)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:

@@ -35,6 +35,9 @@ class SimpleShot(LinearHead, Pretrained):
     def is_statistic(self, name: str) -> bool:
         return name == FEATURE_MEAN
 
+    def feature_mean(self, params: Params) -> Tensor | None:
+        return params[FEATURE_MEAN]
+
     def shard_statistics(self, params: Params, features: Tensor) -> Params:
         return {FEATURE_MEAN: params[FEATURE_MEAN] - features.mean(dim=0)}
 

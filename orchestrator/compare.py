@@ -16,6 +16,12 @@ gives the data's images each such model's own treatment (cross-domain: every mod
 the same episodes, each converted to its input). Every row records the import its episodes came
 from and whether they were converted.
 
+A model can also be scored with its queries classified together by a transductive method
+(``--transductive``, or the method it was validated with): it then takes part twice, one at a
+time and transductively (``NAME +tim``), on the same episodes, so the paired difference says
+what transduction gains. ``--episodes variable`` adds Meta-Dataset-style episodes
+(``pipelines/variable_episodes.py``) as a setting of their own.
+
 Beside each score, what adapting costs (``Cost``): the mean wall milliseconds to adapt to one
 episode and predict its queries -- timed around that call alone, on the same episodes, in this
 process's device and threads, after a warm-up episode -- the inner gradient steps adaptation takes
@@ -42,6 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from learners.transduction import Transduction, TransductionError
 from orchestrator.config import DEFAULT_RUN_DIR
 from orchestrator.errors import UserError, first_line
 from orchestrator.inference import (Evaluation, InferenceError, ModelSource, evaluate,
@@ -56,7 +63,7 @@ DEFAULT_QUERIES = 15  # query images per class at test, as in the papers' protoc
 CSV_COLUMNS = ("setting", "ways", "shots", "shift", "level", "model", "uri", "metric", "mean",
                "ci95", "tasks", "diff_to_best", "diff_ci95", "significant", "best",
                "log_likelihood", "log_likelihood_ci95", "coverage95", "adapt_ms", "inner_steps",
-               "parameters", "refused", "cached", "data", "converted")
+               "parameters", "refused", "cached", "data", "converted", "transductive")
 
 
 class CompareError(UserError):
@@ -65,29 +72,45 @@ class CompareError(UserError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One column of the comparison: N-way (None for regression) K-shot, optionally shifted."""
+    """One column of the comparison: N-way (None for regression) K-shot, optionally shifted; or
+    Meta-Dataset-style variable-way episodes (``episodes`` "variable", no ways or shots)."""
 
     ways: int | None
     shots: int
     shift: str | None = None
     level: float = 0.0
+    episodes: str = "fixed"
 
     @property
     def name(self) -> str:
+        if self.episodes == "variable":
+            return "variable"
         base = f"{self.ways}way{self.shots}shot" if self.ways else f"{self.shots}shot"
         return base if self.shift is None else f"{base}.{self.shift}{self.level:g}"
 
+    def key(self) -> dict[str, Any]:
+        """The setting in cache keys (as before variable episodes, for fixed ones)."""
+        values = asdict(self)
+        if self.episodes == "fixed":
+            del values["episodes"]
+        return values
+
+
+VARIABLE = Setting(None, 0, episodes="variable")
+
 
 def plan_settings(ways: Sequence[int | None], shots: Sequence[int],
-                  shift: tuple[str, Sequence[float]] | None = None) -> list[Setting]:
-    """Every (ways, shots) pair, then the shift curve at the first pair; level 0 of a shift is
-    the unshifted setting, listed once."""
-    settings = [Setting(w, s) for w in ways for s in shots]
-    if shift is not None:
+                  shift: tuple[str, Sequence[float]] | None = None, *,
+                  fixed: bool = True, variable: bool = False) -> list[Setting]:
+    """Every (ways, shots) pair, then the shift curve at the first pair (level 0 of a shift is
+    the unshifted setting, listed once), then the variable-way episodes; ``fixed`` False leaves
+    out the pairs and the shift."""
+    settings = [Setting(w, s) for w in ways for s in shots] if fixed else []
+    if shift is not None and fixed:
         kind, levels = shift
         settings += [Setting(ways[0], shots[0], kind, float(level)) for level in levels
                      if level != 0]
-    return settings
+    return settings + ([VARIABLE] if variable else [])
 
 
 @dataclass
@@ -98,8 +121,15 @@ class Entrant:
     label: str
     uri: str
     source: ModelSource
-    model: MetaModel
+    model: MetaModel  # classifying queries by ``model.transduction`` (None: one at a time)
     digest: str
+    # Why this entrant cannot be scored at all (a transductive method on a learner without
+    # embeddings): every cell is marked refused with it.
+    refused: str | None = None
+
+    @property
+    def transduction(self) -> Transduction | None:
+        return self.model.transduction if self.model is not None else None
 
 
 def model_digest(model: MetaModel) -> str:
@@ -136,7 +166,11 @@ def sweep_champions(sweep: str, tracking_uri: str) -> list[str]:
     return uris
 
 
-def load_entrants(uris: Sequence[str], *, tracking_uri: str | None) -> list[Entrant]:
+def load_entrants(uris: Sequence[str], *, tracking_uri: str | None,
+                  transductions: Sequence[Transduction] = ()) -> list[Entrant]:
+    """The models, each classifying queries one at a time, and beside each the same model with
+    each of ``transductions`` and with the method it was validated with, if any: a
+    transductive and an inductive entry for one model, on the same episodes."""
     if len(uris) < 1:
         raise CompareError("name at least one model (models:/NAME@ALIAS ...) or --sweep NAME")
     duplicates = sorted({uri for uri in uris if list(uris).count(uri) > 1})
@@ -151,7 +185,17 @@ def load_entrants(uris: Sequence[str], *, tracking_uri: str | None) -> list[Entr
         labels[label] = labels.get(label, 0) + 1
         if labels[label] > 1:  # two folders of the same name
             label = f"{label} ({labels[label]})"
-        entrants.append(Entrant(label, uri, source, model, model_digest(model)))
+        digest = model_digest(model)
+        entrants.append(Entrant(label, uri, source, model.with_transduction(None), digest))
+        methods = list(dict.fromkeys([*transductions, *(
+            [model.transduction] if model.transduction is not None else [])]))
+        for transduction in methods:
+            named = f"{label} +{transduction.describe()}"
+            try:
+                entrants.append(Entrant(named, uri, source,
+                                        model.with_transduction(transduction), digest))
+            except TransductionError as error:
+                entrants.append(Entrant(named, uri, source, model, digest, refused=str(error)))
     return entrants
 
 
@@ -172,8 +216,12 @@ class Episodes:
     converted: frozenset[str] = frozenset()  # labels of the models that see them converted
 
     def family(self, setting: Setting, reference: MetaModel) -> TaskFamily:
+        if setting.episodes == "variable":
+            return evaluation_family(reference, data=self.data, convert=self.convert,
+                                     episodes="variable")
         return evaluation_family(reference, data=self.data, ways=setting.ways,
-                                 shots=setting.shots, queries=self.queries, convert=self.convert)
+                                 shots=setting.shots, queries=self.queries, convert=self.convert,
+                                 episodes="fixed" if self.kind == "classification" else None)
 
 
 def check_comparable(entrants: Sequence[Entrant], *, data: str | os.PathLike[str] | None,
@@ -258,8 +306,12 @@ def inner_steps(model: MetaModel, evaluation: Evaluation, steps: int | None) -> 
     (``Learner.adaptation_steps``): ``steps`` (``--steps``) or the trained inner steps for the
     gradient family, the head fit's SGD steps for Baseline and Baseline++, 0 for learners that
     adapt without gradient steps."""
-    support = (evaluation.ways or 1) * evaluation.shots
-    return model.learner.adaptation_steps(support, steps)
+    if evaluation.episodes == "variable":
+        support = round(float(np.mean(evaluation.support_sizes)))
+    else:
+        support = (evaluation.ways or 1) * evaluation.shots
+    extra = model.transduction.gradient_steps() if model.transduction is not None else 0
+    return model.learner.adaptation_steps(support, steps) + extra
 
 
 def parameter_count(model: MetaModel) -> int:
@@ -300,6 +352,8 @@ def score(entrant: Entrant, setting: Setting, episodes: Episodes, *, steps: int 
           cache: Path | None, on_task: Callable[[int], None] | None = None) -> Cell:
     """``entrant`` on the setting's episodes, read from the cache when it was scored before."""
     model = entrant.model
+    if entrant.refused is not None:
+        return Cell(entrant, setting, refused=entrant.refused)
     try:
         family = episodes.family(setting, model)
     except (InferenceError, ValueError) as error:  # check_ways / check_task_shape refusals
@@ -340,9 +394,11 @@ def cost(model: MetaModel, evaluation: Evaluation, steps: int | None, timed_on: 
 
 
 def _cache_key(entrant: Entrant, setting: Setting, episodes: Episodes, steps: int | None) -> str:
-    what = {"model": entrant.digest, "setting": asdict(setting), "split": episodes.split,
+    what = {"model": entrant.digest, "setting": setting.key(), "split": episodes.split,
             "tasks": episodes.tasks, "seed": episodes.seed, "queries": episodes.queries,
             "data": episodes.digest, "steps": steps, "version": 2}
+    if entrant.transduction is not None:
+        what["transduction"] = entrant.transduction.as_knobs()
     if entrant.label in episodes.converted:
         what["converted"] = True
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
@@ -398,6 +454,7 @@ class Row:
     cached: bool = False  # read from the cache, not scored in this call
     data: str | None = None  # the import the episodes came from; None: sampled (regression)
     converted: bool = False  # its images converted to this model's treatment (--convert)
+    transductive: str | None = None  # the method classifying its queries together, if any
 
     def record(self) -> dict[str, Any]:
         """The row as plain values (the CSV and JSON forms)."""
@@ -419,9 +476,11 @@ def paired_rows(cells: Sequence[Cell], episodes: Episodes | None = None) -> list
         best = pick(served, key=lambda cell: cell.evaluation.mean)
     rows = []
     for cell in cells:
+        transduction = cell.entrant.transduction
         row = Row(cell.setting, cell.entrant.label, cell.entrant.uri, refused=cell.refused,
                   cached=cell.cached, data=episodes.data if episodes else None,
-                  converted=bool(episodes) and cell.entrant.label in episodes.converted)
+                  converted=bool(episodes) and cell.entrant.label in episodes.converted,
+                  transductive=transduction.describe() if transduction is not None else None)
         evaluation = cell.evaluation
         if evaluation is not None:
             row.metric, row.mean, row.ci95 = evaluation.metric, evaluation.mean, evaluation.ci95
@@ -478,8 +537,11 @@ def run_comparison(entrants: Sequence[Entrant], settings: Sequence[Setting], epi
         scored += cells
     if progress is not None:
         progress(total, "done")
-    notes = [f"{row.model} refused in {row.setting.name}: {row.refused}"
-             for row in rows if row.refused]
+    # A refusal of the entrant itself (no embedding for its method) is said once.
+    notes = [f"{e.label} refused: {e.refused}" for e in entrants if e.refused is not None]
+    whole = {e.label for e in entrants if e.refused is not None}
+    notes += [f"{row.model} refused in {row.setting.name}: {row.refused}"
+              for row in rows if row.refused and row.model not in whole]
     notes += timing_notes(scored)
     if any(s.shift == "rotate" for s in settings):
         notes += [f"{e.label} was trained with 90-degree rotations as classes: rotations by "

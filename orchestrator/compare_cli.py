@@ -5,6 +5,8 @@
         --shift shear:0,0.2,0.4,0.6 --out compare/
     orch compare --sweep omniglot --shift blur:0,0.5,1 --json
     orch compare --sweep mini --data s3://bucket/cub --convert     # cross-domain
+    orch compare --sweep families --transductive tim --transductive laplacianshot
+    orch compare --sweep families --episodes fixed,variable        # + Meta-Dataset episodes
 
 Writes compare.csv, compare.md and the plots into --out, logs them as one run of the MLflow
 experiment ``orch-compare`` and prints the table (or, with --json, the rows as JSON).
@@ -22,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from learners.transduction import Transduction
 from orchestrator.inference import DEFAULT_TRACKING_URI
 from orchestrator.terminal import output_console
 
@@ -41,6 +44,17 @@ def _number_list(kind: type, least: int):
             raise click.BadParameter(f"{value!r}: a number is given twice")
         return numbers
     return parse
+
+
+def _episode_kinds(text: str | None) -> set[str] | None:
+    """``--episodes``: ``fixed``, ``variable`` or both, comma-separated."""
+    if text is None:
+        return None
+    kinds = {item.strip() for item in text.split(",") if item.strip()}
+    if not kinds or kinds - {"fixed", "variable"}:
+        raise click.BadParameter(f"{text!r}: give fixed, variable or fixed,variable",
+                                 param_hint="--episodes")
+    return kinds
 
 
 @click.command()
@@ -70,6 +84,15 @@ def _number_list(kind: type, least: int):
                    "e.g. shear:0,0.2,0.4,0.6.")
 @click.option("--steps", type=click.IntRange(0, 1000), default=None,
               help="Inner gradient steps at adaptation (default: as each model was trained).")
+@click.option("--episodes", "episode_kinds", default=None, metavar="fixed|variable|fixed,variable",
+              help="fixed: the --ways x --shots settings; variable: Meta-Dataset-style episodes "
+                   "(5 to 50 ways, imbalanced shots) as one more setting; both: "
+                   "fixed,variable. Default: as the first model was trained.")
+@click.option("--transductive", "transductive", multiple=True, metavar="METHOD[:KNOB=VALUE,...]",
+              help="Also score each model with its queries classified together by this "
+                   "transductive method (tim, bdcspn, laplacianshot, ptmap), on the same "
+                   "episodes; repeatable. A model validated with a method is scored with it "
+                   "too. Models without embeddings are marked refused.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
               show_default=True, help="Folder for compare.csv, compare.md and the plots.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -79,7 +102,8 @@ def _number_list(kind: type, least: int):
               show_default=True, help="MLflow tracking URI (or MLFLOW_TRACKING_URI).")
 def compare(models: tuple[str, ...], sweep: str | None, data: str | None, convert: bool,
             split: str, ways: list[int] | None, shots: list[int] | None, queries: int | None, tasks: int,
-            seed: int, shift: str | None, steps: int | None, out: Path, cache: Path | None,
+            seed: int, shift: str | None, steps: int | None, episode_kinds: str | None,
+            transductive: tuple[str, ...], out: Path, cache: Path | None,
             as_json: bool, tracking_uri: str) -> None:
     """Score MODEL_URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or model
     folders) on the same episodes: per setting, each model's mean with its 95% interval and its
@@ -97,21 +121,32 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
             shift_levels = parse_shift(shift) if shift is not None else None
         except ShiftError as error:
             raise click.BadParameter(str(error), param_hint="--shift") from None
+        kinds = _episode_kinds(episode_kinds)
+        transductions = [Transduction.parse(text) for text in transductive]
         uris = list(models) + (comparing.sweep_champions(sweep, tracking_uri) if sweep else [])
-        entrants = comparing.load_entrants(uris, tracking_uri=tracking_uri)
+        entrants = comparing.load_entrants(uris, tracking_uri=tracking_uri,
+                                           transductions=[t for t in transductions if t])
         episodes = comparing.check_comparable(entrants, data=data, split=split, tasks=tasks,
                                               seed=seed, queries=queries, convert=convert)
         first = entrants[0].model.spec["sweep"]["data"]
         if episodes.kind == "regression":
-            if ways is not None:
-                raise comparing.CompareError("--ways is for classification; these models do "
-                                             "regression")
+            for given, option in ((ways, "--ways"), (episode_kinds, "--episodes"),
+                                  (transductive or None, "--transductive")):
+                if given is not None:
+                    raise comparing.CompareError(f"{option} is for classification; these "
+                                                 "models do regression")
             if shift_levels is not None:
                 raise comparing.CompareError("--shift distorts images; these models do "
                                              "regression")
+        if kinds is None:  # as the first model was trained; --ways or --shots add fixed ones
+            trained = first.get("episodes", "fixed")
+            kinds = {trained} | ({"fixed"} if ways or shots or shift_levels else set())
+        if "fixed" not in kinds and (ways or shots or shift_levels):
+            raise comparing.CompareError("--ways, --shots and --shift set fixed episodes; "
+                                         "--episodes variable has none (use fixed,variable)")
         settings = comparing.plan_settings(
             ways or [first.get("ways")], shots or [first.get("eval_shots") or first["shots"]],
-            shift_levels)
+            shift_levels, fixed="fixed" in kinds, variable="variable" in kinds)
         cache = cache or comparing.run_folder(tracking_uri) / "compare-cache"
         columns = (TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed:.1f}/{task.total} model x setting"),
@@ -127,7 +162,8 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
         params = {"models": " ".join(uris), "split": split, "tasks": tasks, "seed": seed,
                   "queries": episodes.queries, "settings": ",".join(s.name for s in settings),
                   "data": episodes.data or "sampled", "steps": steps,
-                  "converted": ",".join(sorted(episodes.converted)) or "none"}
+                  "converted": ",".join(sorted(episodes.converted)) or "none",
+                  "transductive": ",".join(t.describe() for t in transductions if t) or "none"}
         run_id = comparing.log_to_mlflow(comparison, files, tracking_uri=tracking_uri,
                                          params=params)
     if as_json:

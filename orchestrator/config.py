@@ -30,8 +30,10 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from learners.backbones import BACKBONES
-from orchestrator.errors import UserError
 from learners.registry import LEARNERS, learner_class
+from learners.transduction import (METHOD_KNOB, METHODS, NONE, TransductionError, check_learner,
+                                   method_knobs)
+from orchestrator.errors import UserError
 
 DEFAULT_RUN_DIR = "orch-runs"
 DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_RUN_DIR}/mlflow.db"
@@ -90,6 +92,15 @@ class ImageData(Section):
     val_split: str = "val"
     # Rotations by multiples of 90 degrees as new classes (the Omniglot convention).
     augment_rotations: bool = False
+    # Episode shapes in meta-training and validation: "fixed" (ways classes, shots support and
+    # queries query images each) or "variable": Meta-Dataset's (Triantafillou et al. 2020), 5 to
+    # 50 ways, imbalanced shots and balanced queries drawn per episode
+    # (pipelines/variable_episodes.py), in place of ways, shots and queries.
+    episodes: Literal["fixed", "variable"] = "fixed"
+    # With a list of imports: how a meta-training episode picks its import, "uniform" (each
+    # equally often, as Meta-Dataset does) or "classes" (in proportion to each import's
+    # training classes); weights gives the shares by hand instead.
+    source_sampling: Literal["uniform", "classes"] = "uniform"
 
     @field_validator("path")
     @classmethod
@@ -120,6 +131,29 @@ class ImageData(Section):
             raise _KeyError(("data", "weights"), f"weights must be positive numbers, got "
                             f"{self.weights}")
         return self
+
+    @model_validator(mode="after")
+    def _episode_shapes(self) -> "ImageData":
+        if self.episodes == "variable":
+            defaults = {name: ImageData.model_fields[name].default
+                        for name in ("ways", "shots", "queries")}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    raise _KeyError(("data", name), (
+                        "data.episodes: variable draws every episode's ways, shots and queries "
+                        f"(Meta-Dataset's procedure); drop data.{name} or use episodes: fixed"))
+        if self.source_sampling != "uniform":
+            if isinstance(self.path, str):
+                raise _KeyError(("data", "source_sampling"), "is for a list of imports in "
+                                "data.path; it names one")
+            if self.weights is not None:
+                raise _KeyError(("data", "source_sampling"), f"{self.source_sampling} and "
+                                "data.weights both set the imports' shares; give one")
+        return self
+
+    def sampling_weights(self) -> list[float] | str | None:
+        """What ``episode_family`` takes as ``weights``."""
+        return "classes" if self.source_sampling == "classes" else self.weights
 
     def paths(self) -> list[str]:
         """The imports episodes are drawn from, in the file's order."""
@@ -524,8 +558,18 @@ class Sweep(Section):
                                 f"unknown algorithm; allowed: {', '.join(sorted(LEARNERS))}")
             hparams = learner_class(algorithm).Hyperparameters
             allowed = {**hparams.model_fields, **OUTER_KNOBS}
+            if learner_class(algorithm).embeds:
+                allowed[METHOD_KNOB] = None
             for knob, raw in (space.model_extra or {}).items():
                 where = ("algorithms", algorithm, knob)
+                if knob == METHOD_KNOB or knob in method_knobs():
+                    _check_transductive_knob(where, space.model_extra or {})
+                    continue
+                method = knob.partition("_")[0]
+                if method in METHODS and learner_class(algorithm).embeds:
+                    known = sorted(k for k, (m, _) in method_knobs().items() if m == method)
+                    raise _KeyError(where, f"unknown knob of transductive method {method}; "
+                                    f"allowed: {', '.join(known)}")
                 if knob not in allowed:
                     raise _KeyError(where, f"unknown knob; allowed: {', '.join(sorted(allowed))}")
                 try:
@@ -670,8 +714,13 @@ class Sweep(Section):
             spec["path"] = digests[0] if isinstance(self.data.path, str) else digests
             if isinstance(self.data.path, str):  # as before mixes: champions stay comparable
                 del spec["weights"]
-            else:  # [2, 1] and [0.67, 0.33] are the same mix
+            elif self.data.source_sampling == "uniform":  # [2, 1] and [0.67, 0.33]: one mix
                 spec["weights"] = self.data.source_weights()
+            # As before these keys existed, so that champions stay comparable.
+            if self.data.episodes == "fixed":
+                del spec["episodes"]
+            if self.data.source_sampling == "uniform":
+                del spec["source_sampling"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -731,6 +780,39 @@ def _check_against_field(where: tuple[str, ...], hparams: type[BaseModel], knob:
             raise _KeyError(where, f"{problem['msg']} (got {candidate!r})") from None
 
 
+def _check_transductive_knob(where: tuple[str, ...], knobs: dict[str, Any]) -> None:
+    """``transductive`` (a method, ``none`` or choices of them) and ``<method>_<knob>`` knobs:
+    only for learners with embeddings, each method knob valid for its method and its method
+    among ``transductive``'s values (learners/transduction.py)."""
+    algorithm, knob = where[1], where[2]
+    try:
+        check_learner(learner_class(algorithm))
+    except TransductionError as error:
+        raise _KeyError(where, str(error)) from None
+    try:
+        value = parse_knob(knobs[knob])
+    except (ValueError, ValidationError) as error:
+        raise _KeyError(where, str(error).splitlines()[0]) from None
+    methods = [NONE, *METHODS]
+    if knob == METHOD_KNOB:
+        if isinstance(value, Range):
+            raise _KeyError(where, f"a method, not a range; give one of {', '.join(methods)} or "
+                            "{choices: [...]} of them")
+        unknown = [v for v in _candidates(value) if v not in methods]
+        if unknown:
+            raise _KeyError(where, f"unknown transductive method {unknown[0]!r}; allowed: "
+                            f"{', '.join(methods)}")
+        return
+    method, field = method_knobs()[knob]
+    _check_knob(where, knob, value)
+    _check_against_field(where, METHODS[method].Knobs, field, value)
+    chosen = _candidates(parse_knob(knobs.get(METHOD_KNOB, NONE)))
+    if method not in chosen:
+        raise _KeyError(where, f"is a knob of transductive method {method}, which "
+                        f"{METHOD_KNOB} ({', '.join(map(str, chosen))}) does not choose; set "
+                        f"{METHOD_KNOB}: {method} (or choices including it)")
+
+
 def _check_task_shape(algorithm: str, space: dict[str, Any], data: ImageData) -> None:
     """Refuse an algorithm whose knobs build a model that cannot serve the data's episodes (SNAIL's
     label width and sequence length): each searched knob is checked at every candidate value,
@@ -743,10 +825,24 @@ def _check_task_shape(algorithm: str, space: dict[str, Any], data: ImageData) ->
                           if knob in cls.Hyperparameters.model_fields
                           and isinstance(value, (Range, Choices))
                           for candidate in _candidates(value)]
+    if data.episodes == "variable":
+        from pipelines.variable_episodes import MAX_SUPPORT, MAX_WAYS  # pyarrow: images only
+
+        ways, support = MAX_WAYS, MAX_SUPPORT
+    else:
+        ways, support = data.ways, data.ways * data.shots
     for setting in settings:
+        hparams = cls.Hyperparameters.model_validate(setting)
+        if data.episodes == "variable" and cls.needs_head and \
+                getattr(hparams, "head", "fixed") == "fixed":
+            fix = ("set head: zero or shared" if "head" in cls.Hyperparameters.model_fields
+                   else "use a learner that serves any number of classes (metric, closed-form "
+                        "or pretrained)")
+            raise _KeyError(("algorithms", algorithm), (
+                f"has a fixed N-way output layer; data.episodes: variable draws 5 to {ways} "
+                f"ways per episode: {fix}"))
         try:
-            cls.check_task_shape(cls.Hyperparameters.model_validate(setting), ways=data.ways,
-                                 support=data.ways * data.shots)
+            cls.check_task_shape(hparams, ways=ways, support=support)
         except ValueError as error:
             raise _KeyError(("algorithms", algorithm), str(error)) from None
 

@@ -18,11 +18,18 @@ from pipelines.sinusoid import Sinusoid
 def build_family(data: SinusoidData | ImageData) -> TaskFamily:
     if isinstance(data, SinusoidData):
         return Sinusoid(shots=data.shots, queries=data.queries)
-    from pipelines.episodes import episode_family  # imported lazily: pyarrow is only needed here
+    # Imported lazily: pyarrow is only needed here.
+    from pipelines.episodes import EpisodeFamily, episode_family
+    from pipelines.variable_episodes import VariableEpisodes
 
-    family = episode_family(data.path, weights=data.weights, draw_splits=(data.train_split,),
-                            ways=data.ways, shots=data.shots, queries=data.queries,
-                            image_size=data.image_size,
+    if data.episodes == "variable":
+        kind, shape = VariableEpisodes, {}
+    else:
+        kind, shape = EpisodeFamily, {"ways": data.ways, "shots": data.shots,
+                                      "queries": data.queries}
+    family = episode_family(data.path, weights=data.sampling_weights(),
+                            draw_splits=(data.train_split,), kind=kind,
+                            image_size=data.image_size, **shape,
                             rotate_splits=(data.train_split,) if data.augment_rotations else ())
     family.check_splits((data.train_split, data.val_split), data.shots)
     return family

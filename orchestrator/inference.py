@@ -215,6 +215,18 @@ class Evaluation:
     converted: bool = False
     # Wall seconds of each episode's adapt-and-predict call alone (``orch compare``'s cost).
     seconds: list[float] = field(default_factory=list)
+    # "variable": Meta-Dataset-style episodes, whose ways, shots and queries are drawn per
+    # episode (``ways`` is then None, ``shots`` and ``queries`` 0); "fixed" otherwise.
+    episodes: str = "fixed"
+    # Each episode's support set size (what adapting costs depends on it).
+    support_sizes: list[int] = field(default_factory=list)
+    # The transductive method the queries were classified with (``Transduction.describe``),
+    # or None: one at a time.
+    transduction: str | None = None
+    # The imports the episodes came from (several for a model trained on a mix), and which
+    # one each episode came from (an index into ``sources``).
+    sources: list[str] = field(default_factory=list)
+    source_of: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -230,15 +242,44 @@ class Evaluation:
         return {name: (float(np.mean(values)), interval95(values))
                 for name, values in self.uncertainty.items()}
 
+    def per_source(self) -> list[tuple[str, float, float, int]]:
+        """Each source's (import, mean, 95% interval, episodes), as Meta-Dataset's tables
+        report them; one row for episodes of one import."""
+        if len(self.sources) < 2:
+            return []
+        rows = []
+        for index, source in enumerate(self.sources):
+            scores = [s for s, where in zip(self.per_task, self.source_of) if where == index]
+            if scores:
+                rows.append((source, float(np.mean(scores)), interval95(scores), len(scores)))
+        return rows
+
+    @property
+    def source_average(self) -> float | None:
+        """The mean of the sources' means (Meta-Dataset's average), for several sources."""
+        rows = self.per_source()
+        return float(np.mean([mean for _, mean, _, _ in rows])) if rows else None
+
     @property
     def setting(self) -> str:
-        """``5way1shot`` (classification) or ``10shot`` (regression), plus ``.3steps`` when the
-        number of inner steps was overridden."""
-        name = f"{self.ways}way{self.shots}shot" if self.ways else f"{self.shots}shot"
-        return name + (f".{self.steps}steps" if self.steps is not None else "")
+        """``5way1shot`` (classification), ``10shot`` (regression) or ``variable`` (Meta-Dataset
+        episodes), plus ``.3steps`` when the number of inner steps was overridden and the
+        transductive method, ``.tim``, where one classified the queries."""
+        if self.episodes == "variable":
+            name = "variable"
+        else:
+            name = f"{self.ways}way{self.shots}shot" if self.ways else f"{self.shots}shot"
+        name += f".{self.steps}steps" if self.steps is not None else ""
+        return name + (f".{self.transduction_method}" if self.transduction else "")
+
+    @property
+    def transduction_method(self) -> str | None:
+        """The transductive method's name (``transduction`` without its knobs)."""
+        return self.transduction.partition("(")[0] if self.transduction else None
 
     def tags(self) -> dict[str, str]:
-        """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``;
+        """Model version tags: ``orch.eval.<split>.<setting>.<metric>``, ``.ci95`` and ``.tasks``
+        (and ``.transductive``, the method with its knobs, where one classified the queries);
         on another import ``orch.eval.<data_id>.<split>.<setting>.*``, with ``.data`` (the
         import) and ``.converted``, so it never overwrites the in-domain figures."""
         prefix = (f"orch.eval.{self.split}.{self.setting}" if self.data_id is None
@@ -248,6 +289,8 @@ class Evaluation:
         if self.data_id is not None:
             tags[f"{prefix}.data"] = str(self.data)
             tags[f"{prefix}.converted"] = str(self.converted).lower()
+        if self.transduction:
+            tags[f"{prefix}.transductive"] = self.transduction  # with the knobs that differ
         for name, (mean, _) in self.uncertainty_means().items():
             tags[f"{prefix}.{name}"] = repr(mean)
         return tags
@@ -269,8 +312,11 @@ def uncertainty_scores(mean: torch.Tensor, std: torch.Tensor,
 
 def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None = None,
                       ways: int | None = None, shots: int | None = None,
-                      queries: int | None = None, convert: bool = False) -> TaskFamily:
-    """Tasks like the model's training tasks, with ``ways``, ``shots`` and ``queries`` overridden.
+                      queries: int | None = None, convert: bool = False,
+                      episodes: str | None = None) -> TaskFamily:
+    """Tasks like the model's training tasks, with ``ways``, ``shots`` and ``queries`` overridden;
+    ``episodes`` ``"variable"``: Meta-Dataset-style episodes instead (which draw their own ways,
+    shots and queries), ``"fixed"``: N-way K-shot ones (default: as the model was trained).
 
     Image models read episodes from the import at ``data`` (a folder or a ``pyarrow.fs`` URI;
     default: the import or imports they were trained on, a mix taking its sources in turn). An
@@ -290,34 +336,51 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
             raise InferenceError("--convert is for image models; this model does regression")
         if ways is not None:
             raise InferenceError("--ways is for classification; this model does regression")
+        if episodes is not None:
+            raise InferenceError("--episodes is for classification; this model does regression")
         section = SinusoidData.model_validate(recorded)
         return build_family(section.model_copy(update={
             "shots": shots or section.eval_shots or section.shots,
             "queries": queries or section.queries}))
     from pipelines.episodes import EpisodeFamily, MixedEpisodes
+    from pipelines.variable_episodes import MAX_SUPPORT, MAX_WAYS, VariableEpisodes
 
     section = ImageData.model_validate(recorded)
-    ways, shots = ways or section.ways, shots or section.shots
-    model.check_ways(ways, support=ways * shots)
-    options = dict(ways=ways, shots=shots, queries=queries or section.queries)
+    episodes = episodes or section.episodes
+    if episodes == "variable":
+        given = [name for name, value in (("--ways", ways), ("--shots", shots),
+                                          ("--queries", queries)) if value is not None]
+        if given:
+            raise InferenceError(f"{given[0]} is for fixed N-way K-shot episodes; variable-way "
+                                 "episodes draw their own ways, shots and queries")
+        model.check_ways(MAX_WAYS, support=MAX_SUPPORT)
+        make, options = VariableEpisodes, {}
+    else:
+        ways, shots = ways or section.ways, shots or section.shots
+        model.check_ways(ways, support=ways * shots)
+        make = EpisodeFamily
+        options = dict(ways=ways, shots=shots, queries=queries or section.queries)
     records = model.spec.get("data_sources") or []
     paths = section.paths() if data is None else [str(data)]
     sources = []
     try:
         for index, path in enumerate(paths):
-            source = EpisodeFamily(path, **options)
+            source = make(path, **options)
             # Its own training import must still hold what the model saw; any other import
             # must hold what the model saw of one of its training imports.
             trained = ([records[index]] if data is None and len(records) == len(paths)
                        else records)
             if needs_conversion(model, source, trained, convert=convert):
-                source = EpisodeFamily(path, convert_to=model.spec["preprocessing"], **options)
+                source = make(path, convert_to=model.spec["preprocessing"], **options)
             sources.append(source)
     except ValueError as error:  # DatasetError is one; so is ways < 2
         raise InferenceError(str(error)) from None
     if len(sources) == 1:
         return sources[0]
-    return MixedEpisodes(sources, weights=section.weights, draw_splits=(section.train_split,))
+    weights = section.sampling_weights()
+    if weights == "classes":
+        weights = [float(source.class_count(section.train_split)) for source in sources]
+    return MixedEpisodes(sources, weights=weights, draw_splits=(section.train_split,))
 
 
 def needs_conversion(model: MetaModel, source: EpisodeFamily, trained: Sequence[dict] = (), *,
@@ -364,11 +427,17 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
     scores: list[float] = []
     uncertainty: dict[str, list[float]] = {}
     seconds: list[float] = []
+    supports: list[int] = []
+    sources = family.sources() if hasattr(family, "sources") else []
+    source_of: list[int] = []
     for index in range(tasks):
         try:
             task = family.task(split, seed, index)
         except ValueError as error:  # an unknown split, or too few classes or images in it
             raise InferenceError(str(error)) from None
+        supports.append(len(task.support_y))
+        if len(sources) > 1:
+            source_of.append(family.source_of(split, seed, index))
         query_x = task.query_x
         if transform_queries is not None:
             query_x = transform_queries(index, query_x)
@@ -386,12 +455,17 @@ def evaluate(model: MetaModel, family: TaskFamily, *, split: str = "test", tasks
                     uncertainty.setdefault(name, []).append(value)
         if on_task is not None:
             on_task(index + 1)
-    shots = len(task.support_y) // (ways or 1)
-    queries = len(task.query_y) // (ways or 1)
+    variable = not family.fixed_shape
+    shots = 0 if variable else len(task.support_y) // (ways or 1)
+    queries = 0 if variable else len(task.query_y) // (ways or 1)
     data, data_id = other_import(model, family) or (None, None)
+    transduction = model.transduction.describe() if model.transduction is not None else None
     return Evaluation("accuracy" if model.classification else "mse", scores, split, shots,
                       queries, ways, steps, uncertainty, data, data_id,
-                      bool(getattr(family, "converted", False)), seconds)
+                      bool(getattr(family, "converted", False)), seconds,
+                      "variable" if variable else "fixed", supports, transduction,
+                      [source.path for source in sources] if len(sources) > 1 else [],
+                      source_of)
 
 
 def other_import(model: MetaModel, family: TaskFamily) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ predict``, ``orch evaluate`` and notebooks all use it through ``MetaModel``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -20,6 +21,8 @@ import torch
 from torch import Tensor
 
 from learners.base import Learner, Params
+from learners.transduction import (Transduction, TransductionError, check_learner,
+                                   transductive_outputs)
 from orchestrator.config import ModelSection, sweep_from_dict
 from orchestrator.factory import build_family, build_learner, task_shape
 
@@ -78,6 +81,18 @@ class MetaModel:
         self.learner = learner
         self.params = params
         self.spec = spec
+        # How queries are classified: one at a time (None), or together by a transductive
+        # method; by default the one the model was validated with (its ``transductive`` knob).
+        self.transduction: Transduction | None = Transduction.from_knobs(spec.get("knobs", {}))
+
+    def with_transduction(self, transduction: Transduction | None) -> "MetaModel":
+        """This model classifying queries by ``transduction`` (None: one at a time), sharing its
+        learner and weights; refused in one line for learners without embeddings."""
+        if transduction is not None:
+            check_learner(type(self.learner))
+        other = copy.copy(self)
+        other.transduction = transduction
+        return other
 
     @classmethod
     def build(cls, sweep_dict: dict[str, Any], algorithm: str, knobs: Mapping[str, Any],
@@ -129,6 +144,10 @@ class MetaModel:
                                    *, steps: int | None = None) -> tuple[Tensor, Tensor | None]:
         """``adapt_and_predict`` and the predictive standard deviation of each output (None
         for learners without uncertainty)."""
+        if self.transduction is not None:
+            outputs = transductive_outputs(self.learner, self.params, support_x, support_y,
+                                           query_x, self.transduction)
+            return outputs, None
         with torch.no_grad():
             outputs, std = self.learner.adapted_prediction(self.params, support_x, support_y,
                                                            query_x, steps=steps)
@@ -148,8 +167,14 @@ class MetaModel:
         (preprocessed as the training data was); for regression, numbers or rows of numbers.
         Classification: ``support_labels`` are any hashable class names; the result carries them
         back. Regression: ``support_labels`` are the targets. ``steps`` overrides the trained
-        number of inner gradient steps (gradient-based learners only).
+        number of inner gradient steps (gradient-based learners only). With a transductive
+        method (``transduction``) the queries are classified together: give the whole query
+        set; a single query is refused.
         """
+        if self.transduction is not None and len(query_inputs) < 2:
+            raise TransductionError(f"{self.transduction.method} is transductive: it classifies "
+                                    "the whole query set together; give at least 2 queries, "
+                                    f"got {len(query_inputs)}")
         support_x, query_x = self.inputs(support_inputs), self.inputs(query_inputs)
         if len(support_labels) != len(support_x):
             raise ValueError(f"{len(support_x)} support inputs but {len(support_labels)} labels")
@@ -159,7 +184,10 @@ class MetaModel:
             return Prediction(outputs, std=std)
         classes = sorted({str(label) for label in support_labels})
         if len(classes) < 2:
-            raise ValueError(f"the support set needs at least 2 classes, got {len(classes)}")
+            method = (f"{self.transduction.method} (transductive) needs"
+                      if self.transduction is not None else "the support set needs")
+            raise ValueError(f"{method} at least 2 classes in the support set, got "
+                             f"{len(classes)}")
         self.check_ways(len(classes), support=len(support_x))
         index = {name: i for i, name in enumerate(classes)}
         targets = torch.tensor([index[str(label)] for label in support_labels])
@@ -243,13 +271,16 @@ def decode_inputs(model: MetaModel, encoded: Sequence[str]) -> Tensor:
 
 def input_example(model: MetaModel) -> "pandas.DataFrame":
     """A small valid request for the model's pyfunc form, logged with it so that MLflow shows
-    and checks how to call it: two support rows of two classes and one query -- tiny base64 PNG
-    files (any size; the model's preprocessing resizes them) or, for regression, JSON numbers."""
+    and checks how to call it: two support rows of two classes and one query (two for a model
+    that classifies queries together, ``transduction``) -- tiny base64 PNG files (any size; the
+    model's preprocessing resizes them) or, for regression, JSON numbers."""
     import pandas as pd
 
     if model.classification:
         across, down = _example_png(model, vertical=False), _example_png(model, vertical=True)
         rows = [("support", across, "across"), ("support", down, "down"), ("query", down, None)]
+        if model.transduction is not None:
+            rows.append(("query", across, None))
     else:
         width = int(model.spec["shape"]["input_shape"][0])
         outputs = int(model.spec["shape"]["output_size"])

@@ -6,6 +6,8 @@
     orch evaluate --model models:/orch-protonet@champion --data data/omniglot --split test \\
         --ways 5 --shots 1 --tasks 600
     orch evaluate --model models:/orch-protonet@champion --data s3://bucket/cub --convert
+    orch evaluate --model models:/orch-simpleshot@champion --transductive laplacianshot
+    orch evaluate --model models:/orch-protonet@champion --episodes variable
 
 SUPPORT holds one sub-folder per class (its name is the class) with a few PNG/JPEG images of any
 size; QUERY holds the images to classify. Images get the preprocessing recorded when the model's
@@ -16,6 +18,8 @@ regression; plus query log-likelihood and 95%-interval coverage with uncertainty
 interval and records them as tags on the registered model version. ``--data`` may name another
 import than the model's own (cross-domain: an Omniglot model on CUB); one whose images have
 another size or channel count is refused unless ``--convert`` gives them the model's treatment.
+``--transductive`` classifies each task's queries together (learners/transduction.py);
+``--episodes variable`` scores Meta-Dataset-style episodes (pipelines/variable_episodes.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,20 @@ _tracking = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
 _steps = click.option("--steps", type=click.IntRange(0, 1000), default=None,
                       help="Inner gradient steps on the support set (default: as trained); "
                            "ignored by learners without an inner loop (ProtoNet).")
+_transductive = click.option(
+    "--transductive", default=None, metavar="METHOD[:KNOB=VALUE,...]",
+    help="Classify the queries together, transductively: tim, bdcspn, laplacianshot or ptmap, "
+         "with the papers' knobs or METHOD:KNOB=VALUE,... (e.g. laplacianshot:lam=0.7); none: "
+         "one at a time. Default: the method the model was validated with, else none. For "
+         "learners with embeddings (protonet, metaoptnet, baseline, baselinepp, simpleshot); "
+         "see docs/transductive.md.")
+
+
+def _with_transduction(model, text: str | None):
+    """``model`` classifying queries as ``--transductive`` says (unchanged without it)."""
+    from learners.transduction import Transduction
+
+    return model if text is None else model.with_transduction(Transduction.parse(text))
 
 
 @click.command()
@@ -57,14 +75,18 @@ _steps = click.option("--steps", type=click.IntRange(0, 1000), default=None,
 @click.option("--format", "output", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="How to print the predictions.")
 @_steps
+@_transductive
 @_tracking
 def predict(model_uri: str, support: Path, query: Path, output: str, steps: int | None,
-            tracking_uri: str) -> None:
+            transductive: str | None, tracking_uri: str) -> None:
     """Adapt a model on the --support folder and classify every image of the --query folder:
     prints each file's name, predicted class and the score (probability) of every class.
 
     The queries are classified together, as in training: Conv-4's BatchNorm normalises with the
     batch's own statistics, so give it a batch of queries (a few per class), not a single image.
+    A transductive method (--transductive, or the one the model was validated with) goes
+    further: it uses the whole query set to place each query, so give every query of the task
+    in one call; a single query is refused.
 
     A regression model reads CSV files of numbers instead and prints each query's inputs and
     predicted values, and a std column (the predictive standard deviation) for models whose
@@ -74,6 +96,10 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
 
     with _one_line_errors():
         model = load(resolve(model_uri, tracking_uri=tracking_uri))
+        if transductive is not None and not model.classification:
+            raise click.ClickException("--transductive is for classification; this model does "
+                                       "regression")
+        model = _with_transduction(model, transductive)
         if not model.classification:
             inputs, values = predict_rows(model, support, query, steps=steps)
             _print_values(model_uri, inputs, values, output)
@@ -149,15 +175,23 @@ def _print_values(model_uri: str, inputs: list[list[float]], prediction, output:
 @click.option("--tasks", type=click.IntRange(1), default=600, show_default=True,
               help="Episodes to average over.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the episode draw.")
+@click.option("--episodes", type=click.Choice(["fixed", "variable"]), default=None,
+              help="fixed: N-way K-shot episodes (--ways, --shots, --queries); variable: "
+                   "Meta-Dataset's, 5 to 50 ways and imbalanced shots drawn per episode. "
+                   "Default: as the model was trained.")
 @_steps
+@_transductive
 @_tracking
 def evaluate(model_uri: str, data: str | None, convert: bool, split: str, ways: int | None,
-             shots: int | None, queries: int | None, tasks: int, seed: int, steps: int | None,
+             shots: int | None, queries: int | None, tasks: int, seed: int,
+             episodes: str | None, steps: int | None, transductive: str | None,
              tracking_uri: str) -> None:
     """Mean accuracy (MSE for regression) of a model over new episodes, with a 95% interval
     (1.96 sigma / sqrt(tasks)); recorded as tags on the registered model version. Regression
     models with predictive uncertainty (ALPaCA) also get the queries' mean log-likelihood and the
-    fraction of query targets inside their 95% predictive intervals."""
+    fraction of query targets inside their 95% predictive intervals. A model trained on several
+    imports is scored on each in turn, and each one's accuracy and interval is printed with
+    their average, as Meta-Dataset's tables report them."""
     from orchestrator.inference import (evaluate as run_evaluation, evaluation_family, load,
                                         record_evaluation, resolve)
 
@@ -165,8 +199,12 @@ def evaluate(model_uri: str, data: str | None, convert: bool, split: str, ways: 
     with _one_line_errors(), _single_thread():
         source = resolve(model_uri, tracking_uri=tracking_uri)
         model = load(source)
+        if transductive is not None and not model.classification:
+            raise click.ClickException("--transductive is for classification; this model does "
+                                       "regression")
+        model = _with_transduction(model, transductive)
         family = evaluation_family(model, data=data, ways=ways, shots=shots, queries=queries,
-                                   convert=convert)
+                                   convert=convert, episodes=episodes)
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True,
@@ -182,6 +220,14 @@ def evaluate(model_uri: str, data: str | None, convert: bool, split: str, ways: 
         f" (converted to {'x'.join(map(str, family.input_shape()))})" if result.converted else "")
     click.echo(f"{model_uri} on {split}{origin}, {result.setting}, {len(result.per_task)} tasks: "
                f"{what} {value} (95% interval)")
+    if model.transduction is not None:
+        click.echo(f"queries classified together by {model.transduction.title} "
+                   f"({model.transduction.describe()})")
+    for name, mean, interval, count in result.per_source():
+        click.echo(f"  {name}: {100 * mean:.2f}% +- {100 * interval:.2f}% ({count} tasks)")
+    if result.source_average is not None:
+        click.echo(f"  average over {len(result.per_source())} sources: "
+                   f"{100 * result.source_average:.2f}%")
     scores = result.uncertainty_means()
     if scores:
         likelihood, likelihood_ci = scores["log_likelihood"]

@@ -35,7 +35,8 @@ def learning_curves(train: Sequence[tuple[int, float]], validation: Sequence[tup
 
 
 def comparison_curves(comparison, folder: Path) -> list[Path]:
-    """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way),
+    """``accuracy_vs_shots.png`` (each model's unshifted score against K, one panel per N-way;
+    not for variable-way episodes alone),
     ``accuracy_vs_ms.png`` (score against milliseconds to adapt, ``cost_plot``) and, with a
     shift, ``accuracy_vs_shift.png`` (score against the shift's level at the first setting); one
     line per model with its 95% interval as a band. Regression: ``mse_vs_*``."""
@@ -44,21 +45,24 @@ def comparison_curves(comparison, folder: Path) -> list[Path]:
     label = "accuracy (%)" if metric == "accuracy" else "query MSE"
     models = list(dict.fromkeys(row.model for row in comparison.rows))
     colours = {model: f"C{i % 10}" for i, model in enumerate(models)}  # one colour per model
-    plain = [s for s in comparison.settings if s.shift is None]
+    unshifted = [s for s in comparison.settings if s.shift is None]
+    plain = [s for s in unshifted if s.episodes == "fixed"]  # variable-way ones have no K
     written = []
-    ways_values = list(dict.fromkeys(s.ways for s in plain))
-    figure, axes = plt.subplots(1, len(ways_values), figsize=(5 * len(ways_values), 4), dpi=100,
-                                squeeze=False)
-    for panel, ways in zip(axes[0], ways_values):
-        for model in models:
-            points = [(r.setting.shots, r.mean * scale, r.ci95 * scale) for r in comparison.rows
-                      if r.model == model and r.setting.shift is None and r.setting.ways == ways
-                      and r.mean is not None]
-            _line_with_band(panel, points, model, colours[model])
-        panel.set_xticks(sorted({s.shots for s in plain}))
-        _label(panel, "shots (K)", label, f"{ways}-way" if ways else "regression")
-    written.append(save_figure(figure, folder / f"{metric}_vs_shots.png"))
-    written.append(cost_plot(comparison, plain, colours, folder / f"{metric}_vs_ms.png"))
+    if plain:  # the shots curve; variable-way episodes alone have none
+        ways_values = list(dict.fromkeys(s.ways for s in plain))
+        figure, axes = plt.subplots(1, len(ways_values), figsize=(5 * len(ways_values), 4),
+                                    dpi=100, squeeze=False)
+        for panel, ways in zip(axes[0], ways_values):
+            for model in models:
+                points = [(r.setting.shots, r.mean * scale, r.ci95 * scale)
+                          for r in comparison.rows
+                          if r.model == model and r.setting.shift is None
+                          and r.setting.ways == ways and r.mean is not None]
+                _line_with_band(panel, points, model, colours[model])
+            panel.set_xticks(sorted({s.shots for s in plain}))
+            _label(panel, "shots (K)", label, f"{ways}-way" if ways else "regression")
+        written.append(save_figure(figure, folder / f"{metric}_vs_shots.png"))
+    written.append(cost_plot(comparison, unshifted, colours, folder / f"{metric}_vs_ms.png"))
     shifted = [s for s in comparison.settings if s.shift is not None]
     if shifted:
         first = replace(shifted[0], shift=None, level=0.0)  # its unshifted setting

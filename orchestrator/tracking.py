@@ -34,6 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from learners.transduction import Transduction
 from orchestrator import champion as champion_policy, retry
 from orchestrator.errors import MachineryError, UserError, first_line
 from orchestrator.config import URI_FORMS
@@ -670,9 +671,12 @@ def pyfunc_signature():
     # ``std``: only for regression models whose predictions carry uncertainty (ALPaCA).
     outputs = Schema([ColSpec("string", "prediction"), ColSpec("string", "scores"),
                       ColSpec("string", "std", required=False)])
-    # ``steps``: inner steps for gradient-based learners (default: as trained).
+    # ``steps``: inner steps for gradient-based learners (default: as trained); ``transductive``:
+    # a transductive method for the request's queries, METHOD[:KNOB=VALUE,...] or none
+    # (default: the one the model was validated with).
     return ModelSignature(inputs=inputs, outputs=outputs,
-                          params=ParamSchema([ParamSpec("steps", "long", None)]))
+                          params=ParamSchema([ParamSpec("steps", "long", None),
+                                              ParamSpec("transductive", "string", None)]))
 
 
 class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
@@ -684,7 +688,9 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
     Output, one row per query: ``prediction`` (class name, or JSON array of values) and
     ``scores`` (JSON object class -> probability, or the values again); regression models whose
     predictions carry uncertainty (ALPaCA) add ``std``, the JSON array of predictive standard
-    deviations of the values.
+    deviations of the values. A model validated with a transductive method classifies the
+    request's queries together with it (param ``transductive`` picks another, or ``none``), so
+    a request should hold the task's whole query set.
     """
 
     # Skip MLflow's type-hint validation: the input is a DataFrame of rows with roles, described
@@ -698,18 +704,21 @@ class PyfuncMetaModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         steps = int(params["steps"]) if params and params.get("steps") is not None else None
+        model = self.model
+        if params and params.get("transductive") is not None:
+            model = model.with_transduction(Transduction.parse(str(params["transductive"])))
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         support = frame[frame["role"] == "support"]
         query = frame[frame["role"] == "query"]
-        support_x = decode_inputs(self.model, list(support["input"]))
-        query_x = decode_inputs(self.model, list(query["input"]))
-        if self.model.classification:
-            result = self.model.predict(support_x, list(support["label"]), query_x, steps=steps)
+        support_x = decode_inputs(model, list(support["input"]))
+        query_x = decode_inputs(model, list(query["input"]))
+        if model.classification:
+            result = model.predict(support_x, list(support["label"]), query_x, steps=steps)
             scores = result.scores.tolist()
             return pd.DataFrame({"prediction": result.labels, "scores": [
                 json.dumps(dict(zip(result.classes, row))) for row in scores]})
         targets = [json.loads(label) for label in support["label"]]
-        result = self.model.predict(support_x, targets, query_x, steps=steps)
+        result = model.predict(support_x, targets, query_x, steps=steps)
         values = [json.dumps(row) for row in result.outputs.tolist()]
         columns = {"prediction": values, "scores": values}
         if result.std is not None:

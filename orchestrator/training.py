@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from learners.base import Params
+from learners.transduction import Transduction, transductive_statistics
 from orchestrator.config import OUTER_KNOBS, SinusoidData, Sweep
 from orchestrator.factory import build_family, build_learner, split_names, task_shape
 from orchestrator.pretrained import transplant
-from pipelines.base import TaskFamily
+from pipelines.base import TaskFamily, TaskList
 
 
 class TrialDiverged(RuntimeError):
@@ -44,7 +45,10 @@ class ShardWorker:
 
     Built from plain data (the sweep as a dict, the algorithm, the resolved knobs) so that a Ray
     actor can construct an identical one anywhere; it samples its own tasks from (split, seed,
-    index) so only integers and the current weights travel.
+    index) so only integers and the current weights travel. Tasks of different shapes
+    (variable-way episodes, a ``TaskList``) are adapted to one at a time and summed; knobs that
+    name a transductive method (``transductive``) make validation classify each task's queries
+    together with it.
     """
 
     def __init__(self, sweep: dict[str, Any], algorithm: str, knobs: Mapping[str, Any], *,
@@ -57,6 +61,8 @@ class ShardWorker:
         self.learner.backbone.to(self.device)
         self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
                                           self.device)
+        # Validation by a transductive method, where the knobs ask for one (``transductive``).
+        self.transduction = Transduction.from_knobs(knobs)
 
     def sample(self, split: str, seed: int, indices: Sequence[int]) -> Any:
         """The shard's tasks (or, for pretraining learners, labelled minibatch shards), on the
@@ -69,20 +75,46 @@ class ShardWorker:
         ``progress`` is the fraction of meta-training done (for learners that anneal);
         ``batch``, where given, is ``sample(split, seed, indices)`` done earlier."""
         batch = (self.sample(split, seed, indices) if batch is None else batch).to(self.device)
-        total, stats = self.learner.batch_gradient(self._on_device(params), batch,
-                                                   vectorize=self.vectorize, progress=progress)
+        params = self._on_device(params)
+        if isinstance(batch, TaskList):  # tasks of different shapes: one at a time, summed
+            total, stats = _summed([self.learner.batch_gradient(
+                params, one, vectorize=self.vectorize, progress=progress)
+                for one in batch.singles()])
+        else:
+            total, stats = self.learner.batch_gradient(params, batch, vectorize=self.vectorize,
+                                                       progress=progress)
         return {k: v.cpu() for k, v in total.items()}, stats, len(indices)
 
     def evaluate(self, params: Params, split: str, seed: int, indices: Sequence[int], *,
                  shots: int | None = None, steps: int | None = None) -> tuple[dict[str, float], int]:
         """Summed query statistics after adaptation, over the shard's validation tasks."""
         batch = self.family.batch(split, seed, indices, shots=shots).to(self.device)
-        stats = self.learner.batch_evaluate(self._on_device(params), batch, steps=steps,
-                                            vectorize=self.vectorize)
+        params = self._on_device(params)
+        if self.transduction is not None:
+            stats = transductive_statistics(self.learner, params, batch, self.transduction)
+        elif isinstance(batch, TaskList):
+            stats = _summed([({}, self.learner.batch_evaluate(
+                params, one, steps=steps, vectorize=self.vectorize))
+                for one in batch.singles()])[1]
+        else:
+            stats = self.learner.batch_evaluate(params, batch, steps=steps,
+                                                vectorize=self.vectorize)
         return stats, len(indices)
 
     def _on_device(self, params: Params) -> Params:
         return {k: v.to(self.device) for k, v in params.items()}
+
+
+def _summed(parts: Sequence[tuple[Params, dict[str, float]]]) -> tuple[Params, dict[str, float]]:
+    """Gradients and statistics of several batches, added up."""
+    total: Params = {}
+    stats: dict[str, float] = {}
+    for gradient, part in parts:
+        for name, g in gradient.items():
+            total[name] = total[name] + g if name in total else g
+        for key, value in part.items():
+            stats[key] = stats.get(key, 0.0) + value
+    return total, stats
 
 
 def training_classes(family: TaskFamily, sweep: Sweep) -> int | None:

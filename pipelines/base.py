@@ -65,6 +65,27 @@ class TaskBatch:
 
 
 @dataclass(frozen=True)
+class TaskList:
+    """Tasks of different shapes -- variable-way, variable-shot episodes -- which cannot be
+    stacked: the trainer adapts to them one at a time."""
+
+    tasks: tuple[Task, ...]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    def to(self, device: torch.device | str) -> "TaskList":
+        return TaskList(tuple(task.to(device) for task in self.tasks))
+
+    def singles(self) -> list[TaskBatch]:
+        """Each task as a batch of one (what ``Learner.batch_gradient`` takes)."""
+        return [TaskBatch.stack([task]) for task in self.tasks]
+
+
+@dataclass(frozen=True)
 class Minibatches:
     """Shards of labelled examples for pretraining a classifier over every class of a split:
     ``x`` is ``[shards, size, ...]``, ``y`` is ``[shards, size]`` with labels ``0..classes-1``.
@@ -102,8 +123,16 @@ class TaskFamily(abc.ABC):
         """Task ``index`` of ``split`` for ``seed``; ``shots`` overrides the configured K."""
 
     def batch(self, split: str, seed: int, indices: Sequence[int], *,
-              shots: int | None = None) -> TaskBatch:
-        return TaskBatch.stack([self.task(split, seed, i, shots=shots) for i in indices])
+              shots: int | None = None) -> TaskBatch | TaskList:
+        """Tasks ``indices``, stacked; a ``TaskList`` where tasks differ in shape
+        (``fixed_shape``)."""
+        tasks = [self.task(split, seed, i, shots=shots) for i in indices]
+        return TaskBatch.stack(tasks) if self.fixed_shape else TaskList(tuple(tasks))
+
+    @property
+    def fixed_shape(self) -> bool:
+        """Whether every task has the same shape (False for variable-way episodes)."""
+        return True
 
     @property
     @abc.abstractmethod

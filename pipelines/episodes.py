@@ -91,25 +91,39 @@ class EpisodeFamily(TaskFamily):
         rotations = ROTATIONS if split in self.rotate_splits else 1
         generator = torch.Generator().manual_seed(task_seed(seed, split, index))
         picked = torch.randperm(len(classes) * rotations, generator=generator)[:ways].tolist()
-        rows = np.empty((ways, k + q), dtype=np.int64)
-        for label, virtual in enumerate(picked):
-            class_id = classes[virtual // rotations]
-            order = torch.randperm(int(data.class_count[class_id]), generator=generator)[:k + q]
-            rows[label] = data.class_start[class_id] + order.numpy()
-        pixels = data.pixels(rows.reshape(-1)).reshape(ways, k + q, *data.shape)
-        for label, virtual in enumerate(picked):
+        orders = [torch.randperm(int(data.class_count[classes[virtual // rotations]]),
+                                 generator=generator)[:k + q].numpy() for virtual in picked]
+        return self.assemble(split, picked, orders, [k] * ways)
+
+    def assemble(self, split: str, picked: Sequence[int], orders: Sequence[np.ndarray],
+                 support: Sequence[int]) -> Task:
+        """The episode of the split's (virtual, rotation-counting) classes ``picked`` -- class i
+        of the pick gets label i -- from the images at positions ``orders[i]`` of each class,
+        the first ``support[i]`` of them for the support set and the rest for the queries."""
+        data = self.data
+        classes = self._classes(split)
+        rotations = ROTATIONS if split in self.rotate_splits else 1
+        rows = np.concatenate([data.class_start[classes[virtual // rotations]] + order
+                               for virtual, order in zip(picked, orders)])
+        pixels = data.pixels(rows)
+        start = 0
+        for virtual, order in zip(picked, orders):
             if virtual % rotations:
-                pixels[label] = np.rot90(pixels[label], virtual % rotations, axes=(-2, -1))
+                pixels[start:start + len(order)] = np.rot90(
+                    pixels[start:start + len(order)], virtual % rotations, axes=(-2, -1))
+            start += len(order)
         shape = self.input_shape()
         if self.convert_to is not None:
-            pixels = convert_pixels(pixels.reshape(-1, *data.shape), data.preprocessing,
-                                    self.convert_to).reshape(ways, k + q, *shape)
-        x = normalise(pixels, self.preprocessing())
-        labels = torch.arange(ways)
-        return Task(torch.from_numpy(x[:, :k].reshape(ways * k, *shape)),
-                    labels.repeat_interleave(k),
-                    torch.from_numpy(x[:, k:].reshape(ways * q, *shape)),
-                    labels.repeat_interleave(q))
+            pixels = convert_pixels(pixels, data.preprocessing, self.convert_to)
+        x = torch.from_numpy(normalise(pixels, self.preprocessing()).reshape(len(rows), *shape))
+        ends = np.cumsum([len(order) for order in orders])
+        starts = ends - [len(order) for order in orders]
+        in_support = np.concatenate([np.arange(len(order)) < k
+                                     for order, k in zip(orders, support)])
+        labels = torch.from_numpy(np.concatenate(
+            [np.full(end - begin, label) for label, (begin, end) in enumerate(zip(starts, ends))]))
+        mask = torch.from_numpy(in_support)
+        return Task(x[mask], labels[mask], x[~mask], labels[~mask])
 
     def class_count(self, split: str) -> int:
         return len(self._classes(split)) * (ROTATIONS if split in self.rotate_splits else 1)
@@ -294,8 +308,12 @@ class MixedEpisodes(TaskFamily):
             source.check_splits(splits, shots)
 
     @property
-    def ways(self) -> int:
+    def ways(self) -> int | None:
         return self._sources[0].ways
+
+    @property
+    def fixed_shape(self) -> bool:
+        return self._sources[0].fixed_shape
 
     def input_shape(self) -> tuple[int, ...]:
         return self._sources[0].input_shape()
@@ -320,16 +338,24 @@ class MixedEpisodes(TaskFamily):
 
 
 def episode_family(path: str | os.PathLike[str] | Sequence[str], *,
-                   weights: Sequence[float] | None = None, draw_splits: Collection[str] = (),
+                   weights: Sequence[float] | str | None = None, draw_splits: Collection[str] = (),
+                   kind: type[EpisodeFamily] = EpisodeFamily,
                    **options: Any) -> EpisodeFamily | MixedEpisodes:
     """Episodes from one import (a folder or URI), or from several (a list: ``MixedEpisodes``);
-    ``options`` are ``EpisodeFamily``'s, given to every source."""
+    ``options`` are ``kind``'s, given to every source (``kind``: ``EpisodeFamily``, or
+    ``VariableEpisodes`` for Meta-Dataset's variable-way episodes, which take no ways, shots or
+    queries). ``weights``: each import's share of the episodes of ``draw_splits``, or
+    ``"classes"``: in proportion to each import's classes in the first of them (default:
+    equal)."""
     if isinstance(path, (str, os.PathLike)):
         if weights is not None:
             raise ValueError("weights are for several imports; one was given")
-        return EpisodeFamily(path, **options)
-    return MixedEpisodes([EpisodeFamily(p, **options) for p in path], weights=weights,
-                         draw_splits=draw_splits)
+        return kind(path, **options)
+    sources = [kind(p, **options) for p in path]
+    if weights == "classes":
+        split = next(iter(draw_splits))
+        weights = [float(source.class_count(split)) for source in sources]
+    return MixedEpisodes(sources, weights=weights, draw_splits=draw_splits)
 
 
 def describe_shape(shape: Sequence[int]) -> str:

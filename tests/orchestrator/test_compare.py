@@ -85,7 +85,7 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
                             "mean", "ci95", "tasks", "diff_to_best", "diff_ci95", "significant",
                             "best", "log_likelihood", "log_likelihood_ci95", "coverage95",
                             "adapt_ms", "inner_steps", "parameters", "refused", "cached", "data",
-                            "converted"}
+                            "converted", "transductive"}
     assert {(r["data"], r["converted"]) for r in rows} == {(table["data"], False)}
     for setting in settings:
         proto, copy, maml = [r for r in rows if r["setting"] == setting]
