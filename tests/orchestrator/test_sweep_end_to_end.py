@@ -1,9 +1,12 @@
-"""A tiny sweep through real Ray, Optuna and MLflow: runs, registry, champion alias, CLI views."""
+"""A tiny sweep through real Ray, Optuna and MLflow: runs, registry, champion alias, CLI views.
+The tests read the module's sweep and never change it (what adds versions or moves an alias works
+on a copy of its stores), so they pass in any order."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -78,25 +81,67 @@ def test_best_models_are_registered_with_tags_and_champion(first_sweep):
         assert champion.tags["orch.task_fingerprint"]
 
 
-def test_worse_sweep_does_not_move_champion_and_promote_does(first_sweep):
-    raw, summaries, uri, run_dir = first_sweep
-    worse = tiny_sweep(run_dir, "e2e-worse", iterations=10, outer_lr=1e-7, trials=1)
+def copied_stores(run_dir, folder):
+    """A copy of a sweep's two SQLite stores (artifacts stay where they are), so that a test
+    that adds versions or moves an alias leaves the module's sweep as the other tests expect,
+    whatever order they run in."""
+    copy_dir = folder / "orch-runs"
+    copy_dir.mkdir()
+    for name in ("mlflow.db", "optuna.db"):
+        shutil.copy2(run_dir / name, copy_dir / name)
+    return copy_dir
+
+
+@pytest.fixture(scope="module")
+def worse_sweep(first_sweep, tmp_path_factory):
+    """A second, worse MAML sweep registered beside the first one's champion, in a copy of the
+    first sweep's stores."""
+    _, summaries, _, run_dir = first_sweep
+    copy_dir = copied_stores(run_dir, tmp_path_factory.mktemp("worse"))
+    worse = tiny_sweep(copy_dir, "e2e-worse", iterations=10, outer_lr=1e-7, trials=1)
     worse["algorithms"].pop("reptile")
     (summary,) = launch(sweep_from_dict(worse))
     best_before = next(s for s in summaries if s.algorithm == "maml").best_value
+    return summary, best_before, copy_dir
+
+
+def test_a_worse_sweep_does_not_move_the_champion(worse_sweep):
+    summary, best_before, copy_dir = worse_sweep
     assert summary.best_value > best_before
     assert summary.registration.version == "2" and not summary.registration.champion
     assert summary.registration.note.startswith("val_loss ") and "not better than champion v1" \
         in summary.registration.note
-    client = tracking.client(uri)
+    client = tracking.client(f"sqlite:///{copy_dir}/mlflow.db")
     assert str(client.get_model_version_by_alias("orch-maml", "champion").version) == "1"
-
-    runner = CliRunner()
-    listed = runner.invoke(cli, ["models", "--tracking-uri", uri])
+    listed = CliRunner().invoke(cli, ["models", "--tracking-uri", f"sqlite:///{copy_dir}/mlflow.db"])
     assert listed.exit_code == 0 and "orch-maml" in listed.output and "champion" in listed.output
+
+
+def test_promote_moves_the_champion_and_orch_models_json_says_why(worse_sweep, tmp_path):
+    _, _, worse_dir = worse_sweep
+    uri = f"sqlite:///{copied_stores(worse_dir, tmp_path)}/mlflow.db"  # promotions on a copy
+    runner = CliRunner()
+
+    def notes() -> dict:
+        result = runner.invoke(cli, ["models", "--json", "--tracking-uri", uri])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)
+        assert set(rows[0]) == {"name", "version", "metric", "direction", "value", "sweep",
+                                "front", "aliases", "note"}
+        assert all(isinstance(r["version"], int) and isinstance(r["aliases"], list) for r in rows)
+        assert {r["name"] for r in rows} == {"orch-maml", "orch-reptile"}
+        assert sum("champion" in r["aliases"] for r in rows) == 2
+        return {(r["name"], r["version"]): r["note"] for r in rows}
+
+    before = notes()
+    assert before[("orch-maml", 1)] == "" and "not better than champion v1" in before[("orch-maml", 2)]
     moved = runner.invoke(cli, ["promote", "orch-maml", "2", "--tracking-uri", uri])
     assert moved.exit_code == 0, moved.output
+    client = tracking.client(uri)
     assert str(client.get_model_version_by_alias("orch-maml", "champion").version) == "2"
+    after = notes()  # version 2, promoted by hand, holds the alias; version 1 says since when not
+    assert after[("orch-maml", 2)] == "" and \
+        after[("orch-maml", 1)] == "champion until the alias moved to v2"
     missing = runner.invoke(cli, ["promote", "orch-maml", "9", "--tracking-uri", uri])
     assert missing.exit_code != 0 and "no version 9 of registered model 'orch-maml'" in missing.output
 
@@ -120,22 +165,6 @@ def test_orch_runs_lists_trials(first_sweep):
         assert {r["number"] for r in own if r["front"]} == \
             {r["number"] for r in own if r["value"] == best}
     assert all(isinstance(r["value"], float) and isinstance(r["params"], dict) for r in rows)
-
-
-def test_orch_models_json_lists_versions_with_aliases(first_sweep):
-    _, _, uri, _ = first_sweep
-    result = CliRunner().invoke(cli, ["models", "--json", "--tracking-uri", uri])
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert {r["name"] for r in rows} == {"orch-maml", "orch-reptile"}
-    assert set(rows[0]) == {"name", "version", "metric", "direction", "value", "sweep", "front",
-                            "aliases", "note"}
-    assert all(isinstance(r["version"], int) and isinstance(r["aliases"], list) for r in rows)
-    assert sum("champion" in r["aliases"] for r in rows) == 2
-    notes = {(r["name"], r["version"]): r["note"] for r in rows}
-    # Version 2 did not beat version 1 (test_worse_sweep_...), then was promoted by hand.
-    assert notes[("orch-maml", 2)] == "" and \
-        notes[("orch-maml", 1)] == "champion until the alias moved to v2"
 
 
 def test_same_name_without_resume_is_refused(first_sweep):
