@@ -324,6 +324,8 @@ def test_load_meta_model_from_registry_run_or_folder(trained, tmp_path):
 
 
 def test_pyfunc_load_model_matches_orch_predict(trained):
+    import pandas as pd
+
     result = run_predict(trained, "models:/orch-maml@champion", "--format", "json")
     assert result.exit_code == 0, result.output
     expected = json.loads(result.output)
@@ -333,13 +335,27 @@ def test_pyfunc_load_model_matches_orch_predict(trained):
     assert list(outputs["prediction"]) == [row["prediction"] for row in expected]
     for scores, row in zip(outputs["scores"], expected):
         assert json.loads(scores) == pytest.approx(row["scores"], abs=1e-6)
-    # The logged example's query is its "down" support image: a prototype network must name it
-    # (here at 0.99). MAML's one inner step from its 5-way head need not fit the two support
-    # images (it says "across" at 0.79), so its answer tells nothing about serving.
+    # The logged example's query is its "down" support image: a prototype network names it
+    # (here at 0.99).
     example = input_example(load_meta_model("models:/orch-protonet@champion",
                                             tracking_uri=trained.uri))
     served = load_pyfunc(trained, "orch-protonet")
     assert list(served.predict(example)["prediction"]) == ["down"]
+    # MAML's Conv-4 normalises with the statistics of the batch it is given (BatchNorm in
+    # training mode, as the MAML paper's code does), so a query is answered in the company of
+    # the other queries of its request. Sent alone, the example's query is normalised by itself
+    # and comes out "across" (0.76 with the trained inner step); sent with the "across" image,
+    # as a task's queries are, each support image is named by its own label (0.99 and 0.84),
+    # and more inner steps fit them (0.999 each after 25).
+    example = input_example(load_meta_model("models:/orch-maml@champion",
+                                            tracking_uri=trained.uri))
+    across = example[(example["role"] == "support") & (example["label"] == "across")]
+    both = pd.concat([example[example["role"] == "support"],
+                      across.assign(role="query", label=None),
+                      example[example["role"] == "query"]], ignore_index=True)
+    served = load_pyfunc(trained, "orch-maml")
+    assert list(served.predict(both)["prediction"]) == ["across", "down"]
+    assert list(served.predict(both, params={"steps": 25})["prediction"]) == ["across", "down"]
 
 
 def load_pyfunc(trained: Trained, name: str):
