@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests" / "cluster"))
 
 import stack  # noqa: E402 -- the services of the production configuration, as the tests start them
 
-from orchestrator import tracking  # noqa: E402
+from orchestrator import study as studies, tracking  # noqa: E402
 
 ITERATIONS = 1500
 
@@ -81,12 +80,12 @@ def outage(stores: stack.Stack, store: str, seconds: float) -> float:
 
 def complete(stores: stack.Stack, name: str) -> str:
     """'yes' when the trial is complete, its run finished and every metric step logged once."""
-    (trial,) = optuna.load_study(study_name=f"{name}/fomaml", storage=stores.storage).trials
+    (trial,) = studies.trial_rows(stores.storage, name)
     client = tracking.client(stores.mlflow.url)
     (run,) = tracking.trial_runs(client, client.get_experiment_by_name(name).experiment_id)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
     problems = [what for what, bad in (
-        (f"trial {trial.state.name}", trial.state != optuna.trial.TrialState.COMPLETE),
+        (f"trial {trial['state']}", trial["state"] != "complete"),
         (f"run {run.info.status}", run.info.status != "FINISHED"),
         ("a step twice", len(steps) != len(set(steps))),
         ("steps lost", sorted(steps) != list(range(20, ITERATIONS + 1, 20))))

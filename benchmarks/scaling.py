@@ -28,12 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 import yaml
 
-from orchestrator import checkpoints
+from orchestrator import checkpoints, cluster
 from orchestrator.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
 from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
@@ -137,7 +136,8 @@ def main() -> None:
     def config(count: int):
         return sweep_from_dict({"name": "scaling", "training": {"meta_batch": args.meta_batch,
                                                                 "vectorize": args.vectorize},
-                                "workers": {"count": count, "cpus": 1}, "algorithms": {"maml": {}}})
+                                "workers": {"count": count, "cpus": 0.5, "driver_cpus": 0.5},
+                                "algorithms": {"maml": {}}})
 
     in_process = config(0).model_dump()
     times: dict[str, list[float]] = {"in-process": [], "in a Ray task": [], "1 worker": [],
@@ -145,13 +145,15 @@ def main() -> None:
     # A spawned child imports torch and orch but never Ray: the bare process a hand-written
     # script runs in. Started before Ray, so that it inherits none of Ray's state.
     bare = multiprocessing.get_context("spawn").Pool(1)
-    # 4 logical CPUs on this 2-core machine: the Ray task (1) and both farms' actors (1 + 2) are
-    # alive at once, but only one setting computes at a time.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # Ray in this process, as `orch launch` starts it (2 CPUs on this machine). Half a CPU per
+    # process, so the Ray task and both farms' actors (1 + 2) are placed at once; only one
+    # setting computes at a time, each with one torch thread.
+    cluster.connect(None)
     try:
-        # What ``workers.count: 0`` runs as under ``orch launch``: the trial's own process, which
-        # is a Ray worker (``cluster.submit_trial``), not a bare Python process.
-        in_ray_task = ray.remote(num_cpus=1)(in_process_times)
+        # What ``workers.count: 0`` runs as under ``orch launch``: the trial's own process, a
+        # Ray task in its placement group (``cluster.submit_trial``), not a bare Python process.
+        alone = config(0).workers
+        group = cluster.reserve(alone, "PACK")
         trainers = {}
         for count in (1, 2):
             sweep = config(count)
@@ -160,13 +162,14 @@ def main() -> None:
         for round_ in range(args.rounds):
             first = 1000 * round_  # fresh tasks each round, the same ones for every setting
             times["in-process"] += bare.apply(in_process_times, (in_process, knobs, turn, first))
-            times["in a Ray task"] += ray.get(in_ray_task.remote(in_process, knobs, turn, first))
+            times["in a Ray task"] += cluster.result(cluster.submit_trial(
+                in_process_times, group, alone, in_process, knobs, turn, first))
             times["1 worker"] += iteration_times(trainers[1], turn, first)
             times["2 workers"] += iteration_times(trainers[2], turn, first)
         for trainer in trainers.values():
             trainer.farm.shutdown()
+        cluster.release(group)
     finally:
-        ray.shutdown()
         bare.terminate()
     rates = {name: args.meta_batch * len(t) / sum(t) for name, t in times.items()}
     base = rates["in-process"]

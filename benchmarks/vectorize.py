@@ -69,22 +69,20 @@ def prepare_omniglot(sources: list[str]) -> Path | None:
 def ray_worker_on_gpu(config: dict, knobs: dict, seconds: float, in_process: float) -> None:
     """The same workload on one Ray worker given ``gpus: 1``: where it runs, and its rate."""
     try:
-        import ray
-
-        from orchestrator.cluster import RayFarm
-    except ImportError as error:
+        from orchestrator import cluster
+    except ImportError as error:  # a GPU machine with torch but no Ray
         print(f"Ray worker on GPU: skipped ({error})")
         return
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    cluster.connect(None)  # Ray in this process, as orch launch starts it: it finds the GPU
     sweep = sweep_from_dict({**config, "workers": {"count": 1, "cpus": 1, "gpus": 1}})
-    farm = RayFarm(sweep.model_dump(), "maml", knobs, sweep.workers)
+    cluster.check_fits(sweep.workers)
+    farm = cluster.RayFarm(sweep.model_dump(), "maml", knobs, sweep.workers)
     try:
         rate_on_ray = measure(MetaTrainer(sweep, "maml", knobs, farm), seconds, "cpu")
         print(f"Ray worker with gpus: 1 ran on {farm.devices()}: {rate_on_ray:.1f} tasks/s, "
               f"{rate_on_ray / in_process:.2f}x the in-process GPU rate")
     finally:
         farm.shutdown()
-        ray.shutdown()
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The layout STYLE.md promises, checked on the source: each outside system is touched from one
-module (imports anywhere in a file, module-level or inside functions), learners and pipelines
-touch none of them, pipelines never import the orchestrator, and orch's modules import each other
-without a cycle."""
+module (imports anywhere in a file, module-level or inside functions, and modules named to
+``importlib.import_module`` or ``__import__``), learners and pipelines touch none of them, the
+benchmarks reach them through orch's modules too, pipelines never import the orchestrator,
+nothing of orch imports the benchmarks, and orch's modules import each other without a cycle."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("learners", "pipelines", "orchestrator")
+# The top of the layers (benchmarks -> orchestrator -> learners -> pipelines): held to the same
+# rule on outside systems, and imported by none of the packages.
+BENCHMARKS = "benchmarks"
 # Outside system -> the one module allowed to import it.
 # optuna-dashboard reads and writes the Optuna storage: it belongs to Optuna's one module.
 OWNERS = {"mlflow": "orchestrator/tracking.py", "optuna": "orchestrator/study.py",
           "optuna_dashboard": "orchestrator/study.py", "ray": "orchestrator/cluster.py"}
 
 
-def sources() -> list[Path]:
-    return sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py"))
+def sources(*, benchmarks: bool = False) -> list[Path]:
+    roots = PACKAGES + ((BENCHMARKS,) if benchmarks else ())
+    return sorted(p for root in roots for p in (REPO / root).rglob("*.py"))
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, wherever the import statement stands."""
+    """Every module ``path`` imports, wherever the import statement stands, and every module it
+    names to ``importlib.import_module(...)`` or ``__import__(...)``; a dynamic import whose
+    name is not a string in the source is refused, since nothing could check it."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -32,7 +39,19 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and _dynamic_import(node.func):
+            name = node.args[0] if node.args else None
+            assert isinstance(name, ast.Constant) and isinstance(name.value, str), (
+                f"{path.name}:{node.lineno}: a dynamic import of a computed name")
+            found.add(name.value)
     return found
+
+
+def _dynamic_import(function: ast.expr) -> bool:
+    """``importlib.import_module``, ``import_module`` (imported from importlib) or ``__import__``."""
+    if isinstance(function, ast.Attribute):
+        return function.attr == "import_module"
+    return isinstance(function, ast.Name) and function.id in ("import_module", "__import__")
 
 
 def relative(path: Path) -> str:
@@ -41,9 +60,31 @@ def relative(path: Path) -> str:
 
 @pytest.mark.parametrize("system", sorted(OWNERS))
 def test_each_outside_system_is_imported_by_its_one_module(system):
-    importers = sorted(relative(p) for p in sources()
+    importers = sorted(relative(p) for p in sources(benchmarks=True)
                        if any(m == system or m.startswith(f"{system}.") for m in imported_modules(p)))
     assert importers == [OWNERS[system]]
+
+
+def test_nothing_of_orch_imports_the_benchmarks():
+    benchmark_modules = {p.stem for p in (REPO / BENCHMARKS).glob("*.py")}
+    offenders = [relative(p) for p in sources()
+                 if any(m == BENCHMARKS or m.startswith(f"{BENCHMARKS}.") or m in benchmark_modules
+                        for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_dynamic_imports_are_seen(tmp_path):
+    """The check above cannot be dodged with importlib: a module named to it counts as imported."""
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text("import importlib\nfrom importlib import import_module\n"
+                      "def f():\n    importlib.import_module('mlflow.tracking')\n"
+                      "    import_module('ray')\n    __import__('optuna')\n")
+    found = imported_modules(sneaky)
+    assert {"mlflow.tracking", "ray", "optuna"} <= found
+    computed = tmp_path / "computed.py"
+    computed.write_text("import importlib\nname = 'ml' + 'flow'\nimportlib.import_module(name)\n")
+    with pytest.raises(AssertionError, match="dynamic import of a computed name"):
+        imported_modules(computed)
 
 
 def test_pipelines_never_import_the_orchestrator():
