@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from orchestrator.config import Sweep
-from orchestrator.inference import interval95
-from orchestrator.pretrained import backbone_weights
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.models.inference import interval95
+from orchestrator.training.initial import backbone_weights
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 from pipelines.episodes import EpisodeFamily
 from pipelines.importers import import_omniglot
 

@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO / "tests" / "cluster"))
 
 import stack  # noqa: E402 -- the services of the production configuration, as the tests start them
 
-from orchestrator import study as studies, tracking  # noqa: E402
+from orchestrator import tracking  # noqa: E402
+from orchestrator.services import study as studies
 
 ITERATIONS = 1500
 
@@ -97,7 +98,7 @@ def run(folder: Path, name: str, stores, cluster, store: str | None,
         seconds: float) -> tuple[float, float, str]:
     path = sweep_file(folder, name, stores, cluster)
     started = time.monotonic()
-    launch = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "launch", str(path),
+    launch = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "launch", str(path),
                                "--quiet"], cwd=folder, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -32,10 +32,11 @@ import torch
 
 import yaml
 
-from orchestrator import checkpoints, cluster
-from orchestrator.cluster import RayFarm
+from orchestrator.services import cluster
+from orchestrator.sweep import checkpoints
+from orchestrator.services.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_ZIPS = [REPO.parent / "shared" / "data" / "omniglot" / f"images_background_small{i}.zip"

@@ -27,7 +27,7 @@ import torch
 
 from learners.backbones import call
 from orchestrator.config import sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 # Learner -> (knobs, the paper's K=5 figures after 1 and 10 steps where it gives them).
 LEARNERS = {
@@ -137,7 +137,7 @@ ALPACA_KNOBS = {"variable_context": True, "outer_lr": 0.003}
 
 
 def run_alpaca(args: argparse.Namespace, maml_k5: float | None) -> None:
-    from orchestrator.inference import uncertainty_scores
+    from orchestrator.models.inference import uncertainty_scores
 
     sweep_dict = paper_sweep("alpaca", args.seed)
     sweep = sweep_from_dict(sweep_dict)

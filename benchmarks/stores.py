@@ -67,7 +67,7 @@ def sweep_file(folder: Path, name: str, *, parallel: int, iterations: int,
 
 def launch(path: Path) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(path), "--quiet"],
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "launch", str(path), "--quiet"],
                           cwd=path.parent, capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:

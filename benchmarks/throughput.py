@@ -61,8 +61,8 @@ from torch.profiler import ProfilerActivity, profile
 from learners.base import Learner
 from learners.registry import LEARNERS
 from orchestrator.config import ModelSection
-from orchestrator.factory import build_learner
-from orchestrator.training import should_vectorize
+from orchestrator.training.factory import build_learner
+from orchestrator.training.loop import should_vectorize
 from pipelines.base import Task, TaskBatch
 
 QUERIES, SIZE, FILTERS = 15, 28, 64

@@ -33,8 +33,8 @@ import torch
 
 from learners.transduction import METHODS
 from omniglot import EVAL_SEED, REPO, SETTINGS, ZIPS, sweep
-from orchestrator.inference import interval95
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.models.inference import interval95
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 from pipelines.episodes import EpisodeFamily
 from pipelines.importers import import_omniglot
 from pipelines.variable_episodes import VariableEpisodes

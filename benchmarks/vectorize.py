@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.config import sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 
 def measure(trainer: MetaTrainer, seconds: float, device: str) -> float:
@@ -69,7 +69,7 @@ def prepare_omniglot(sources: list[str]) -> Path | None:
 def ray_worker_on_gpu(config: dict, knobs: dict, seconds: float, in_process: float) -> None:
     """The same workload on one Ray worker given ``gpus: 1``: where it runs, and its rate."""
     try:
-        from orchestrator import cluster
+        from orchestrator.services import cluster
     except ImportError as error:  # a GPU machine with torch but no Ray
         print(f"Ray worker on GPU: skipped ({error})")
         return

@@ -198,7 +198,7 @@ class ModelSection(Section):
     # initialisation; Meta-Baseline is protonet with init from a baselinepp champion): a model
     # URI in the sweep's tracking store (models:/NAME@ALIAS, models:/NAME/VERSION,
     # runs:/RUN_ID/model) or a saved model folder. Resolved once when the sweep starts and
-    # checked against this section and the data (orchestrator/pretrained.py); null: from scratch.
+    # checked against this section and the data (orchestrator/models/pretrained.py); null: from scratch.
     init: str | None = None
 
     @field_validator("backbone")
@@ -261,7 +261,7 @@ class Workers(Section):
 
 # What a search can optimise, each with the one direction that makes sense for it. The first two
 # are the validation loop's; the others are what adapting costs, measured as `orch compare`
-# measures them (orchestrator/objectives.py).
+# measures them (orchestrator/sweep/objectives.py).
 OBJECTIVES = {"val_loss": "minimize", "val_accuracy": "maximize", "adapt_ms": "minimize",
               "inner_steps": "minimize", "parameters": "minimize"}
 VALIDATION_METRICS = ("val_loss", "val_accuracy")

@@ -19,8 +19,13 @@ PACKAGES = ("learners", "pipelines", "orchestrator")
 BENCHMARKS = "benchmarks"
 # Outside system -> the one module allowed to import it.
 # optuna-dashboard reads and writes the Optuna storage: it belongs to Optuna's one module.
-OWNERS = {"mlflow": "orchestrator/tracking.py", "optuna": "orchestrator/study.py",
-          "optuna_dashboard": "orchestrator/study.py", "ray": "orchestrator/cluster.py"}
+OWNERS = {"mlflow": "orchestrator/services/tracking.py", "optuna": "orchestrator/services/study.py",
+          "optuna_dashboard": "orchestrator/services/study.py",
+          "ray": "orchestrator/services/cluster.py"}
+# The orchestrator's sub-packages by role, each importing (of orch) only the shared modules and
+# the sub-packages before it here: what their docstrings say.
+LAYERS = ("training", "services", "models", "sweep", "cli")
+SHARED = {"orchestrator", "orchestrator.config", "orchestrator.errors", "orchestrator.plots"}
 
 
 def sources(*, benchmarks: bool = False) -> list[Path]:
@@ -87,6 +92,31 @@ def test_dynamic_imports_are_seen(tmp_path):
         imported_modules(computed)
 
 
+def layer_of(module: str) -> str | None:
+    """The sub-package of ``LAYERS`` an orchestrator module belongs to; None for a shared one."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_each_sub_package_imports_only_the_ones_before_it():
+    offenders = []
+    for path in (REPO / "orchestrator").rglob("*.py"):
+        module = module_name(path)
+        if module == "orchestrator":  # re-exports load_meta_model for notebooks, lazily
+            continue
+        own = layer_of(module)
+        allowed = set(LAYERS[:LAYERS.index(own) + 1]) if own else set()
+        for imported in imported_modules(path):
+            if not imported.startswith("orchestrator."):
+                continue
+            target = layer_of(imported)
+            if target is None and imported.rsplit(".", 1)[0] in SHARED | {"orchestrator"}:
+                continue
+            if target not in allowed:
+                offenders.append(f"{relative(path)} imports {imported}")
+    assert offenders == []
+
+
 def test_pipelines_never_import_the_orchestrator():
     offenders = [relative(p) for p in (REPO / "pipelines").rglob("*.py")
                  if any(m.startswith("orchestrator") for m in imported_modules(p))]
@@ -107,7 +137,7 @@ def test_no_import_cycles():
     names = {module_name(p): p for p in sources()}
     graph = {name: {m for m in imported_modules(path) if m in names and m != name}
              for name, path in names.items()}
-    # ``from orchestrator import tracking`` names the module orchestrator.tracking too.
+    # ``from orchestrator import tracking`` names the module orchestrator.services.tracking too.
     for name, path in names.items():
         for m in imported_modules(path):
             parent, _, leaf = m.rpartition(".")

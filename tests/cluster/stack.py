@@ -291,7 +291,8 @@ def loopback_cluster(nodes: int, cpus: float, state_dir: Path) -> Iterator[Clust
     """``orch cluster up --nodes N --distinct-hosts`` (nodes on 127.0.0.1, .2, .3, ...), with
     Ray's health checks tightened so that a killed node is noticed in about a second; runs
     ``orch cluster down`` on the way out."""
-    from orchestrator import addresses, cluster_cli
+    from orchestrator.cli import cluster as cluster_cli
+    from orchestrator.services import addresses
 
     os.environ.update(addresses.LOOPBACK_ENV)
     for key, value in {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
@@ -311,7 +312,7 @@ def loopback_cluster(nodes: int, cpus: float, state_dir: Path) -> Iterator[Clust
 def kill_node(host: str) -> int:
     """SIGKILL the raylet of the node at ``host`` and every process under it, as a reclaimed
     spot machine loses them; returns how many processes were killed."""
-    from orchestrator import processes
+    from orchestrator.services import processes
 
     parents = {}
     raylets = []

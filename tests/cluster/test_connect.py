@@ -29,7 +29,7 @@ def user_env() -> dict[str, str]:
 
 
 def orch(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
+    return [sys.executable, "-m", "orchestrator.cli.main", *args]
 
 
 @pytest.fixture

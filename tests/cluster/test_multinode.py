@@ -22,10 +22,10 @@ import pytest
 import ray
 import yaml
 
-from orchestrator import tracking
-from orchestrator.cluster import RayFarm
+from orchestrator.services import tracking
+from orchestrator.services.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

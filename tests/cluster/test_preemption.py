@@ -21,10 +21,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from orchestrator import checkpoints, tracking
+from orchestrator.services import tracking
+from orchestrator.sweep import checkpoints
 from orchestrator.config import sweep_from_dict
-from orchestrator.sweep import launch
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.sweep.launch import launch
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 KNOBS = {"inner_lr": 0.01, "inner_steps": 1, "outer_lr": 0.003}
 ITERATIONS = 400

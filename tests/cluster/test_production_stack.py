@@ -24,11 +24,11 @@ import pytest
 import yaml
 
 import stack
-from orchestrator import tracking
+from orchestrator.services import tracking
 from orchestrator.config import Choices, Range, sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
-ORCH = [sys.executable, "-m", "orchestrator.cli"]
+ORCH = [sys.executable, "-m", "orchestrator.cli.main"]
 CHECKPOINT_EVERY = 20
 
 

@@ -14,7 +14,7 @@ def omniglot_accuracy(omniglot_dir: Path) -> Callable[..., tuple[float, dict, An
     path (ShardWorker, LocalFarm, MetaTrainer; Conv-4 with 8 filters, 5-way 1-shot) and returns
     its mean accuracy on the held-out test alphabet, with the trained weights and the trainer."""
     from orchestrator.config import Sweep
-    from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+    from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
     def accuracy(algorithm: str, knobs: dict, *, iterations: int = 60, meta_batch: int = 2,
                  tests: int = 50, steps: int | None = None) -> tuple[float, dict, Any]:

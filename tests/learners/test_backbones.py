@@ -13,7 +13,7 @@ import torch
 from learners.backbones import BACKBONES
 from learners.registry import LEARNERS
 from orchestrator.config import ConfigError, sweep_from_dict
-from orchestrator.factory import build_learner
+from orchestrator.training.factory import build_learner
 from pipelines.base import Minibatches, Task, TaskFamily
 from pipelines.sinusoid import Sinusoid
 

@@ -15,7 +15,7 @@ import torch
 import learners.base as base
 from learners.backbones import ConvBlock
 from orchestrator.config import ModelSection
-from orchestrator.factory import build_learner
+from orchestrator.training.factory import build_learner
 from meta_training import random_episodes
 
 LEARNERS = [("maml", {}), ("fomaml", {}), ("metasgd", {}), ("anil", {}), ("mamlpp", {}),

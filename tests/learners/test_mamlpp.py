@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from learners.backbones import build_backbone
 from learners.base import Objective
 from learners.mamlpp import MAMLPlusPlus
-from orchestrator.training import LoopState
+from orchestrator.training.loop import LoopState
 from pipelines.base import TaskBatch
 
 STEPS, BLOCKS = 2, 4

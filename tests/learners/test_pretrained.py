@@ -14,8 +14,8 @@ from learners.base import Objective
 from learners.pretraining import DAMPENING, MOMENTUM, WEIGHT_DECAY, linear_init
 from learners.registry import LEARNERS
 from orchestrator.config import ConfigError, ModelSection, Sweep, load_sweep
-from orchestrator.factory import build_learner
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.factory import build_learner
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 from test_contract import make
 

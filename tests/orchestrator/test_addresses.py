@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from orchestrator import addresses
-from orchestrator.addresses import Address
+from orchestrator.services import addresses
+from orchestrator.services.addresses import Address
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.meta_model import MetaModel
-from orchestrator.model_cli import evaluate, predict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.cli.predict import evaluate, predict
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 from orchestrator.config import sweep_from_dict
 from pipelines.dataset import read_manifest
 

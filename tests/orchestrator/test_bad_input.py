@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from orchestrator.cli import cli
+from orchestrator.cli.main import cli
 
 GOOD = {"name": "bad-input", "algorithms": {"maml": {"inner_lr": 0.01}}}
 
@@ -129,7 +129,7 @@ def test_promote_without_a_store_creates_none(tmp_path):
 def test_user_mistakes_and_machinery_failures_are_two_kinds():
     """Input to fix is a UserError, a part that failed is a MachineryError; the CLI prints both
     as one line (the tests above), and neither is the other."""
-    from orchestrator import cluster, tracking
+    from orchestrator.services import cluster, tracking
     from orchestrator.config import sweep_from_dict
     from orchestrator.errors import MachineryError, UserError
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import checkpoints
+from orchestrator.sweep import checkpoints
 from orchestrator.config import ConfigError, sweep_from_dict
-from orchestrator.sweep import launch
-from orchestrator.training import LocalFarm, LoopState, MetaTrainer, ShardWorker
+from orchestrator.sweep.launch import launch
+from orchestrator.training.loop import LocalFarm, LoopState, MetaTrainer, ShardWorker
 
 
 class Interrupted(Exception):
@@ -201,8 +201,8 @@ def test_a_pyarrow_filesystem_uri_stores_checkpoints_too(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 import torch
-from orchestrator import checkpoints
-from orchestrator.training import LoopState
+from orchestrator.sweep import checkpoints
+from orchestrator.training.loop import LoopState
 
 root, folder, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 steps = {"n": 0}

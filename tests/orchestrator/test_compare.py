@@ -15,13 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from orchestrator import compare as comparing
-from orchestrator.compare import Cell, Entrant, Setting, paired_rows, plan_settings
-from orchestrator.compare_cli import compare
+from orchestrator.models.compare import report
+from orchestrator.models.compare.scoring import Cell, paired_rows
+from orchestrator.models.compare.settings import Entrant, Setting, plan_settings
+from orchestrator.cli.compare import compare
 from orchestrator.config import sweep_from_dict
-from orchestrator.inference import Z95, Evaluation, interval95
-from orchestrator.meta_model import MetaModel
-from orchestrator.factory import build_family, build_learner, task_shape
+from orchestrator.models.inference import Z95, Evaluation, interval95
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.training.factory import build_family, build_learner, task_shape
 from pipelines.shifts import KINDS, ShiftError, apply_shift, parse_shift
 
 TASKS = 12
@@ -121,7 +122,7 @@ def test_copies_of_one_model_differ_by_exactly_zero_and_outputs_are_written(imag
     assert "| ms/episode | inner steps | parameters |" in markdown
     first = next(r for r in rows if r["model"] == "proto")
     assert (f"| 5way1shot | proto | {100 * first['mean']:.2f} ± {100 * first['ci95']:.2f} | best | "
-            f"{comparing.format_ms(first['adapt_ms'])} | 0 | {first['parameters']:,} |") in markdown
+            f"{report.format_ms(first['adapt_ms'])} | 0 | {first['parameters']:,} |") in markdown
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp_path}/runs/mlflow.db"
@@ -153,7 +154,7 @@ def test_a_rerun_with_one_more_model_scores_only_that_model(image_models, tmp_pa
     header = next(line for line in table.output.splitlines() if "setting" in line)
     assert all(column in header for column in ("ms/episode", "inner steps", "parameters"))
     proto = next(line for line in table.output.splitlines() if " proto " in line)
-    assert comparing.format_ms(first["rows"][0]["adapt_ms"]) in proto
+    assert report.format_ms(first["rows"][0]["adapt_ms"]) in proto
     assert "ms/episode of 2 cached cells (maml, proto)" in table.output
 
 

@@ -29,14 +29,14 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from orchestrator.compare_cli import compare
+from orchestrator.cli.compare import compare
 from orchestrator.config import ConfigError, sweep_from_dict
-from orchestrator.data_cli import data
-from orchestrator.factory import build_family, build_learner, task_shape
-from orchestrator.inference import evaluate as evaluate_episodes, evaluation_family, load_meta_model
-from orchestrator.meta_model import MetaModel
-from orchestrator.model_cli import evaluate
-from orchestrator.sweep import check_shared_stores, launch
+from orchestrator.cli.data import data
+from orchestrator.training.factory import build_family, build_learner, task_shape
+from orchestrator.models.inference import evaluate as evaluate_episodes, evaluation_family, load_meta_model
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.cli.predict import evaluate
+from orchestrator.sweep.launch import check_shared_stores, launch
 from pipelines.dataset import CACHE_ENV, DatasetError, open_dataset, read_manifest
 from pipelines.episodes import EpisodeFamily, MixedEpisodes, convert_pixels
 from pipelines.importers import import_image_folder

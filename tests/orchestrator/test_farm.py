@@ -7,9 +7,9 @@ import ray
 import torch
 
 from learners.registry import LEARNERS
-from orchestrator.cluster import RayFarm
+from orchestrator.services.cluster import RayFarm
 from orchestrator.config import sweep_from_dict
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 KNOBS = {"inner_lr": 0.01, "inner_steps": 2}
 
@@ -73,7 +73,7 @@ def test_in_process_training_learns():
 
 
 def test_weights_travel_packed_as_one_array_and_come_back_equal():
-    from orchestrator.cluster import Packed, pack, unpack
+    from orchestrator.services.cluster import Packed, pack, unpack
 
     params = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3), "scale": torch.tensor(2.0)}
     packed, as_bytes = pack(params), pack(params, as_bytes=True)

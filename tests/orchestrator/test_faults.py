@@ -17,11 +17,11 @@ import optuna
 import pytest
 import yaml
 
-from orchestrator import tracking
+from orchestrator.services import tracking
 from orchestrator.config import sweep_from_dict
-from orchestrator.sweep import launch
+from orchestrator.sweep.launch import launch
 
-ORCH = [sys.executable, "-m", "orchestrator.cli"]
+ORCH = [sys.executable, "-m", "orchestrator.cli.main"]
 
 
 def small_sweep(name: str, run_dir: Path, *, trials: int = 3, iterations: int = 20) -> dict:
@@ -197,7 +197,7 @@ def champions(client, versions: list[str]) -> list[str]:
 
 def descendants(pid: int) -> list[int]:
     """Every process under ``pid``."""
-    from orchestrator import processes
+    from orchestrator.services import processes
 
     parents = {int(p.name): (processes.stat(int(p.name)) or [0, 0])[1]
                for p in Path("/proc").iterdir() if p.name.isdigit()}

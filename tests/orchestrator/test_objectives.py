@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +20,10 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import champion, tracking
-from orchestrator.cli import cli
+from orchestrator.services import champion, tracking
+from orchestrator.cli.main import cli
 from orchestrator.config import sweep_from_dict
-from orchestrator.sweep import launch
+from orchestrator.sweep.launch import launch
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium); never a downloaded one
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -224,7 +223,7 @@ def dashboard(sweeps, tmp_path):
     chromium_or_skip()
     port = free_port()
     log = (tmp_path / "dashboard.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dashboard", "pareto",
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.main", "dashboard", "pareto",
                                 "--storage", sweeps["storage"], "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT)
     try:

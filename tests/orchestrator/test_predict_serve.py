@@ -31,13 +31,13 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from orchestrator.compare_cli import compare
+from orchestrator.cli.compare import compare
 from orchestrator.config import sweep_from_dict
-from orchestrator.data_cli import data
-from orchestrator.inference import Z95, evaluate as evaluate_episodes, evaluation_family, load_meta_model
-from orchestrator.meta_model import MetaModel, input_example
-from orchestrator.model_cli import evaluate, predict
-from orchestrator.sweep import launch
+from orchestrator.cli.data import data
+from orchestrator.models.inference import Z95, evaluate as evaluate_episodes, evaluation_family, load_meta_model
+from orchestrator.training.meta_model import MetaModel, input_example
+from orchestrator.cli.predict import evaluate, predict
+from orchestrator.sweep.launch import launch
 from pipelines.dataset import read_manifest
 
 # Accuracy over the query folders is deterministic (seeded training, fixed files); the floors sit
@@ -291,7 +291,7 @@ def test_evaluate_regression_from_a_folder_needs_no_data(tmp_path):
 
 def sine_model() -> MetaModel:
     """An untrained sinusoid MAML model: enough for the regression paths."""
-    from orchestrator.factory import build_family, build_learner, task_shape
+    from orchestrator.training.factory import build_family, build_learner, task_shape
 
     sweep = {"name": "sine", "data": {"family": "sinusoid", "shots": 5, "queries": 5},
              "algorithms": {"maml": {}}}
@@ -384,7 +384,7 @@ def _base64(path: Path) -> str:
 
 
 def test_input_example_is_a_small_valid_request():
-    from orchestrator.tracking import PyfuncMetaModel
+    from orchestrator.services.tracking import PyfuncMetaModel
 
     regression = sine_model()
     example = input_example(regression)
@@ -473,7 +473,7 @@ def post(port: int, body: dict) -> dict:
 def alpaca_folder(tmp_path_factory) -> Path:
     """A tiny ALPaCA sinusoid model (MLP 1-16-16) meta-trained for 100 iterations of 4 tasks
     through MetaTrainer and a LocalFarm, saved as a model folder."""
-    from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+    from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
     sweep = {"name": "alpaca", "data": {"family": "sinusoid", "shots": 5, "queries": 10},
              "model": {"backbone": "mlp", "hidden": [16, 16]},
@@ -505,7 +505,7 @@ def sine_csv(folder: Path, *, shots: int = 5, queries: int = 4) -> tuple[Path, P
 def test_predict_and_pyfunc_return_std_for_alpaca_and_not_for_maml(alpaca_folder, tmp_path):
     import pandas as pd
 
-    from orchestrator.tracking import PyfuncMetaModel
+    from orchestrator.services.tracking import PyfuncMetaModel
 
     support, query = sine_csv(tmp_path)
     as_json = CliRunner().invoke(predict, ["--model", str(alpaca_folder), "--support",
@@ -546,7 +546,7 @@ def test_served_alpaca_pyfunc_keeps_the_std_column(alpaca_folder, tmp_path):
     """Through mlflow.pyfunc save/load with orch's signature, as ``mlflow models serve`` runs it."""
     import mlflow.pyfunc
 
-    from orchestrator.tracking import PyfuncMetaModel, pip_requirements, pyfunc_signature
+    from orchestrator.services.tracking import PyfuncMetaModel, pip_requirements, pyfunc_signature
 
     model = MetaModel.load(alpaca_folder)
     mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=PyfuncMetaModel(),
@@ -558,7 +558,7 @@ def test_served_alpaca_pyfunc_keeps_the_std_column(alpaca_folder, tmp_path):
 
 
 def test_uncertainty_scores_on_a_known_case():
-    from orchestrator.inference import uncertainty_scores
+    from orchestrator.models.inference import uncertainty_scores
 
     mean, std = torch.zeros(4, 1), torch.tensor([[1.0], [1.0], [1.0], [2.0]])
     targets = torch.tensor([[0.0], [1.95], [1.97], [-3.0]])  # inside, inside, outside, inside
@@ -635,21 +635,23 @@ def initialised(request, trained, tmp_path_factory) -> Initialised:
 
 
 def champion_backbone(initialised: Initialised) -> dict[str, torch.Tensor]:
-    from orchestrator.pretrained import backbone_weights
+    from orchestrator.training.initial import backbone_weights
 
     model = load_meta_model(initialised.champion, tracking_uri=initialised.trained.uri)
     return backbone_weights(model.learner, model.params)
 
 
 def test_a_sweep_with_init_starts_from_the_champions_backbone_and_records_it(initialised):
-    from orchestrator import pretrained, tracking
-    from orchestrator.training import MetaTrainer
+    from orchestrator.models import pretrained
+    from orchestrator.training import initial
+    from orchestrator.services import tracking
+    from orchestrator.training.loop import MetaTrainer
 
     uri = initialised.trained.uri
     client = tracking.client(uri)
     champion = client.get_model_version_by_alias(f"orch-{initialised.source}", "champion")
     weights = champion_backbone(initialised)
-    digest = pretrained.digest(weights)
+    digest = initial.digest(weights)
     (run,) = tracking.trial_runs(client, client.get_experiment_by_name("init").experiment_id)
     assert {k: v for k, v in run.data.tags.items() if k.startswith("orch.init.")} == {
         "orch.init.uri": initialised.champion, "orch.init.run_id": champion.run_id,
@@ -672,7 +674,9 @@ def test_a_sweep_with_init_starts_from_the_champions_backbone_and_records_it(ini
 
 
 def test_every_model_uri_form_gives_the_same_initial_weights(initialised, tmp_path):
-    from orchestrator import pretrained, tracking
+    from orchestrator.models import pretrained
+    from orchestrator.training import initial
+    from orchestrator.services import tracking
 
     uri = initialised.trained.uri
     client = tracking.client(uri)
@@ -683,7 +687,7 @@ def test_every_model_uri_form_gives_the_same_initial_weights(initialised, tmp_pa
     forms = {f"models:/{name}/{champion.version}": f"{name} version {champion.version}",
              f"runs:/{champion.run_id}/model": f"run {champion.run_id}",
              str(folder): str(folder)}
-    expected = pretrained.digest(champion_backbone(initialised))
+    expected = initial.digest(champion_backbone(initialised))
     for form, origin in forms.items():
         sweep = sweep_from_dict(init_sweep(initialised.trained, tmp_path, "forms", form))
         init = pretrained.resolve(sweep, uri, input_shape=[1, 28, 28])
@@ -693,7 +697,7 @@ def test_every_model_uri_form_gives_the_same_initial_weights(initialised, tmp_pa
 def test_a_champion_from_an_init_is_not_compared_with_one_from_scratch(initialised):
     """The same task fingerprint, another starting point: a champion trained from scratch keeps
     the alias against a better model trained from a backbone (as against a worse one)."""
-    from orchestrator import tracking
+    from orchestrator.services import tracking
 
     client = tracking.client(initialised.trained.uri)
     (from_init,) = tracking.trial_runs(client, client.get_experiment_by_name("init").experiment_id)
@@ -712,15 +716,16 @@ def test_a_champion_from_an_init_is_not_compared_with_one_from_scratch(initialis
 
 
 def test_resuming_after_the_init_alias_moved_is_refused(initialised):
-    from orchestrator import pretrained
+    from orchestrator.models import pretrained
+    from orchestrator.training import initial
     from orchestrator.config import ConfigError
-    from orchestrator.sweep import check_same_init
+    from orchestrator.sweep.launch import check_same_init
 
     uri = initialised.trained.uri
     sweep = sweep_from_dict(initialised.raw)
     init = pretrained.resolve(sweep, uri, input_shape=[1, 28, 28])
     check_same_init(sweep, uri, init)  # the same weights: resumes
-    moved = pretrained.Init(init.uri, "orch-maml version 9", None, "0" * 16, init.weights)
+    moved = initial.Init(init.uri, "orch-maml version 9", None, "0" * 16, init.weights)
     with pytest.raises(ConfigError, match=r"started from backbone weights \w+ \(orch-.* now "
                                           r"gives weights 0{16} \(orch-maml version 9\)"):
         check_same_init(sweep, uri, moved)
@@ -733,8 +738,8 @@ def test_resuming_after_the_init_alias_moved_is_refused(initialised):
     ("runs:/0123456789abcdef/model", "no run '0123456789abcdef'")])
 def test_init_naming_a_missing_model_is_refused_before_anything_is_written(trained, tmp_path,
                                                                             init, expected):
-    from orchestrator.cli import cli
-    from orchestrator import tracking
+    from orchestrator.cli.main import cli
+    from orchestrator.services import tracking
 
     client = tracking.client(trained.uri)
     experiments = {e.name for e in client.search_experiments()}
@@ -756,7 +761,8 @@ def test_meta_baseline_baselinepp_then_protonet_from_its_champion_on_two_workers
     """Meta-Baseline end to end: a ``baselinepp`` sweep pretrains (minibatch shards farmed over
     two Ray workers) and registers its champion; a ``protonet`` sweep starts from that
     champion's backbone (``model.init``), meta-trains on two workers and registers too."""
-    from orchestrator import pretrained, tracking
+    from orchestrator.training import initial
+    from orchestrator.services import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -781,8 +787,8 @@ def test_meta_baseline_baselinepp_then_protonet_from_its_champion_on_two_workers
     source = client.get_model_version_by_alias("orch-baselinepp", "champion")
     version = client.get_model_version(meta.registration.name, meta.registration.version)
     assert version.tags["orch.init.from"] == f"orch-baselinepp version {source.version}"
-    weights = pretrained.backbone_weights(*_learner_and_params(champion, uri))
-    assert version.tags["orch.init.digest"] == pretrained.digest(weights)
+    weights = initial.backbone_weights(*_learner_and_params(champion, uri))
+    assert version.tags["orch.init.digest"] == initial.digest(weights)
     (run,) = tracking.trial_runs(client, client.get_experiment_by_name("meta").experiment_id)
     assert run.data.params["workers"] == "2"
 

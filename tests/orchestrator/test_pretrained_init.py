@@ -14,12 +14,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from orchestrator import checkpoints, pretrained
-from orchestrator.cli import cli
+from orchestrator.models import pretrained
+from orchestrator.training import initial
+from orchestrator.sweep import checkpoints
+from orchestrator.cli.main import cli
 from orchestrator.config import ConfigError, sweep_from_dict
-from orchestrator.factory import build_family, build_learner, task_shape
-from orchestrator.meta_model import MetaModel
-from orchestrator.training import MetaTrainer
+from orchestrator.training.factory import build_family, build_learner, task_shape
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.training.loop import MetaTrainer
 
 CONV = {"backbone": "conv4", "filters": 4}
 
@@ -60,8 +62,8 @@ def test_only_backbone_entries_move_and_per_step_rows_take_the_value_in_each(sou
                                         init=str(source)))
     init = pretrained.resolve(sweep, "sqlite:///unused.db", input_shape=[1, 28, 28])
     model = MetaModel.load(source)
-    weights = pretrained.backbone_weights(model.learner, model.params)
-    assert init.weights.keys() == weights.keys() and init.digest == pretrained.digest(weights)
+    weights = initial.backbone_weights(model.learner, model.params)
+    assert init.weights.keys() == weights.keys() and init.digest == initial.digest(weights)
     assert all(torch.equal(init.weights[k], v) for k, v in weights.items())
     fresh = MetaTrainer(sweep, target, {}, farm=None).initial_params()
     start = MetaTrainer(sweep, target, {}, farm=None, init=init.weights).initial_params()
@@ -80,9 +82,9 @@ def test_a_per_step_source_gives_its_first_row(source, omniglot_dir, tmp_path):
     mamlpp = MetaModel.load(saved_model(tmp_path / "mamlpp", omniglot_dir, "mamlpp", CONV))
     name = "body.0.1.weight"
     mamlpp.params[name] = torch.stack([torch.full((4,), float(row)) for row in range(3)])
-    weights = pretrained.backbone_weights(mamlpp.learner, mamlpp.params)
+    weights = initial.backbone_weights(mamlpp.learner, mamlpp.params)
     assert torch.equal(weights[name], torch.zeros(4))
-    assert all(weights[k].shape == s for k, s in pretrained.backbone_shapes(mamlpp.learner).items())
+    assert all(weights[k].shape == s for k, s in initial.backbone_shapes(mamlpp.learner).items())
 
 
 def test_the_checkpoint_identity_counts_the_initial_weights_not_the_uri(omniglot_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Waiting out stores that blink (orchestrator/retry.py) and telling a live sweep driver from a
+"""Waiting out stores that blink (orchestrator/services/retry.py) and telling a live sweep driver from a
 vanished one (study.DriverLease). The stores here are real: a SQLite Optuna storage, a local
 folder; what blinks is a function that fails a given number of times, as a restarting server
 answers."""
@@ -12,7 +12,7 @@ import time
 import optuna
 import pytest
 
-from orchestrator import processes, retry, study as studies
+from orchestrator.services import processes, retry, study as studies
 from orchestrator.config import ConfigError
 from orchestrator.errors import MachineryError
 

@@ -9,7 +9,7 @@ import math
 import optuna
 import pytest
 
-from orchestrator import study as studies
+from orchestrator.services import study as studies
 from orchestrator.config import ConfigError, sweep_from_dict
 
 GRID_SPACE = {"inner_lr": {"choices": [0.1, 0.3]},
@@ -25,7 +25,7 @@ def sweep(tmp_path, sampler: str, trials: int, space: dict):
 
 def run_study(sweep, trials: int) -> list[dict]:
     """Ask and tell as the sweep driver does, one trial at a time, from the study's one sampler
-    (orchestrator/sweep.py, StudyRunner.launch_next: SweepStudy.ask)."""
+    (orchestrator/sweep/launch.py, StudyRunner.launch_next: SweepStudy.ask)."""
     study = studies.SweepStudy(sweep, "maml", load_if_exists=False)
     space = sweep.space("maml")
     asked = []
@@ -47,7 +47,7 @@ def test_grid_runs_every_combination_once(tmp_path):
 def test_a_grid_sweep_runs_each_point_once(ray_local, tmp_path):
     """Through the sweep driver, two trials at a time; Optuna's own GridSampler would raise at
     the tell of the last point (it stops ``study.optimize``, which ask/tell is not in)."""
-    from orchestrator.sweep import launch
+    from orchestrator.sweep.launch import launch
 
     raw = {"name": "grid", "run_dir": str(tmp_path / "runs"),
            "data": {"family": "sinusoid", "shots": 5, "queries": 5},

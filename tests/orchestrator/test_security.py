@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from orchestrator.cli import cli
+from orchestrator.cli.main import cli
 from orchestrator.config import ConfigError, load_sweep, sweep_from_dict
-from orchestrator.meta_model import SPEC, WEIGHTS, MetaModel
+from orchestrator.training.meta_model import SPEC, WEIGHTS, MetaModel
 
 
 def test_ui_binds_loopback_by_default():

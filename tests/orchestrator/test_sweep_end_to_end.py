@@ -11,10 +11,10 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import tracking
-from orchestrator.cli import cli
+from orchestrator.services import tracking
+from orchestrator.cli.main import cli
 from orchestrator.config import ConfigError, sweep_from_dict
-from orchestrator.sweep import launch
+from orchestrator.sweep.launch import launch
 
 
 def tiny_sweep(run_dir, name: str, *, iterations: int, outer_lr: float, trials: int = 2) -> dict:
@@ -174,7 +174,7 @@ def test_same_name_without_resume_is_refused(first_sweep):
 
 
 def test_local_sqlite_is_refused_on_a_multi_host_cluster():
-    from orchestrator.sweep import check_shared_stores
+    from orchestrator.sweep.launch import check_shared_stores
 
     one_host = [{"NodeManagerAddress": "127.0.0.1"}, {"NodeManagerAddress": "127.0.0.1"}]
     two_hosts = [{"NodeManagerAddress": "10.0.0.1"}, {"NodeManagerAddress": "10.0.0.2"}]

@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from orchestrator.cluster import RayFarm
-from orchestrator.compare_cli import compare
+from orchestrator.services.cluster import RayFarm
+from orchestrator.cli.compare import compare
 from orchestrator.config import sweep_from_dict
-from orchestrator.meta_model import MetaModel
-from orchestrator.model_cli import evaluate, predict
-from orchestrator.sweep import launch
-from orchestrator.tracking import PyfuncMetaModel
-from orchestrator.training import LocalFarm, MetaTrainer, ShardWorker
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.cli.predict import evaluate, predict
+from orchestrator.sweep.launch import launch
+from orchestrator.services.tracking import PyfuncMetaModel
+from orchestrator.training.loop import LocalFarm, MetaTrainer, ShardWorker
 
 KNOBS = {"outer_lr": 0.003, "transductive": "laplacianshot", "laplacianshot_lam": 0.5}
 
@@ -213,7 +213,7 @@ def test_the_example_sweep_file_loads():
 def test_the_logged_input_example_is_a_valid_request_for_a_transductive_model(swept):
     """The example MLflow logs with the model holds two queries where the model classifies
     queries together, so that it answers."""
-    from orchestrator.meta_model import input_example
+    from orchestrator.training.meta_model import input_example
 
     uri, _, _ = swept
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

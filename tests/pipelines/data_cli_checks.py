@@ -10,7 +10,7 @@ from typing import Callable
 from click.testing import CliRunner
 
 from fake_benchmarks import write_tar
-from orchestrator.data_cli import data
+from orchestrator.cli.data import data
 
 # (good members, good archive) -> the bad archive's bytes, its members, or (members, links).
 MakeBad = Callable[[dict[str, bytes], Path], object]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from orchestrator.data_cli import data
+from orchestrator.cli.data import data
 
 
 def run(*args: str):

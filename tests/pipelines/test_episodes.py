@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestrator.config import ImageData
-from orchestrator.factory import build_family
+from orchestrator.training.factory import build_family
 from pipelines.dataset import DatasetError, open_dataset, verify
 from pipelines.episodes import EpisodeFamily
 from pipelines.importers import import_image_folder

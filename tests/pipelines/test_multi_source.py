@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from orchestrator.config import ConfigError, ImageData, sweep_from_dict
-from orchestrator.factory import build_family
-from orchestrator.sweep import validate_data
+from orchestrator.training.factory import build_family
+from orchestrator.sweep.launch import validate_data
 from pipelines.episodes import EpisodeFamily, MixedEpisodes
 from pipelines.importers import import_image_folder
 from test_episodes import decode

@@ -14,8 +14,8 @@ import torch
 from scipy import stats
 
 from orchestrator.config import ConfigError, ImageData, sweep_from_dict
-from orchestrator.factory import build_family
-from orchestrator.sweep import validate_data
+from orchestrator.training.factory import build_family
+from orchestrator.sweep.launch import validate_data
 from pipelines.episodes import MixedEpisodes
 from pipelines.importers import import_image_folder
 from pipelines.variable_episodes import (MAX_SUPPORT, VariableEpisodes, sample_composition)

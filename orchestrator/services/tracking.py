@@ -35,10 +35,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from learners.transduction import Transduction
-from orchestrator import champion as champion_policy, retry
+from orchestrator.services import champion as champion_policy, retry
 from orchestrator.errors import MachineryError, UserError, first_line
 from orchestrator.config import URI_FORMS
-from orchestrator.meta_model import MetaModel, ModelSource, decode_inputs, input_example
+from orchestrator.training.meta_model import MetaModel, ModelSource, decode_inputs, input_example
 
 # MLflow logs table creation and migrations at INFO when a store opens; orch has its own output.
 logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from orchestrator.inference import DEFAULT_TRACKING_URI
+from orchestrator.models.inference import DEFAULT_TRACKING_URI
 
 _model = click.option("--model", "model_uri", required=True, metavar="URI",
                       help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a "
@@ -92,7 +92,7 @@ def predict(model_uri: str, support: Path, query: Path, output: str, steps: int 
     predicted values, and a std column (the predictive standard deviation) for models whose
     predictions carry one (ALPaCA).
     """
-    from orchestrator.inference import load, predict_folders, predict_rows, resolve
+    from orchestrator.models.inference import load, predict_folders, predict_rows, resolve
 
     with _one_line_errors():
         model = load(resolve(model_uri, tracking_uri=tracking_uri))
@@ -192,7 +192,7 @@ def evaluate(model_uri: str, data: str | None, convert: bool, split: str, ways: 
     fraction of query targets inside their 95% predictive intervals. A model trained on several
     imports is scored on each in turn, and each one's accuracy and interval is printed with
     their average, as Meta-Dataset's tables report them."""
-    from orchestrator.inference import (evaluate as run_evaluation, evaluation_family, load,
+    from orchestrator.models.inference import (evaluate as run_evaluation, evaluation_family, load,
                                         record_evaluation, resolve)
 
     console = Console(stderr=True)

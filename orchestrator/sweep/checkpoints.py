@@ -40,10 +40,10 @@ from typing import Any, Mapping
 import pyarrow.fs as pafs
 import torch
 
-from orchestrator import retry
+from orchestrator.services import retry
 from orchestrator.config import ConfigError, Sweep, Training
 from orchestrator.errors import UserError, first_line
-from orchestrator.training import LoopState, Validation
+from orchestrator.training.loop import LoopState, Validation
 
 MAGIC = b"orch-checkpoint 1\n"
 FILE_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from learners.transduction import Transduction
-from orchestrator.inference import DEFAULT_TRACKING_URI
-from orchestrator.terminal import output_console
+from orchestrator.models.inference import DEFAULT_TRACKING_URI
+from orchestrator.cli.terminal import output_console
 
 
 def _number_list(kind: type, least: int):
@@ -111,8 +111,8 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
     and what adapting costs: milliseconds per episode (after a warm-up one, one torch thread),
     inner gradient steps and parameters.
     """
-    from orchestrator import compare as comparing
-    from orchestrator.model_cli import _one_line_errors, _single_thread
+    from orchestrator.models.compare import report, scoring, settings
+    from orchestrator.cli.predict import _one_line_errors, _single_thread
     from pipelines.shifts import ShiftError, parse_shift
 
     console = Console(stderr=True)
@@ -123,61 +123,61 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
             raise click.BadParameter(str(error), param_hint="--shift") from None
         kinds = _episode_kinds(episode_kinds)
         transductions = [Transduction.parse(text) for text in transductive]
-        uris = list(models) + (comparing.sweep_champions(sweep, tracking_uri) if sweep else [])
-        entrants = comparing.load_entrants(uris, tracking_uri=tracking_uri,
+        uris = list(models) + (settings.sweep_champions(sweep, tracking_uri) if sweep else [])
+        entrants = settings.load_entrants(uris, tracking_uri=tracking_uri,
                                            transductions=[t for t in transductions if t])
-        episodes = comparing.check_comparable(entrants, data=data, split=split, tasks=tasks,
+        episodes = settings.check_comparable(entrants, data=data, split=split, tasks=tasks,
                                               seed=seed, queries=queries, convert=convert)
         first = entrants[0].model.spec["sweep"]["data"]
         if episodes.kind == "regression":
             for given, option in ((ways, "--ways"), (episode_kinds, "--episodes"),
                                   (transductive or None, "--transductive")):
                 if given is not None:
-                    raise comparing.CompareError(f"{option} is for classification; these "
+                    raise settings.CompareError(f"{option} is for classification; these "
                                                  "models do regression")
             if shift_levels is not None:
-                raise comparing.CompareError("--shift distorts images; these models do "
+                raise settings.CompareError("--shift distorts images; these models do "
                                              "regression")
         if kinds is None:  # as the first model was trained; --ways or --shots add fixed ones
             trained = first.get("episodes", "fixed")
             kinds = {trained} | ({"fixed"} if ways or shots or shift_levels else set())
         if "fixed" not in kinds and (ways or shots or shift_levels):
-            raise comparing.CompareError("--ways, --shots and --shift set fixed episodes; "
+            raise settings.CompareError("--ways, --shots and --shift set fixed episodes; "
                                          "--episodes variable has none (use fixed,variable)")
-        settings = comparing.plan_settings(
+        settings = settings.plan_settings(
             ways or [first.get("ways")], shots or [first.get("eval_shots") or first["shots"]],
             shift_levels, fixed="fixed" in kinds, variable="variable" in kinds)
-        cache = cache or comparing.run_folder(tracking_uri) / "compare-cache"
+        cache = cache or report.run_folder(tracking_uri) / "compare-cache"
         columns = (TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed:.1f}/{task.total} model x setting"),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True,
                       disable=not console.is_terminal) as bar:
             task = bar.add_task("scoring", total=len(entrants) * len(settings))
-            comparison = comparing.run_comparison(
+            comparison = scoring.run_comparison(
                 entrants, settings, episodes, steps=steps, cache=cache,
                 progress=lambda done, what: bar.update(task, completed=done, description=what))
         command = "orch compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        files = comparing.write_outputs(comparison, out, command)
+        files = report.write_outputs(comparison, out, command)
         params = {"models": " ".join(uris), "split": split, "tasks": tasks, "seed": seed,
                   "queries": episodes.queries, "settings": ",".join(s.name for s in settings),
                   "data": episodes.data or "sampled", "steps": steps,
                   "converted": ",".join(sorted(episodes.converted)) or "none",
                   "transductive": ",".join(t.describe() for t in transductions if t) or "none"}
-        run_id = comparing.log_to_mlflow(comparison, files, tracking_uri=tracking_uri,
+        run_id = report.log_to_mlflow(comparison, files, tracking_uri=tracking_uri,
                                          params=params)
     if as_json:
         click.echo(json.dumps({"kind": comparison.kind, "tasks": tasks, "split": split,
                                "data": comparison.data, "rows": comparison.records(),
                                "notes": comparison.notes,
-                               "timed_on": comparing.timing_context()}, indent=1))
+                               "timed_on": scoring.timing_context()}, indent=1))
         return
     origin = f" of {comparison.data}" if comparison.data else ""
     table = Table(title=f"{len(entrants)} models on the same {tasks} episodes of {split}{origin}")
-    for column in comparing.table_columns(comparison):
+    for column in report.table_columns(comparison):
         table.add_column(column, no_wrap=True)
     previous = None
-    for row, cells in zip(comparison.rows, comparing.table_cells(comparison)):
+    for row, cells in zip(comparison.rows, report.table_cells(comparison)):
         if previous is not None and row.setting != previous:
             table.add_section()
         previous = row.setting
@@ -187,4 +187,4 @@ def compare(models: tuple[str, ...], sweep: str | None, data: str | None, conver
         console.print(f"note: {note}")
     console.print(f"* the paired difference's 95% interval excludes zero. Wrote "
                   f"{', '.join(p.name for p in files)} to {out}; MLflow run {run_id} in "
-                  f"experiment {comparing.EXPERIMENT}")
+                  f"experiment {report.EXPERIMENT}")

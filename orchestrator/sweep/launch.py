@@ -30,11 +30,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import checkpoints, cluster, pretrained, retry, study as studies, tracking
+from orchestrator.models import pretrained
+from orchestrator.services import cluster, retry, study as studies, tracking
+from orchestrator.sweep import checkpoints
 from orchestrator.config import Choices, ConfigError, ImageData, Range, Sweep
 from orchestrator.errors import MachineryError, first_line
-from orchestrator.trial import TrialRequest, TrialResult, describe_failure, run_trial
-from orchestrator.factory import build_family, split_names, task_shape
+from orchestrator.sweep.trial import TrialRequest, TrialResult, describe_failure, run_trial
+from orchestrator.training.factory import build_family, split_names, task_shape
 from pipelines.base import TaskFamily
 
 # User attribute of a trial whose driver died and that could not be continued (its knobs were

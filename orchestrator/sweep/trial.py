@@ -21,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import checkpoints, cluster, objectives, plots, retry, tracking
+from orchestrator import plots
+from orchestrator.services import cluster, retry, tracking
+from orchestrator.sweep import checkpoints, objectives
 from orchestrator.config import Sweep
-from orchestrator.meta_model import MetaModel
-from orchestrator.pretrained import Init
-from orchestrator.study import TrialReporter
-from orchestrator.tracking import (TAG_DRIVER, TAG_NODES, TAG_RECOMPUTED, TAG_RESTARTS,
+from orchestrator.training.meta_model import MetaModel
+from orchestrator.training.initial import Init
+from orchestrator.services.study import TrialReporter
+from orchestrator.services.tracking import (TAG_DRIVER, TAG_NODES, TAG_RECOMPUTED, TAG_RESTARTS,
                                    TAG_RESUMED_FROM, TrialRun)
-from orchestrator.training import (LocalFarm, LoopState, MetaTrainer, ShardWorker, TrialDiverged,
+from orchestrator.training.loop import (LocalFarm, LoopState, MetaTrainer, ShardWorker, TrialDiverged,
                                    pick_device)
 
 

@@ -38,14 +38,14 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator import addresses
+from orchestrator.services import addresses
 from orchestrator.config import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, load_sweep
 from orchestrator.errors import MachineryError, UserError, first_line
-from orchestrator.cluster_cli import cluster
-from orchestrator.compare_cli import compare
-from orchestrator.data_cli import data
-from orchestrator.model_cli import evaluate, predict
-from orchestrator.terminal import console, output_console
+from orchestrator.cli.cluster import cluster
+from orchestrator.cli.compare import compare
+from orchestrator.cli.data import data
+from orchestrator.cli.predict import evaluate, predict
+from orchestrator.cli.terminal import console, output_console
 
 class OrchGroup(click.Group):
     """Turns failures into one line and exit status 1, unless ``--debug``."""
@@ -109,7 +109,7 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
     whose process or node dies restarts from its last (search.restarts times)."""
     sweep = load_sweep(sweep_file)
     addresses.prepare_environment(address or sweep.ray.address)  # before anything imports Ray
-    from orchestrator.sweep import launch as run_sweep
+    from orchestrator.sweep.launch import launch as run_sweep
 
     try:
         with _sigterm_interrupts(), _progress_display(quiet) as progress:
@@ -205,9 +205,9 @@ def runs(sweep_name: str, storage: str, as_json: bool) -> None:
     """List the trials of SWEEP_NAME: state (complete, pruned, failed, running, or interrupted:
     its orch launch is gone and --resume continues it), params, each objective's value, and
     "front" for the trials on their study's Pareto front (one objective: the best)."""
-    from orchestrator.study import trial_rows
+    from orchestrator.services.study import trial_rows
 
-    from orchestrator.tracking import require_store
+    from orchestrator.services.tracking import require_store
 
     rows = trial_rows(require_store(storage, "Optuna storage"), sweep_name)
     if not rows:
@@ -239,7 +239,7 @@ def _fmt(value: Any) -> str:
 def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
     """List registered models: versions, metric, aliases, and why a version is not the champion
     (scored on another metric, task or starting point, not better, or a Pareto front member)."""
-    from orchestrator import tracking
+    from orchestrator.services import tracking
 
     rows = tracking.registered_models(tracking.client(tracking.require_store(tracking_uri)), prefix)
     if as_json:
@@ -267,7 +267,7 @@ def models(tracking_uri: str, prefix: str, as_json: bool) -> None:
 @tracking_option
 def promote(model_name: str, version: str, tracking_uri: str) -> None:
     """Move the champion alias of MODEL_NAME to VERSION."""
-    from orchestrator import tracking
+    from orchestrator.services import tracking
 
     tracking.promote(tracking_uri, model_name, version)
     click.echo(f"{model_name}@champion -> version {version}")
@@ -295,7 +295,7 @@ def ui(tracking_uri: str, host: str, port: int) -> None:
 def dashboard(sweep_name: str, storage: str, host: str, port: int) -> None:
     """Serve optuna-dashboard on the studies of SWEEP_NAME (live while it runs; bound to
     127.0.0.1 unless told otherwise)."""
-    from orchestrator.study import dashboard_storage, serve_dashboard
+    from orchestrator.services.study import dashboard_storage, serve_dashboard
 
     view = dashboard_storage(storage, sweep_name)
     console.print(f"optuna-dashboard for sweep {sweep_name} on http://{host}:{port}  "

@@ -24,7 +24,7 @@ from learners.base import Learner, Params
 from learners.transduction import (Transduction, TransductionError, check_learner,
                                    transductive_outputs)
 from orchestrator.config import ModelSection, sweep_from_dict
-from orchestrator.factory import build_family, build_learner, task_shape
+from orchestrator.training.factory import build_family, build_learner, task_shape
 
 if TYPE_CHECKING:
     import pandas

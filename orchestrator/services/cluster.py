@@ -26,10 +26,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learners.base import Params
-from orchestrator import addresses
+from orchestrator.services import addresses
 from orchestrator.config import ConfigError, Workers
 from orchestrator.errors import MachineryError
-from orchestrator.training import ShardWorker, pick_device
+from orchestrator.training.loop import ShardWorker, pick_device
 
 CONNECT_TIMEOUT_S = addresses.CONNECT_TIMEOUT_S
 # A TCP connection to the address must open this fast; nothing listening fails at once.

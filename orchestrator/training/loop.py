@@ -21,8 +21,8 @@ from torch import Tensor
 from learners.base import Params
 from learners.transduction import Transduction, transductive_statistics
 from orchestrator.config import OUTER_KNOBS, SinusoidData, Sweep
-from orchestrator.factory import build_family, build_learner, split_names, task_shape
-from orchestrator.pretrained import transplant
+from orchestrator.training.factory import build_family, build_learner, split_names, task_shape
+from orchestrator.training.initial import transplant
 from pipelines.base import TaskFamily, TaskList
 
 

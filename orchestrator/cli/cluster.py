@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from orchestrator import addresses, processes
+from orchestrator.services import addresses, processes
 from orchestrator.config import ConfigError
 from orchestrator.errors import MachineryError
 
@@ -130,7 +130,7 @@ def start(nodes: int, *, cpus: float, port: int, state_dir: Path,
     (state_dir / READY_FILE).unlink(missing_ok=True)
     with open(state_dir / LOG_FILE, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cluster_cli", json.dumps(dict(
+            [sys.executable, "-m", "orchestrator.cli.cluster", json.dumps(dict(
                 nodes=nodes, cpus=cpus, port=port, temp_dir=ray_dir, distinct_hosts=distinct_hosts,
                 ready=str(state_dir / READY_FILE)))],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -205,7 +205,7 @@ def _last_line(path: Path) -> str:
 
 def _serve(options: dict[str, Any]) -> None:
     """The supervisor: start the nodes, report them, hold them until SIGTERM/SIGINT."""
-    from orchestrator.cluster import start_loopback_cluster
+    from orchestrator.services.cluster import start_loopback_cluster
 
     def leave(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -23,7 +23,6 @@ only). ``serve_dashboard`` serves optuna-dashboard on a sweep's studies.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -40,7 +39,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from orchestrator import processes, retry
+from orchestrator.services import processes, retry
 from orchestrator.config import Choices, ConfigError, Range, Search, Sweep, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -28,7 +28,7 @@ import torch
 from orchestrator.config import DEFAULT_TRACKING_URI, ImageData, SinusoidData
 from orchestrator.errors import UserError
 from orchestrator.config import URI_FORMS
-from orchestrator.meta_model import MetaModel, ModelSource, Prediction
+from orchestrator.training.meta_model import MetaModel, ModelSource, Prediction
 from pipelines.base import TaskFamily
 from pipelines.preprocessing import IMAGE_SUFFIXES
 
@@ -65,7 +65,7 @@ def load(source: ModelSource) -> MetaModel:
     folder that is removed again)."""
     if source.tracking_uri is None:
         return MetaModel.load(source.location)
-    from orchestrator import tracking
+    from orchestrator.services import tracking
 
     with tempfile.TemporaryDirectory(prefix="orch-model-") as folder:
         try:
@@ -325,7 +325,7 @@ def evaluation_family(model: MetaModel, *, data: str | os.PathLike[str] | None =
     model's treatment (``pipelines.episodes.convert_pixels``). Regression models sample the
     family recorded in their spec and take no ``data``.
     """
-    from orchestrator.factory import build_family
+    from orchestrator.training.factory import build_family
 
     recorded = model.spec["sweep"]["data"]
     if not model.classification:
@@ -490,7 +490,7 @@ def record_evaluation(source: ModelSource, evaluation: Evaluation) -> bool:
     model is not a registered version (a run, a logged model or a folder)."""
     if source.name is None or source.version is None or source.tracking_uri is None:
         return False
-    from orchestrator import tracking
+    from orchestrator.services import tracking
 
     tracking.tag_model_version(source, evaluation.tags())
     return True
