@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests" / "cluster"))
 
 import stack  # noqa: E402 -- the services of the production configuration, as the tests start them
 
-from orchestrator import tracking  # noqa: E402
+from orchestrator.services import tracking  # noqa: E402
 from orchestrator.services import study as studies
 
 ITERATIONS = 1500

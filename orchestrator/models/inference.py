@@ -55,7 +55,7 @@ def resolve(uri: str, *, tracking_uri: str | None = None) -> ModelSource:
         if not Path(uri).exists():
             raise InferenceError(f"{uri}: no such model folder (a model is {URI_FORMS})")
         return ModelSource(uri, str(Path(uri).resolve()))
-    from orchestrator import tracking  # MLflow is imported only where a store is read
+    from orchestrator.services import tracking  # MLflow is imported only where a store is read
 
     return tracking.resolve_model(uri, tracking_uri_or_default(tracking_uri))
 
