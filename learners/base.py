@@ -324,7 +324,10 @@ class Learner(abc.ABC):
         tests compare them); on CPU it runs 1.5-2x faster (benchmarks/throughput.py): torch.func's
         nested transform costs more than a plain graph there, and oneDNN pools and convolves
         channels-last maps several times faster than NCHW ones."""
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        # Convolution weights channels-last too, as the batches: oneDNN would otherwise convert
+        # each weight (and the gradient it computes back) at every call.
+        layout = channels_last if self.channels_last_images else (lambda v: v)
+        leaves = {k: layout(v.detach()).requires_grad_() for k, v in params.items()}
         losses, outputs = [], []
         extra: Params = {}
         with torch.enable_grad(), plain_autograd():
@@ -412,8 +415,9 @@ class Learner(abc.ABC):
 
 
 def channels_last(x: Tensor) -> Tensor:
-    """Image batches ([N, C, H, W]) in channels-last memory order, which oneDNN's CPU convolutions
-    and pooling run faster on (benchmarks/throughput.py); other tensors as they are."""
+    """Image batches and convolution weights ([N, C, H, W]) in channels-last memory order, which
+    oneDNN's CPU convolutions and pooling run faster on (benchmarks/throughput.py); other
+    tensors as they are."""
     if x.dim() != 4 or x.device.type != "cpu":
         return x
     if x.shape[1] == 1:
