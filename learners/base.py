@@ -155,10 +155,19 @@ class Learner(abc.ABC):
     statistics_momentum: ClassVar[float] = 0.1
     # False keeps image batches NCHW in that loop (``autograd_batch_gradient``).
     channels_last_images: ClassVar[bool] = True
+    # Why ``training.inner_checkpointing`` cannot apply to this learner (the end of a sentence
+    # that starts with its name), or None where ``adapt`` recomputes its inner loop in segments
+    # (``functional.gradient_steps``' ``recompute_every``). Declared by each class itself, never
+    # inherited: a subclass that changes the inner loop must not inherit the claim.
+    inner_checkpointing_refusal: ClassVar[str | None]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.uses_inner_steps = getattr(cls, "family", None) == "gradient"
+        if "inner_checkpointing_refusal" not in vars(cls):
+            cls.inner_checkpointing_refusal = (
+                "has an inner loop that inner checkpointing does not recompute"
+                if cls.uses_inner_steps else "takes no inner gradient steps")
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
@@ -174,6 +183,9 @@ class Learner(abc.ABC):
         # learners that pretrain a classifier over all of them; ``build_learner`` sets it where
         # the data has such classes.
         self.classes: int | None = None
+        # ``training.inner_checkpointing``: inner steps per recomputed segment, or None to keep
+        # every step's activations; only where ``inner_checkpointing_refusal`` is None.
+        self.inner_checkpointing: int | None = None
 
     # -- the four verbs ----------------------------------------------------------------------
 
