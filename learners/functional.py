@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
+from torch.func import grad, vjp
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params, Tensor, Tensor], Tensor]
@@ -45,12 +45,13 @@ def in_plain_autograd() -> bool:
     return _PLAIN_AUTOGRAD.get()
 
 
-def inner_gradient(loss_of: Callable[[Params], Tensor], fast: Params, *,
-                   create_graph: bool) -> Params:
+def inner_gradient(loss_of: Callable[[Params], Any], fast: Params, *,
+                   create_graph: bool, has_aux: bool = False) -> Any:
     """The gradient of ``loss_of(fast)`` with respect to every entry of ``fast`` (zeros where
-    the loss does not depend on one), differentiable when ``create_graph``."""
+    the loss does not depend on one), differentiable when ``create_graph``. With ``has_aux``,
+    ``loss_of`` returns ``(loss, aux)`` and this ``(gradient, aux)``."""
     if not _PLAIN_AUTOGRAD.get():
-        return grad(loss_of)(fast)
+        return grad(loss_of, has_aux=has_aux)(fast)
     # Differentiate with respect to fresh aliases of the weights, as ``grad`` does: the loss may
     # close over tensors computed from these same weights before the step (SCA's support
     # summary), which are constants of this gradient. Asked for the weights themselves,
@@ -60,9 +61,36 @@ def inner_gradient(loss_of: Callable[[Params], Tensor], fast: Params, *,
     fast = {n: v.view_as(v) if v.requires_grad else v.detach().requires_grad_()
             for n, v in fast.items()}
     names = list(fast)
-    grads = torch.autograd.grad(loss_of(fast), [fast[n] for n in names],
+    loss, aux = loss_of(fast) if has_aux else (loss_of(fast), None)
+    grads = torch.autograd.grad(loss, [fast[n] for n in names],
                                 create_graph=create_graph, allow_unused=True)
-    return {n: torch.zeros_like(fast[n]) if g is None else g for n, g in zip(names, grads)}
+    found = {n: torch.zeros_like(fast[n]) if g is None else g for n, g in zip(names, grads)}
+    return (found, aux) if has_aux else found
+
+
+def hessian_vector_product(loss_of: Callable[[Params], Tensor],
+                           at: Params) -> Callable[[Params], Params]:
+    """``v -> H v``, H the Hessian of ``loss_of`` at ``at`` (constants, not differentiated
+    further): the loss's gradient graph is built once and differentiated again for each ``v``
+    (H is symmetric, so this vector-Jacobian product is H v). By torch.func's ``vjp`` of
+    ``grad`` outside the autograd loop (it runs under ``vmap``), by ``torch.autograd.grad``
+    in it."""
+    if not _PLAIN_AUTOGRAD.get():
+        _, pullback = vjp(grad(loss_of), at)
+        return lambda v: pullback(v)[0]
+    leaves = {n: v.detach().requires_grad_() for n, v in at.items()}
+    names = list(leaves)
+    grads = torch.autograd.grad(loss_of(leaves), [leaves[n] for n in names], create_graph=True,
+                                allow_unused=True)
+    # Entries the gradient does not depend on (a loss linear in them) have a zero row of H.
+    pairs = [(g, n) for g, n in zip(grads, names) if g is not None and g.requires_grad]
+
+    def product(v: Params) -> Params:
+        found = torch.autograd.grad([g for g, _ in pairs], [leaves[n] for n in names],
+                                    [v[n] for _, n in pairs], retain_graph=True,
+                                    allow_unused=True)
+        return {n: torch.zeros_like(v[n]) if h is None else h for n, h in zip(names, found)}
+    return product
 
 
 Rate = Union[float, Mapping[str, Tensor], Callable[[int], Union[float, Mapping[str, Tensor]]]]
@@ -101,8 +129,12 @@ def gradient_steps(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *, lr:
                              "network for every step")
         return _recomputed_steps(loss_fn, params, x, y, lr=lr, steps=steps,
                                  adapt_keys=adapt_keys, every=recompute_every)
-    return gradient_trajectory(loss_fn, params, x, y, lr=lr, steps=steps, first_order=first_order,
-                               adapt_keys=adapt_keys, with_step=with_step)[-1]
+    # Step by step, not ``gradient_trajectory(...)[-1]``: a first-order loop then holds one
+    # step's weights at a time, not every step's.
+    for step in range(steps):
+        params = gradient_step(loss_fn, params, x, y, lr=lr, step=step, first_order=first_order,
+                               adapt_keys=adapt_keys, with_step=with_step)
+    return params
 
 
 def gradient_trajectory(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *, lr: Rate,
