@@ -105,6 +105,9 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # no graph wanted (the outer backward): the kernel alone
+            return (*_ConvBackward.kernel(grad, x, weight, ctx.options,
+                                          ctx.needs_input_grad[:2]), None)
         return (*_ConvBackward.apply(grad, x, weight, ctx.options, ctx.needs_input_grad[:2]),
                 None)
 
@@ -128,6 +131,11 @@ class _ConvBackward(torch.autograd.Function):
                 mask: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
         ctx.save_for_backward(grad, x, weight)
         ctx.options = options
+        return _ConvBackward.kernel(grad, x, weight, options, mask)
+
+    @staticmethod
+    def kernel(grad: Tensor, x: Tensor, weight: Tensor, options: tuple,
+               mask: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
         stride, padding, dilation, groups = options
         dx, dweight, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
@@ -188,6 +196,10 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, rstd = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # no graph wanted (the outer backward): the kernel alone
+            return (*torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, rstd, True, ctx.eps, [True, True, True]),
+                None)
         return (*_BatchNormBackward.apply(grad, x, weight, mean, rstd, ctx.eps), None)
 
 
@@ -223,28 +235,29 @@ class _BatchNormBackward(torch.autograd.Function):
                  c: Tensor | None) -> tuple[Tensor | None, ...]:
         grad, x, weight, mean, rstd, dweight, dbias = ctx.saved_tensors
         channels = x.shape[1]
-        m = x.numel() // channels
+        inverse = 1.0 / (x.numel() // channels)
         shape = (1, channels, 1, 1)
         a = torch.zeros_like(x) if a is None else a
         b = torch.zeros_like(weight) if b is None else b
         c = torch.zeros_like(weight) if c is None else c
         # The three means over each channel's values, in one pass each; <A, x^> from <A, x>.
-        a_mean, a_x, a_g = (torch.stack([a.sum((0, 2, 3)), (a * x).sum((0, 2, 3)),
-                                         (a * grad).sum((0, 2, 3))]) / m).unbind()
-        a_x = (a_x - mean * a_mean) * rstd
-        g_mean, q = dbias / m, dweight / m
+        a_mean, a_x, a_g = torch.stack([a.sum((0, 2, 3)), (a * x).sum((0, 2, 3)),
+                                        (a * grad).sum((0, 2, 3))]).mul_(inverse).unbind()
+        a_x = (a_x - mean * a_mean).mul_(rstd)
+        g_mean, q = dbias * inverse, dweight * inverse
         k = weight * rstd
         kr = k * rstd
+        br = b * rstd
         inner = a_g - a_mean * g_mean - a_x * q
         # Each result is u A + v x + w [+ t g] per channel, x^ folded into x: x^ = r x - r mean.
-        on_x_grad = (b - k * a_x) * rstd
+        on_x_grad = (b - k * a_x).mul_(rstd)
         d_grad = (a * k.view(shape)).addcmul_(x, on_x_grad.view(shape)).add_(
             (c - k * a_mean - on_x_grad * mean).view(shape))
-        on_x = (-kr * (inner - 2 * a_x * q) - b * rstd * q) * rstd
-        d_x = (a * (-kr * q).view(shape)).addcmul_(grad, (b * rstd - kr * a_x).view(shape))
+        on_x = (kr * (2 * a_x * q - inner) - br * q).mul_(rstd)
+        d_x = (a * (-kr * q).view(shape)).addcmul_(grad, (br - kr * a_x).view(shape))
         d_x.addcmul_(x, on_x.view(shape)).add_(
-            (kr * (a_mean * q + a_x * g_mean) - b * rstd * g_mean - on_x * mean).view(shape))
-        d_weight = rstd * m * inner
+            (kr * (a_mean * q + a_x * g_mean) - br * g_mean - on_x * mean).view(shape))
+        d_weight = rstd * inner / inverse
         return d_grad, d_x, d_weight, None, None, None
 
 

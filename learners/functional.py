@@ -168,7 +168,9 @@ def gradient_step(loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *, lr: 
         if first_order:
             g = g.detach()
         rate = step_lr[name] if isinstance(step_lr, Mapping) else step_lr
-        params[name] = params[name] - rate * g
+        # One fused operation (and one node for the outer backward) where the rate is a number.
+        params[name] = (params[name] - rate * g if isinstance(rate, Tensor)
+                        else torch.add(params[name], g, alpha=-rate))
     return params
 
 
