@@ -34,6 +34,7 @@ class ANIL(MAML):
     Hyperparameters = ANILHyperparameters
     search_space = {"inner_lr": {"low": 0.01, "high": 1.0, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+    inner_checkpointing_refusal = None
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -44,7 +45,8 @@ class ANIL(MAML):
                                                HEAD_BIAS: start[HEAD_BIAS]},
                               features, support_y, lr=self.hparams.inner_lr,
                               steps=self.hparams.inner_steps if steps is None else steps,
-                              first_order=self.first_order)
+                              first_order=self.first_order,
+                              recompute_every=self.inner_checkpointing)
         return {**body, **head}
 
     def head_loss(self, head: Params, features: Tensor, y: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.autograd.function import once_differentiable
 from torch.nn.functional import max_unpool2d
 
 from learners.functional import in_plain_autograd
@@ -90,6 +91,189 @@ def _plain_tensor(x: Tensor) -> bool:
     return True
 
 
+class _Conv(torch.autograd.Function):
+    """A convolution without bias whose backward is ``_ConvBackward``: ATen's kernels forward and
+    backward, and a second derivative that computes only what is asked for."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, options: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.options = options
+        stride, padding, dilation, groups = options
+        return torch.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # no graph wanted (the outer backward): the kernel alone
+            return (*_ConvBackward.kernel(grad, x, weight, ctx.options,
+                                          ctx.needs_input_grad[:2]), None)
+        return (*_ConvBackward.apply(grad, x, weight, ctx.options, ctx.needs_input_grad[:2]),
+                None)
+
+
+class _ConvBackward(torch.autograd.Function):
+    """A convolution's backward, ``(g, x, w) -> (dx, dw)`` by ATen's ``convolution_backward``,
+    and its own derivative. Given cotangents A (of dx) and B (of dw):
+
+        d/dg = conv(A, w) + conv(x, B)
+        d/dx = conv_transpose(g, B)       (the input gradient of a convolution with weight B)
+        d/dw = the weight gradient of a convolution of A, with output gradient g
+
+    each only where it is needed. ATen's ``_convolution_double_backward`` computes d/dx even
+    when x does not take gradients (the first layer's input is the data), a transposed
+    convolution over the first block's full-resolution map per inner step, and computes d/dw
+    as a convolution with the batch as channels; here both are oneDNN's backward kernels. Not
+    differentiable again (``once_differentiable``)."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, x: Tensor, weight: Tensor, options: tuple,
+                mask: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+        ctx.save_for_backward(grad, x, weight)
+        ctx.options = options
+        return _ConvBackward.kernel(grad, x, weight, options, mask)
+
+    @staticmethod
+    def kernel(grad: Tensor, x: Tensor, weight: Tensor, options: tuple,
+               mask: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+        stride, padding, dilation, groups = options
+        dx, dweight, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [mask[0], mask[1], False])
+        return dx, dweight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, a: Tensor | None, b: Tensor | None) -> tuple[Tensor | None, ...]:
+        grad, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.options
+        need_grad, need_x, need_weight = ctx.needs_input_grad[:3]
+        d_grad = d_x = d_weight = None
+        if need_grad:
+            if a is not None:
+                d_grad = torch.conv2d(a, weight, None, stride, padding, dilation, groups)
+            if b is not None:
+                other = torch.conv2d(x, b, None, stride, padding, dilation, groups)
+                d_grad = other if d_grad is None else d_grad.add_(other)
+        if need_x and b is not None:
+            d_x = torch.ops.aten.convolution_backward(
+                grad, x, b, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0]
+        if need_weight and a is not None:
+            d_weight = torch.ops.aten.convolution_backward(
+                grad, a, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [False, True, False])[1]
+        return d_grad, d_x, d_weight, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (without bias, zero padding) that, in the CPU autograd loop
+    (``functional.plain_autograd``), runs as ``_Conv``: the same values and gradients, and a
+    second derivative with no unneeded convolution. Elsewhere it is ``nn.Conv2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not in_plain_autograd() or not torch.is_grad_enabled() or self.bias is not None
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or x.dim() != 4 or not _plain_tensor(x)):
+            return super().forward(x)
+        return _Conv.apply(x, self.weight, (self.stride, self.padding, self.dilation,
+                                            self.groups))
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm (batch statistics, no running ones) whose backward is
+    ``_BatchNormBackward``: the same kernels forward and backward as ``F.batch_norm``, and a
+    second derivative written out below instead of autograd's generic one."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        y, mean, rstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0,
+                                                         eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # no graph wanted (the outer backward): the kernel alone
+            return (*torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, rstd, True, ctx.eps, [True, True, True]),
+                None)
+        return (*_BatchNormBackward.apply(grad, x, weight, mean, rstd, ctx.eps), None)
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """BatchNorm's backward, ``(g, x, gamma) -> (dx, dgamma, dbeta)`` by ATen's fused kernel, and
+    its own derivative (what second-order MAML's outer backward runs once per inner step and
+    layer) in closed form. Per channel, over its M values, with x^ = (x - mean) r, r = (var +
+    eps)^-1/2, means <u> and <u, v> = <u v>, and incoming cotangents A (of dx), b (of dgamma)
+    and c (of dbeta); g_ = <g> = dbeta / M and q = <g, x^> = dgamma / M come from the forward:
+
+        d/dg     = gamma r (A - <A> - x^ <A, x^>) + b x^ + c
+        d/dx     = gamma r^2 (-x^ (<A, g> - <A> g_ - 3 <A, x^> q) - (A - <A>) q - <A, x^> (g - g_))
+                   + b r (g - g_ - x^ q)
+        d/dgamma = r M (<A, g> - <A> g_ - <A, x^> q)
+
+    (the derivative of dx = gamma r (g - g_ - x^ q) and of dgamma = M q, dbeta = M g_). ATen's
+    own (``batchnorm_double_backward``) computes the same from the general formula in about
+    thirty passes over the activations, several of them strided reductions; this takes three
+    reductions and eight elementwise passes, and reuses dgamma and dbeta. Not differentiable
+    again (``once_differentiable``): nothing in orch takes a third derivative."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, rstd, True, eps, [True, True, True])
+        ctx.save_for_backward(grad, x, weight, mean, rstd, dweight, dbias)
+        return dx, dweight, dbias
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, a: Tensor | None, b: Tensor | None,
+                 c: Tensor | None) -> tuple[Tensor | None, ...]:
+        grad, x, weight, mean, rstd, dweight, dbias = ctx.saved_tensors
+        channels = x.shape[1]
+        inverse = 1.0 / (x.numel() // channels)
+        shape = (1, channels, 1, 1)
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(weight) if b is None else b
+        c = torch.zeros_like(weight) if c is None else c
+        # The three means over each channel's values, in one pass each; <A, x^> from <A, x>.
+        a_mean, a_x, a_g = torch.stack([a.sum((0, 2, 3)), (a * x).sum((0, 2, 3)),
+                                        (a * grad).sum((0, 2, 3))]).mul_(inverse).unbind()
+        a_x = (a_x - mean * a_mean).mul_(rstd)
+        g_mean, q = dbias * inverse, dweight * inverse
+        k = weight * rstd
+        kr = k * rstd
+        br = b * rstd
+        inner = a_g - a_mean * g_mean - a_x * q
+        # Each result is u A + v x + w [+ t g] per channel, x^ folded into x: x^ = r x - r mean.
+        on_x_grad = (b - k * a_x).mul_(rstd)
+        d_grad = (a * k.view(shape)).addcmul_(x, on_x_grad.view(shape)).add_(
+            (c - k * a_mean - on_x_grad * mean).view(shape))
+        on_x = (kr * (2 * a_x * q - inner) - br * q).mul_(rstd)
+        d_x = (a * (-kr * q).view(shape)).addcmul_(grad, (br - kr * a_x).view(shape))
+        d_x.addcmul_(x, on_x.view(shape)).add_(
+            (kr * (a_mean * q + a_x * g_mean) - br * g_mean - on_x * mean).view(shape))
+        d_weight = rstd * inner / inverse
+        return d_grad, d_x, d_weight, None, None, None
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, in the CPU autograd loop (``functional.plain_autograd``) and on
+    batch statistics, runs as ``_BatchNorm``: the same values and gradients, and a second
+    derivative that costs a fraction of autograd's. Elsewhere it is ``nn.BatchNorm2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not in_plain_autograd() or not torch.is_grad_enabled() or self.track_running_stats
+                or not self.training or self.weight is None or x.dim() != 4
+                or not _plain_tensor(x)):
+            return super().forward(x)
+        return _BatchNorm.apply(x, self.weight, self.bias, self.eps)
+
+
 class ConvBlock(nn.Sequential):
     """Conv 3x3, BatchNorm, ReLU, 2x2 max-pool: the modules in the literature's order (networks
     that walk the layers, such as MetaNet's layer augmentation, see that order). The forward
@@ -111,8 +295,8 @@ def conv_block(in_channels: int, out_channels: int) -> ConvBlock:
     # No convolution bias: the BatchNorm after it subtracts the batch mean, so a bias could never
     # change the output and would be a parameter with an identically zero gradient.
     return ConvBlock(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        BatchNorm2d(out_channels, track_running_stats=False),
         # In place: it runs after the pool (FORWARD_ORDER), on a map nothing keeps for backward.
         nn.ReLU(inplace=True),
         MaxPool2d(2),
@@ -148,8 +332,8 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         def conv(i: int, o: int, k: int = 3) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, k, padding=k // 2, bias=False),
-                    nn.BatchNorm2d(o, track_running_stats=False)]
+            return [Conv2d(i, o, k, padding=k // 2, bias=False),
+                    BatchNorm2d(o, track_running_stats=False)]
 
         self.body = nn.Sequential(*conv(in_channels, out_channels), nn.LeakyReLU(0.1),
                                   *conv(out_channels, out_channels), nn.LeakyReLU(0.1),

@@ -162,10 +162,19 @@ class Learner(abc.ABC):
     # True where adaptation compares fixed embeddings of the inputs (``embedding``), which
     # transductive inference (learners/transduction.py) can then work on.
     embeds: ClassVar[bool] = False
+    # Why ``training.inner_checkpointing`` cannot apply to this learner (the end of a sentence
+    # that starts with its name), or None where ``adapt`` recomputes its inner loop in segments
+    # (``functional.gradient_steps``' ``recompute_every``). Declared by each class itself, never
+    # inherited: a subclass that changes the inner loop must not inherit the claim.
+    inner_checkpointing_refusal: ClassVar[str | None]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.uses_inner_steps = getattr(cls, "family", None) == "gradient"
+        if "inner_checkpointing_refusal" not in vars(cls):
+            cls.inner_checkpointing_refusal = (
+                "has an inner loop that inner checkpointing does not recompute"
+                if cls.uses_inner_steps else "takes no inner gradient steps")
 
     def __init__(self, backbone: torch.nn.Module, objective: Objective, hparams: Hyperparameters):
         self.backbone = backbone
@@ -181,6 +190,9 @@ class Learner(abc.ABC):
         # learners that pretrain a classifier over all of them; ``build_learner`` sets it where
         # the data has such classes.
         self.classes: int | None = None
+        # ``training.inner_checkpointing``: inner steps per recomputed segment, or None to keep
+        # every step's activations; only where ``inner_checkpointing_refusal`` is None.
+        self.inner_checkpointing: int | None = None
 
     # -- the four verbs ----------------------------------------------------------------------
 
@@ -341,7 +353,10 @@ class Learner(abc.ABC):
         tests compare them); on CPU it runs 1.5-2x faster (benchmarks/throughput.py): torch.func's
         nested transform costs more than a plain graph there, and oneDNN pools and convolves
         channels-last maps several times faster than NCHW ones."""
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        # Convolution weights channels-last too, as the batches: oneDNN would otherwise convert
+        # each weight (and the gradient it computes back) at every call.
+        layout = channels_last if self.channels_last_images else (lambda v: v)
+        leaves = {k: layout(v.detach()).requires_grad_() for k, v in params.items()}
         losses, outputs = [], []
         extra: Params = {}
         with torch.enable_grad(), plain_autograd():
@@ -429,8 +444,9 @@ class Learner(abc.ABC):
 
 
 def channels_last(x: Tensor) -> Tensor:
-    """Image batches ([N, C, H, W]) in channels-last memory order, which oneDNN's CPU convolutions
-    and pooling run faster on (benchmarks/throughput.py); other tensors as they are."""
+    """Image batches and convolution weights ([N, C, H, W]) in channels-last memory order, which
+    oneDNN's CPU convolutions and pooling run faster on (benchmarks/throughput.py); other
+    tensors as they are."""
     if x.dim() != 4 or x.device.type != "cpu":
         return x
     if x.shape[1] == 1:

@@ -12,3 +12,5 @@ class FOMAML(MAML):
 
     name = "fomaml"
     first_order = True
+    inner_checkpointing_refusal = ("is first order: its inner loop keeps no activations for the "
+                                   "outer backward")

@@ -41,6 +41,7 @@ class MAML(Learner):
     first_order = False
     search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+    inner_checkpointing_refusal = None
 
     def __init__(self, backbone, objective: Objective, hparams: MAMLHyperparameters):
         super().__init__(backbone, objective, hparams)
@@ -65,7 +66,8 @@ class MAML(Learner):
         return gradient_steps(self.support_loss, start, support_x,
                               support_y, lr=self.hparams.inner_lr,
                               steps=self.hparams.inner_steps if steps is None else steps,
-                              first_order=self.first_order)
+                              first_order=self.first_order,
+                              recompute_every=self.inner_checkpointing)
 
     def predict(self, params: Params, adapted: Adapted, query_x: Tensor) -> Tensor:
         return call(self.backbone, adapted, query_x)

@@ -36,6 +36,7 @@ class MetaSGD(MAML):
     Hyperparameters = MetaSGDHyperparameters
     search_space = {"inner_lr": {"low": 0.01, "high": 0.5, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
+    inner_checkpointing_refusal = None
 
     def init_params(self, seed: int) -> Params:
         weights = super().init_params(seed)
@@ -55,4 +56,5 @@ class MetaSGD(MAML):
         start = self.task_params(without(params, RATE), self.ways_of(support_y, ways))
         return gradient_steps(self.support_loss, start, support_x, support_y, lr=entries(params, RATE),
                               steps=self.hparams.inner_steps if steps is None else steps,
-                              first_order=self.first_order)
+                              first_order=self.first_order,
+                              recompute_every=self.inner_checkpointing)

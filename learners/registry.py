@@ -8,6 +8,7 @@ from learners.base import FAMILIES, Learner
 from learners.baseline import Baseline
 from learners.baselinepp import BaselinePlusPlus
 from learners.fomaml import FOMAML
+from learners.imaml import IMAML
 from learners.maml import MAML
 from learners.mamlpp import MAMLPlusPlus
 from learners.matching import Matching
@@ -25,7 +26,7 @@ from learners.snail import SNAIL
 
 # Within a family, in the order the README's algorithm table lists them.
 _CLASSES: tuple[type[Learner], ...] = (
-    MAML, FOMAML, Reptile, MetaSGD, ANIL, MAMLPlusPlus, MetaLSTM, SCA,
+    MAML, FOMAML, Reptile, IMAML, MetaSGD, ANIL, MAMLPlusPlus, MetaLSTM, SCA,
     ProtoNet, Matching, Relation, Siamese,
     MetaOptNet, ALPaCA,
     SNAIL, MetaNet,

@@ -31,6 +31,8 @@ class Reptile(MAML):
     search_space = {"inner_lr": {"low": 0.001, "high": 0.1, "log": True},
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
     first_order = True
+    inner_checkpointing_refusal = ("is first order: its inner loop keeps no activations for the "
+                                   "outer update")
 
     def task_gradient(self, params: Params, task: Task, *,
                       ways: int | None = None) -> tuple[Params, Tensor, Tensor]:

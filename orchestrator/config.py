@@ -232,6 +232,12 @@ class Training(Section):
     # backbone and on GPUs, off for conv4 on CPU, where it was measured slower
     # (benchmarks/vectorize.py).
     vectorize: Literal["auto", "on", "off"] = "auto"
+    # Second-order inner loops (maml, metasgd, anil): keep only the weights after every this
+    # many inner steps and recompute each segment's activations in the outer backward, so
+    # memory holds one segment's instead of every step's (1: least memory). The same
+    # meta-gradient, for about one more forward and inner backward per step; runs in the
+    # per-task autograd loop (vectorize auto means off; on is refused). null: keep them all.
+    inner_checkpointing: int | None = Field(None, ge=1)
     # Trial checkpoints, from which a trial restarts after its process or node dies and which
     # `orch launch --resume` continues from: every checkpoint_every iterations (default: at every
     # validation; 0: not by count) and, where set, once checkpoint_minutes of wall time have
@@ -610,6 +616,8 @@ class Sweep(Section):
                         "pretrains one classifier over the classes of one import; data.path "
                         "lists several: give it one (or pretrain on each and start from it "
                         "with model.init)"))
+        if self.training.inner_checkpointing is not None:
+            _check_inner_checkpointing(self)
         if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
             raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
                             "sinusoid is regression: use val_loss")
@@ -845,6 +853,21 @@ def _check_task_shape(algorithm: str, space: dict[str, Any], data: ImageData) ->
             cls.check_task_shape(hparams, ways=ways, support=support)
         except ValueError as error:
             raise _KeyError(("algorithms", algorithm), str(error)) from None
+
+
+def _check_inner_checkpointing(sweep: Sweep) -> None:
+    """Refuse ``training.inner_checkpointing`` for a sweep where it could not do what it says:
+    an algorithm whose inner loop it does not recompute, or ``vectorize: on``."""
+    where = ("training", "inner_checkpointing")
+    applies = [n for n, c in LEARNERS.items() if c.inner_checkpointing_refusal is None]
+    for algorithm in sweep.algorithms:
+        refusal = learner_class(algorithm).inner_checkpointing_refusal
+        if refusal is not None:
+            raise _KeyError(where, f"{algorithm} {refusal}; it applies to {', '.join(applies)}: "
+                            f"leave the key out or run {algorithm} in another sweep")
+    if sweep.training.vectorize == "on":
+        raise _KeyError(where, "recomputes the inner loop in the per-task autograd loop; "
+                        "vectorize: on maps tasks with torch.func.vmap: set vectorize auto or off")
 
 
 def load_sweep(path: str | os.PathLike[str]) -> Sweep:

@@ -52,7 +52,7 @@ FILE_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 KEEP = 2
 # Settings that change where or how fast a trial runs, not what it computes.
 NOT_IDENTITY = {"checkpoint_every", "checkpoint_minutes", "checkpoint_storage", "device",
-                "vectorize"}
+                "vectorize", "inner_checkpointing"}
 
 
 class CheckpointError(UserError):

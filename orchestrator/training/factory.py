@@ -49,13 +49,16 @@ def learner_hparams(algorithm: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any], *,
                   kind: str, input_shape: Sequence[int], output_size: int,
-                  ways: int | None = None, classes: int | None = None) -> Learner:
+                  ways: int | None = None, classes: int | None = None,
+                  inner_checkpointing: int | None = None) -> Learner:
     """The learner ``algorithm`` with resolved ``knobs`` for tasks of this shape. Takes shapes,
     not a task family, so a saved model can be rebuilt where its training data is absent.
     ``ways`` (the trained number of classes, kept in a model's spec) is not handed to the learner:
     each task says how many classes it has, and a fixed output head is ``output_size`` wide.
     ``classes`` is the training split's number of classes (``TaskFamily.class_count``), which
-    pretraining learners classify over; only their initial weights need it."""
+    pretraining learners classify over; only their initial weights need it.
+    ``inner_checkpointing`` (``training.inner_checkpointing``, for the meta-gradient of the
+    learners that support it) is refused for the others, as the sweep file is."""
     cls = learner_class(algorithm)
     hparams = cls.Hyperparameters.model_validate(learner_hparams(algorithm, knobs))
     head = output_size if getattr(cls, "needs_head", True) else None
@@ -64,6 +67,10 @@ def build_learner(model: ModelSection, algorithm: str, knobs: Mapping[str, Any],
     learner = cls(backbone, Objective.for_task_kind(kind), hparams)
     learner.output_size = output_size
     learner.classes = classes
+    if inner_checkpointing is not None:
+        if cls.inner_checkpointing_refusal is not None:
+            raise ValueError(f"inner checkpointing: {algorithm} {cls.inner_checkpointing_refusal}")
+        learner.inner_checkpointing = inner_checkpointing
     return learner
 
 

@@ -55,12 +55,15 @@ class ShardWorker:
                  device: str = "cpu"):
         self.sweep = Sweep.model_validate(sweep)
         self.family = build_family(self.sweep.data)
+        training = self.sweep.training
         self.learner = build_learner(self.sweep.model, algorithm, knobs, **task_shape(self.family),
-                                     classes=training_classes(self.family, self.sweep))
+                                     classes=training_classes(self.family, self.sweep),
+                                     inner_checkpointing=training.inner_checkpointing)
         self.device = torch.device(device)
         self.learner.backbone.to(self.device)
-        self.vectorize = should_vectorize(self.sweep.training.vectorize, self.sweep.model.backbone,
-                                          self.device)
+        self.vectorize = should_vectorize(training.vectorize, self.sweep.model.backbone,
+                                          self.device,
+                                          recompute=training.inner_checkpointing is not None)
         # Validation by a transductive method, where the knobs ask for one (``transductive``).
         self.transduction = Transduction.from_knobs(knobs)
 
@@ -122,10 +125,14 @@ def training_classes(family: TaskFamily, sweep: Sweep) -> int | None:
     return family.class_count(split_names(sweep.data)[0])
 
 
-def should_vectorize(setting: str, backbone: str, device: torch.device) -> bool:
+def should_vectorize(setting: str, backbone: str, device: torch.device, *,
+                     recompute: bool = False) -> bool:
+    """``training.vectorize``: "auto" maps tasks with vmap for the MLP and on GPUs, but not
+    where the inner loop is recomputed (``recompute``: ``training.inner_checkpointing``, which
+    runs in the per-task autograd loop; the sweep file refuses it with "on")."""
     if setting != "auto":
         return setting == "on"
-    return backbone == "mlp" or device.type == "cuda"
+    return not recompute and (backbone == "mlp" or device.type == "cuda")
 
 
 class Farm(Protocol):

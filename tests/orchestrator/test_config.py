@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from orchestrator.config import ConfigError, Range, load_sweep, sweep_from_dict
@@ -36,7 +37,7 @@ def test_quickstart_example_is_valid():
     ({"bogus": 1}, "bogus: unknown key; allowed: algorithms, data"),
     ({"training": {"iterations": "many"}}, "training.iterations: Input should be a valid integer"),
     ({"training": {"iterationz": 3}}, "training.iterationz: unknown key; allowed: "),
-    ({"algorithms": {"mamll": {}}}, "algorithms.mamll: unknown algorithm; allowed: alpaca, anil, baseline, baselinepp, fomaml, maml"),
+    ({"algorithms": {"mamll": {}}}, "algorithms.mamll: unknown algorithm; allowed: alpaca, anil, baseline, baselinepp, fomaml, imaml, maml"),
     ({"algorithms": {"maml": {"inner_lr": {"low": 0.2, "high": 0.1}}}},
      "algorithms.maml.inner_lr: low (0.2) must not exceed high (0.1)"),
     ({"algorithms": {"maml": {"inner_lr": {"low": 0, "high": 0.1, "log": True}}}},
@@ -160,3 +161,44 @@ def test_missing_file(tmp_path):
 def test_ranges_optuna_cannot_search_are_refused_at_load(knob, message):
     with pytest.raises(ConfigError, match=f"algorithms.maml.inner_lr: {message}"):
         sweep_from_dict({"name": "x", "algorithms": {"maml": {"inner_lr": knob}}})
+
+
+@pytest.mark.parametrize("training, algorithm, expected", [
+    ({"inner_checkpointing": 1}, "fomaml", "training.inner_checkpointing: fomaml is first order"),
+    ({"inner_checkpointing": 1}, "protonet", "training.inner_checkpointing: protonet takes no inner "
+                                             "gradient steps; it applies to maml, metasgd, anil"),
+    ({"inner_checkpointing": 2}, "imaml", "training.inner_checkpointing: imaml keeps no inner-loop "
+                                          "activations"),
+    ({"inner_checkpointing": 2}, "mamlpp", "training.inner_checkpointing: mamlpp has an inner loop "
+                                           "that inner checkpointing does not recompute"),
+    ({"inner_checkpointing": 1, "vectorize": "on"}, "maml",
+     "training.inner_checkpointing: recomputes the inner loop in the per-task autograd loop"),
+    ({"inner_checkpointing": 0}, "maml", "training.inner_checkpointing: Input should be greater "
+                                         "than or equal to 1"),
+])
+def test_inner_checkpointing_is_refused_where_it_cannot_apply(training, algorithm, expected):
+    data = {"path": "unread"} if algorithm in ("protonet", "imaml") else {"family": "sinusoid"}
+    with pytest.raises(ConfigError) as error:
+        sweep_from_dict({"name": "x", "data": data, "training": training,
+                         "algorithms": {algorithm: {}}}, source="sweep.yaml")
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_inner_checkpointing_reaches_the_learner():
+    """The sweep file's key reaches the learner a trial's shard worker builds (here, in the
+    trial's process as with workers.count 0; a Ray worker builds the same from the same dict),
+    which then takes the per-task autograd loop, and gives the same meta-gradient."""
+    from orchestrator.training import ShardWorker
+
+    spec = {"name": "x", "training": {"inner_checkpointing": 2}, "workers": {"count": 0},
+            "algorithms": {"maml": {"inner_steps": 3}}}
+    recomputing = ShardWorker(sweep_from_dict(spec).model_dump(), "maml", {"inner_steps": 3})
+    assert recomputing.learner.inner_checkpointing == 2 and not recomputing.vectorize
+    plain = ShardWorker(sweep_from_dict({**spec, "training": {"vectorize": "off"}}).model_dump(),
+                        "maml", {"inner_steps": 3})
+    assert plain.learner.inner_checkpointing is None
+    params = plain.learner.init_params(0)
+    expected, _, _ = plain.gradient(params, "train", 0, range(3))
+    found, _, _ = recomputing.gradient(params, "train", 0, range(3))
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-6, atol=1e-7)
