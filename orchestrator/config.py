@@ -618,9 +618,6 @@ class Sweep(Section):
                         "with model.init)"))
         if self.training.inner_checkpointing is not None:
             _check_inner_checkpointing(self)
-        if self.search.metric == "val_accuracy" and self.data.family == "sinusoid":
-            raise _KeyError(("search", "metric"), "val_accuracy needs a classification data set; "
-                            "sinusoid is regression: use val_loss")
         return self
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from torch import nn
 import learners.backbones as backbones
 from learners.functional import plain_autograd
 from orchestrator.config import ModelSection
-from orchestrator.factory import build_learner
+from orchestrator.training.factory import build_learner
 from pipelines.base import TaskBatch
 from meta_training import random_episodes
 

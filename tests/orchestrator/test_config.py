@@ -188,7 +188,7 @@ def test_inner_checkpointing_reaches_the_learner():
     """The sweep file's key reaches the learner a trial's shard worker builds (here, in the
     trial's process as with workers.count 0; a Ray worker builds the same from the same dict),
     which then takes the per-task autograd loop, and gives the same meta-gradient."""
-    from orchestrator.training import ShardWorker
+    from orchestrator.training.loop import ShardWorker
 
     spec = {"name": "x", "training": {"inner_checkpointing": 2}, "workers": {"count": 0},
             "algorithms": {"maml": {"inner_steps": 3}}}
