@@ -52,55 +52,57 @@ class Section(BaseModel):
 
 
 class Tracking(Section):
-    # MLflow tracking URI; default sqlite:///<run_dir>/mlflow.db. MLFLOW_TRACKING_URI and
-    # --tracking-uri override it.
-    uri: str | None = None
-    # Registered models are named <prefix><algorithm>, e.g. orch-maml.
-    registry_prefix: str = "orch-"
+    uri: str | None = Field(None, description=(
+        "MLflow tracking URI; null: sqlite:///<run_dir>/mlflow.db (--tracking-uri and "
+        "MLFLOW_TRACKING_URI win); on a cluster of several hosts a tracking server"))
+    registry_prefix: str = Field("orch-", description=(
+        "registered models are named <prefix><algorithm>, e.g. orch-maml"))
 
 
 class RaySection(Section):
-    # None: start Ray in-process (ray.init()); "auto", "HOST:6379" or "ray://HOST:10001": a cluster.
-    address: str | None = None
-    # How a trial's placement group is laid over nodes: PACK fills nodes, SPREAD spreads workers.
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    address: str | None = Field(None, description=(
+        "null: Ray in this process; auto, HOST:6379 or ray://HOST:10001: a cluster "
+        "(--address wins)"))
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how a trial's placement group is laid over nodes: PACK fills a node "
+        "first, SPREAD spreads its shard workers")
 
 
 class SinusoidData(Section):
-    family: Literal["sinusoid"] = "sinusoid"
+    family: Literal["sinusoid"] = Field("sinusoid", description=(
+        "sinusoid regression (the MAML paper's), drawn on the fly"))
     shots: int = Field(10, ge=1, description="K support points per task")
     queries: int = Field(10, ge=1, description="query points per task")
     eval_shots: int | None = Field(None, ge=1, description="K at validation; default: shots")
 
 
 class ImageData(Section):
-    family: Literal["images"] = "images"
-    # The import `orch data import ...` wrote (manifest.json and Parquet files): a folder, or a
-    # copy of it behind a pyarrow.fs URI every node can read (s3://bucket/prefix, gs://...,
-    # hdfs://..., file://...). A list of them: multi-source training, each episode from one.
-    path: str | list[str]
-    # With a list of imports: how often each meta-training episode comes from each (relative
-    # weights, one per import; default equal). Validation takes the imports in turn.
-    weights: list[float] | None = None
-    ways: int = Field(5, ge=2)
-    shots: int = Field(1, ge=1)
-    queries: int = Field(15, ge=1)
-    # Side of the square images fed to the backbone; must equal the size the import stored.
-    image_size: int | None = Field(None, ge=4)
-    # Which split meta-trains, which one validates (prunes, picks the best trial).
-    train_split: str = "train"
-    val_split: str = "val"
-    # Rotations by multiples of 90 degrees as new classes (the Omniglot convention).
-    augment_rotations: bool = False
-    # Episode shapes in meta-training and validation: "fixed" (ways classes, shots support and
-    # queries query images each) or "variable": Meta-Dataset's (Triantafillou et al. 2020), 5 to
-    # 50 ways, imbalanced shots and balanced queries drawn per episode
-    # (pipelines/variable_episodes.py), in place of ways, shots and queries.
-    episodes: Literal["fixed", "variable"] = "fixed"
-    # With a list of imports: how a meta-training episode picks its import, "uniform" (each
-    # equally often, as Meta-Dataset does) or "classes" (in proportion to each import's
-    # training classes); weights gives the shares by hand instead.
-    source_sampling: Literal["uniform", "classes"] = "uniform"
+    family: Literal["images"] = Field("images", description=(
+        "few-shot images from an import (implied by path)"))
+    path: str | list[str] = Field(description=(
+        "the folder `orch data import` wrote, or a pyarrow.fs URI of a copy (s3://, gs://, "
+        "hdfs://, file://); a list of them: each episode from one (multi-source)"))
+    weights: list[float] | None = Field(None, description=(
+        "with a list of imports: each one's share of the meta-training episodes (relative, one "
+        "per import); null: source_sampling decides"))
+    ways: int = Field(5, ge=2, description="N: classes per episode (fixed episodes)")
+    shots: int = Field(1, ge=1, description="K: support images per class (fixed episodes)")
+    queries: int = Field(15, ge=1, description="query images per class (fixed episodes)")
+    image_size: int | None = Field(None, ge=4, description=(
+        "side of the square images the backbone reads; must be the size the import stored; "
+        "null: that size"))
+    train_split: str = Field("train", description="the import's split that meta-trains")
+    val_split: str = Field("val", description=(
+        "the split that validates: pruning and the best trial go by it"))
+    augment_rotations: bool = Field(False, description=(
+        "rotations by 90, 180 and 270 degrees as new classes (the Omniglot convention)"))
+    episodes: Literal["fixed", "variable"] = Field("fixed", description=(
+        "fixed: ways x shots support and ways x queries query images; variable: Meta-Dataset's "
+        "episodes (5 to 50 ways, imbalanced shots, balanced queries), in place of ways, shots "
+        "and queries"))
+    source_sampling: Literal["uniform", "classes"] = Field("uniform", description=(
+        "with a list of imports: uniform (each import equally often, as Meta-Dataset) or "
+        "classes (by its training classes)"))
 
     @field_validator("path")
     @classmethod
@@ -188,18 +190,17 @@ DataSection = Annotated[Union[Annotated[SinusoidData, Tag("sinusoid")],
 
 
 class ModelSection(Section):
-    backbone: str = "mlp"  # for image data the default is conv4 (Sweep._backbone_for_the_data)
-    # Hidden widths of the MLP backbone (the MAML paper: 40, 40).
-    hidden: list[int] = Field(default_factory=lambda: [40, 40])
-    # Filters per conv block of the Conv-4 backbone; the first block's width of ResNet-12, whose
-    # later blocks are 2.5x, 5x and 10x as wide (64: the papers' 64-160-320-640).
-    filters: int = Field(64, ge=1)
-    # Start every trial's backbone from another trained model's backbone weights (pretrained
-    # initialisation; Meta-Baseline is protonet with init from a baselinepp champion): a model
-    # URI in the sweep's tracking store (models:/NAME@ALIAS, models:/NAME/VERSION,
-    # runs:/RUN_ID/model) or a saved model folder. Resolved once when the sweep starts and
-    # checked against this section and the data (orchestrator/models/pretrained.py); null: from scratch.
-    init: str | None = None
+    # For image data the default is conv4 (Sweep._backbone_for_the_data).
+    backbone: str = Field("mlp", description=(
+        "mlp (flat inputs), conv4 or resnet12 (images); mlp for sinusoid, conv4 for images"))
+    hidden: list[int] = Field(default_factory=lambda: [40, 40], description=(
+        "the MLP's hidden widths (the MAML paper's 40, 40)"))
+    filters: int = Field(64, ge=1, description=(
+        "Conv-4's filters per block; ResNet-12's first block (then x2.5, x5, x10)"))
+    init: str | None = Field(None, description=(
+        "start every trial's backbone from a trained model's: models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN_ID/model or a model folder (Meta-Baseline: protonet "
+        "from a baselinepp champion); null: from scratch"))
 
     @field_validator("backbone")
     @classmethod
@@ -225,28 +226,25 @@ class Training(Section):
     iterations: int = Field(300, ge=1, description="outer-loop updates per trial")
     eval_every: int = Field(50, ge=1, description="iterations between validations (and pruning checks)")
     eval_tasks: int = Field(100, ge=1, description="validation tasks per evaluation")
-    outer_optimizer: Literal["adam", "sgd"] = "adam"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Map each shard's tasks with torch.func.vmap instead of a loop. "auto": on for the MLP
-    # backbone and on GPUs, off for conv4 on CPU, where it was measured slower
-    # (benchmarks/vectorize.py).
-    vectorize: Literal["auto", "on", "off"] = "auto"
-    # Second-order inner loops (maml, metasgd, anil): keep only the weights after every this
-    # many inner steps and recompute each segment's activations in the outer backward, so
-    # memory holds one segment's instead of every step's (1: least memory). The same
-    # meta-gradient, for about one more forward and inner backward per step; runs in the
-    # per-task autograd loop (vectorize auto means off; on is refused). null: keep them all.
-    inner_checkpointing: int | None = Field(None, ge=1)
-    # Trial checkpoints, from which a trial restarts after its process or node dies and which
-    # `orch launch --resume` continues from: every checkpoint_every iterations (default: at every
-    # validation; 0: not by count) and, where set, once checkpoint_minutes of wall time have
-    # passed since the last one; both off: no checkpoints. The last iteration is always saved.
-    checkpoint_every: int | None = Field(None, ge=0)
-    checkpoint_minutes: float | None = Field(None, gt=0)
-    # Where checkpoints live: a folder (default <run_dir>/checkpoints) or a pyarrow.fs URI
-    # (s3://bucket/prefix, gs://..., hdfs://...) that every node of a cluster can read.
-    checkpoint_storage: str | None = None
+    outer_optimizer: Literal["adam", "sgd"] = Field("adam", description=(
+        "the outer loop's optimiser (its rate is each algorithm's outer_lr knob)"))
+    seed: int = Field(0, description="seeds initial weights, tasks and the search's sampler")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "where meta-training runs; auto: a GPU where the trial's workers have one"))
+    vectorize: Literal["auto", "on", "off"] = Field("auto", description=(
+        "map a shard's tasks with torch.func.vmap instead of a loop; auto: on for mlp and on "
+        "GPUs, off for conv4 on CPU, where it was measured slower"))
+    inner_checkpointing: int | None = Field(None, ge=1, description=(
+        "second-order inner loops (maml, metasgd, anil): recompute their activations in the "
+        "outer backward, in segments of this many steps (1: least memory); null: keep them"))
+    checkpoint_every: int | None = Field(None, ge=0, description=(
+        "iterations between trial checkpoints (restarts and --resume start from them); null: "
+        "every validation; 0: none by count"))
+    checkpoint_minutes: float | None = Field(None, gt=0, description=(
+        "also checkpoint once this many minutes passed since the last; null: not by time"))
+    checkpoint_storage: str | None = Field(None, description=(
+        "a folder or pyarrow.fs URI (s3://bucket/prefix) every node can read; null: "
+        "<run_dir>/checkpoints"))
 
     def checkpoint_interval(self) -> int:
         """Iterations between checkpoints by count (0: none by count)."""
@@ -257,12 +255,12 @@ class Training(Section):
 
 
 class Workers(Section):
-    # Ray actors that share each meta-batch; 0 computes it in the trial's own process.
-    count: int = Field(2, ge=0, le=1024)
-    cpus: float = Field(1.0, ge=0)
-    gpus: float = Field(0.0, ge=0)
-    # CPUs reserved for each trial's own driver process (its placement group's first bundle).
-    driver_cpus: float = Field(1.0, ge=0)
+    count: int = Field(2, ge=0, le=1024, description=(
+        "Ray actors sharing each meta-batch; 0: in the trial's own process"))
+    cpus: float = Field(1.0, ge=0, description=(
+        "CPUs per worker (also its torch threads, at least 1)"))
+    gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractions share one)")
+    driver_cpus: float = Field(1.0, ge=0, description="CPUs of each trial's own process")
 
 
 # What a search can optimise, each with the one direction that makes sense for it. The first two
@@ -277,7 +275,8 @@ class MedianPruning(Section):
     """Optuna's MedianPruner: stop a trial whose validation metric is worse than the median of
     earlier trials' at the same iteration."""
 
-    name: Literal["median"] = "median"
+    name: Literal["median"] = Field("median", description=(
+        "stop a trial worse than the median of earlier trials' at the same iteration"))
     n_startup_trials: int = Field(2, ge=0, description="trials that finish before any is pruned")
     n_warmup_steps: int = Field(0, ge=0, description="iterations before a trial can be pruned")
 
@@ -286,10 +285,11 @@ class HyperbandPruning(Section):
     """Optuna's HyperbandPruner: successive halving over several brackets of budgets, in
     meta-iterations."""
 
-    name: Literal["hyperband"]
+    name: Literal["hyperband"] = Field(description=(
+        "successive halving over several brackets of budgets (Li et al. 2018)"))
     min_resource: int = Field(1, ge=1, description="iterations a trial runs before its first rung")
-    # The most iterations a trial runs; auto: the first finished trial's last reported iteration.
-    max_resource: int | Literal["auto"] = "auto"
+    max_resource: int | Literal["auto"] = Field("auto", description=(
+        "the most iterations a trial runs; auto: the first finished trial's last"))
     reduction_factor: int = Field(3, ge=2, description="1/reduction_factor of trials go on")
 
 
@@ -298,13 +298,17 @@ class SuccessiveHalvingPruning(Section):
     iteration min_resource * reduction_factor ** (min_early_stopping_rate + k), a trial goes on
     only if it is in the top 1/reduction_factor of the trials that reached that rung."""
 
-    name: Literal["successive_halving"]
-    # Iterations before the first rung; auto: estimated from the first finished trial.
-    min_resource: int | Literal["auto"] = "auto"
-    reduction_factor: int = Field(4, ge=2)
-    min_early_stopping_rate: int = Field(0, ge=0)
-    # Trials that must reach a rung before any is promoted from it (needs an integer min_resource).
-    bootstrap_count: int = Field(0, ge=0)
+    name: Literal["successive_halving"] = Field(description=(
+        "asynchronous successive halving (ASHA): at each rung only the top 1/reduction_factor "
+        "go on"))
+    min_resource: int | Literal["auto"] = Field("auto", description=(
+        "iterations before the first rung; auto: estimated from the first finished trial"))
+    reduction_factor: int = Field(4, ge=2, description="1/reduction_factor of trials go on")
+    min_early_stopping_rate: int = Field(0, ge=0, description=(
+        "the first rung at min_resource * reduction_factor ** this"))
+    bootstrap_count: int = Field(0, ge=0, description=(
+        "trials that must reach a rung before any goes on from it (needs an integer "
+        "min_resource)"))
 
     @field_validator("min_resource")
     @classmethod
@@ -329,7 +333,7 @@ class SuccessiveHalvingPruning(Section):
 
 
 class NoPruning(Section):
-    name: Literal["none"]
+    name: Literal["none"] = Field(description="every trial runs its iterations")
 
 
 PRUNERS = {"median": MedianPruning, "hyperband": HyperbandPruning,
@@ -351,28 +355,25 @@ Pruning = Annotated[Union[Annotated[MedianPruning, Tag("median")],
 class Search(Section):
     trials: int = Field(8, ge=1, description="Optuna trials per algorithm")
     parallel: int = Field(1, ge=1, description="trials running at once")
-    # tpe, random; grid: every combination of the searched knobs, each a choice list or a range
-    # with a step or int: true; gp: Gaussian-process Bayesian optimisation; cmaes: CMA-ES, for
-    # numeric ranges and one objective only; nsgaii: the NSGA-II genetic algorithm (Pareto
-    # fronts of several objectives). TPE keeps trials running at once apart (constant liar).
-    sampler: Literal["tpe", "random", "grid", "gp", "cmaes", "nsgaii"] = "tpe"
-    # median, hyperband, successive_halving or none; a name, or {name: ..., knob: value} with the
-    # pruner's knobs (see the classes above). Default: median for one objective, none for
-    # several (Optuna's pruners read one intermediate value; they are refused with several).
-    pruner: Pruning | None = None
-    # What the search optimises: a name of OBJECTIVES, or a list of them (several objectives:
-    # Optuna searches their Pareto front; the first, val_loss or val_accuracy, picks the
-    # champion). val_accuracy needs classification data.
-    metric: str | list[str] = "val_loss"
-    # Follows from the metric (val_loss minimised, val_accuracy maximised; costs minimised);
-    # given, it must agree: one name, or a list with one per objective.
-    direction: Literal["minimize", "maximize"] | list[Literal["minimize", "maximize"]] | None = None
-    # A trial that raises is retried this many times before it is recorded as failed.
-    retries: int = Field(0, ge=0, le=10)
-    # A trial whose process or node dies (a failure of the machine, not of the trial's code:
-    # node lost, worker killed, out of memory, actor lost) is restarted from its last
-    # checkpoint this many times; separate from retries.
-    restarts: int = Field(3, ge=0, le=100)
+    # TPE keeps trials running at once apart (constant liar).
+    sampler: Literal["tpe", "random", "grid", "gp", "cmaes", "nsgaii"] = Field(
+        "tpe", description="tpe, random, grid (choices and stepped ranges), gp (Gaussian "
+        "process), cmaes (numeric ranges, one objective) or nsgaii (several objectives)")
+    pruner: Pruning | None = Field(None, description=(
+        "median, hyperband, successive_halving or none, or {name: ..., knob: value}; null: "
+        "median with one objective, none with several (Optuna cannot prune several)"))
+    metric: str | list[str] = Field("val_loss", description=(
+        "val_loss or val_accuracy, or a list starting with one and adding adapt_ms, "
+        "inner_steps or parameters (a Pareto front; the first picks the champion)"))
+    direction: (Literal["minimize", "maximize"] | list[Literal["minimize", "maximize"]]
+                | None) = Field(None, description=(
+                    "follows from the metric (val_loss and costs minimised, val_accuracy "
+                    "maximised); given, it must agree"))
+    retries: int = Field(0, ge=0, le=10, description=(
+        "reruns of a trial whose own code raised, before it counts as failed"))
+    restarts: int = Field(3, ge=0, le=100, description=(
+        "restarts from its checkpoint of a trial whose process or node died; past them it is "
+        "set aside unfinished, for --resume"))
 
     @field_validator("pruner", mode="before")
     @classmethod
@@ -453,12 +454,9 @@ class Search(Section):
 
 
 class Services(Section):
-    # How long the Optuna storage, the MLflow tracking server or the checkpoint store may stay
-    # away (a database restart or failover, a server upgrade) while orch retries it with
-    # exponential backoff and trials keep training; past it the sweep stops with one line naming
-    # the store, every unfinished trial kept for `orch launch --resume`.
-    outage_s: float = Field(300.0, gt=0, le=86400,
-                            description="seconds a store may be away before the sweep stops")
+    outage_s: float = Field(300.0, gt=0, le=86400, description=(
+        "seconds the Optuna storage, MLflow server or checkpoint store may be away (retried, "
+        "trials training) before the sweep stops, resumable"))
 
 
 class Range(Section):
@@ -516,10 +514,13 @@ def parse_knob(value: Any) -> Range | Choices | bool | int | float | str:
 
 
 class Sweep(Section):
-    name: str
-    run_dir: str = DEFAULT_RUN_DIR
-    # Optuna storage URL; default sqlite:///<run_dir>/optuna.db.
-    storage: str | None = None
+    name: str = Field(description=(
+        "the MLflow experiment's name and the Optuna studies' prefix (<name>/<algorithm>)"))
+    run_dir: str = Field(DEFAULT_RUN_DIR, description=(
+        "where the local stores, artifacts and checkpoints go"))
+    storage: str | None = Field(None, description=(
+        "Optuna storage URL; null: sqlite:///<run_dir>/optuna.db; on a cluster of several "
+        "hosts postgresql://..."))
     tracking: Tracking = Tracking()
     ray: RaySection = RaySection()
     data: DataSection = SinusoidData()
@@ -528,7 +529,9 @@ class Sweep(Section):
     workers: Workers = Workers()
     search: Search = Search()
     services: Services = Services()
-    algorithms: dict[str, AlgorithmSpace] = Field(min_length=1)
+    algorithms: dict[str, AlgorithmSpace] = Field(min_length=1, description=(
+        "each algorithm to tune and its knobs: a fixed value, {low, high, log, int, step} or "
+        "{choices: [...]}; left out, its default search space"))
 
     @field_validator("name")
     @classmethod

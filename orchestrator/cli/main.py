@@ -106,7 +106,8 @@ def launch(sweep_file: Path, tracking_uri: str | None, address: str | None, conn
            resume: bool, quiet: bool) -> None:
     """Run the sweep in SWEEP_FILE: one Optuna study per algorithm, trials on Ray, everything
     tracked in MLflow, the best model per algorithm registered. Trials save checkpoints; one
-    whose process or node dies restarts from its last (search.restarts times)."""
+    whose process or node dies restarts from its last (search.restarts times). Every key of
+    the sweep file, with its meaning and default: orch config."""
     sweep = load_sweep(sweep_file)
     addresses.prepare_environment(address or sweep.ray.address)  # before anything imports Ray
     from orchestrator.sweep.launch import launch as run_sweep
@@ -195,6 +196,30 @@ class _progress_display:
         if algorithm not in self.bars:
             self.bars[algorithm] = self.progress.add_task(algorithm, total=total, detail=detail)
         self.progress.update(self.bars[algorithm], completed=done, detail=detail)
+
+
+@cli.command("config")
+@click.option("--yaml", "as_yaml", is_flag=True,
+              help="An annotated sweep file: every key at its default, its meaning as a comment.")
+@click.option("--markdown", "as_markdown", is_flag=True,
+              help="The table of docs/sweep-file.md.")
+def config_reference(as_yaml: bool, as_markdown: bool) -> None:
+    """Every key of the sweep file: what it means, what it allows and its default, read from the
+    typed model that validates sweep files (so it cannot differ from what orch launch accepts)."""
+    from orchestrator import config_reference as keys
+
+    if as_yaml and as_markdown:
+        raise click.UsageError("give one of --yaml and --markdown")
+    if as_yaml or as_markdown:
+        click.echo(keys.annotated_yaml() if as_yaml else keys.markdown(), nl=False)
+        return
+    table = Table(title="sweep file keys (orch config --yaml: as an annotated sweep file)")
+    for column in ("key", "allowed", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key in keys.reference():
+        table.add_row(key.path + (f"\n({key.variant})" if key.variant else ""), key.allowed,
+                      key.default, key.meaning)
+    output_console().print(table)
 
 
 @cli.command()
