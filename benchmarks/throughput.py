@@ -5,6 +5,13 @@ installed) and against a hand-written per-task loop, measured side by side in on
     python benchmarks/throughput.py --quick                # meta-batch 8, one round
     python benchmarks/throughput.py --only maml --only anil --threads 2 --memory --rounds 5
     python benchmarks/throughput.py --growth --memory --plot docs/throughput-growth.png
+    python benchmarks/throughput.py --only maml --steps 1 --steps 5 --steps 10 --no-loop \
+        --memory --rounds 5 --clock cpu      # inner steps against learn2learn, one thread
+    python benchmarks/throughput.py --only maml --steps 1 --steps 5 --steps 10 --no-loop \
+        --rounds 5 --threads 2               # the same, two threads (wall clock)
+    python benchmarks/throughput.py --recompute --rounds 3 --clock cpu \
+        --plot docs/throughput-recompute.png # training.inner_checkpointing, 1 to 100 steps
+(docs/throughput.md lists the commands behind each of its tables.)
 
 The setting: Omniglot 5-way 1-shot, Conv-4 with 64 filters on 28x28 images, 15 queries per class,
 meta-batch 32, each learner's own default knobs (MAML: one inner step, second order, inner rate
@@ -20,20 +27,26 @@ Three implementations of each meta-step, each summing the meta-gradient of a met
   pooling, the same layers as orch's) wrapped in ``algorithms.MAML`` (MAML, first-order MAML),
   ``algorithms.MetaSGD``, or for ANIL its body plus ``algorithms.MAML`` around the head; per
   task ``clone()``, ``adapt(loss)`` per inner step, one ``backward()``. Only where
-  ``import learn2learn`` works (README, "Meta-step speed and memory", says how to build it).
+  ``import learn2learn`` works (docs/throughput.md, at the end, says how to build it).
 - loop: the same recipe written by hand with no library (conv, BatchNorm, ReLU, max-pool), kept
   for machines without learn2learn and for learners learn2learn lacks (MAML++, ProtoNet); other
   learners whose update is the gradient of a query loss get a plain loop through their own
   forward code, and those with an update of their own (Reptile, Siamese pairs, MetaOptNet's SVM,
   ALPaCA) none.
 
-Rates are tasks per second of wall time, the median over rounds that alternate the
-implementations, so a busy machine slows them alike; ratios are of those medians. Peak memory
+Rates are tasks per second of wall time (``--clock cpu``: of this process's CPU time, one
+thread, which other jobs on a shared machine disturb far less), the median over rounds that
+alternate the implementations, so a busy machine slows them alike; ratios are of those medians. Peak memory
 (``--memory``) is measured per implementation and setting in a fresh child process that runs
 one meta-step: on CPU the growth of the process's peak resident set over its size just before
 the step (``VmHWM``), on CUDA ``torch.cuda.max_memory_allocated`` over the memory allocated
 before it. ``--growth`` measures MAML as inner steps (1, 5, 10), shots (1, 5), ways (5, 20) and
 meta-batch (8, 32) grow one at a time from the base setting, and ``--plot`` draws it.
+``--steps`` times the learners at those inner-step counts instead of their defaults.
+``--recompute`` measures MAML at 1, 5, 10, 25, 50 and 100 inner steps with and without
+``training.inner_checkpointing: 1`` (rounds alternating the two; allocator peak of each in a
+fresh child), at meta-batch 4 (time is per task and the peak is one task's, whatever the
+meta-batch), and ``--plot`` draws that instead.
 """
 
 from __future__ import annotations
@@ -82,10 +95,14 @@ class Setting:
     shots: int = 1
     meta_batch: int = 32
     steps: int | None = None
+    # ``training.inner_checkpointing`` for orch (learners that support it); None: off.
+    inner_checkpointing: int | None = None
 
     def label(self) -> str:
         steps = "" if self.steps is None else f", {self.steps} step{'s' * (self.steps > 1)}"
-        return f"{self.ways}-way {self.shots}-shot, meta-batch {self.meta_batch}{steps}"
+        recompute = ("" if self.inner_checkpointing is None else
+                     f", inner checkpointing {self.inner_checkpointing}")
+        return f"{self.ways}-way {self.shots}-shot, meta-batch {self.meta_batch}{steps}{recompute}"
 
 
 BASE = Setting(steps=1)
@@ -94,6 +111,9 @@ GROWTH = {"inner steps": [BASE, replace(BASE, steps=5), replace(BASE, steps=10)]
           "shots": [BASE, replace(BASE, shots=5)],
           "ways": [BASE, replace(BASE, ways=20)],
           "meta-batch": [replace(BASE, meta_batch=8), BASE]}
+# MAML with and without inner checkpointing (the issue's memory table).
+RECOMPUTE_STEPS = (1, 5, 10, 25, 50, 100)
+RECOMPUTE_META_BATCH = 4
 
 
 def episodes(setting: Setting, device: torch.device, seed: int = 0) -> TaskBatch:
@@ -111,8 +131,11 @@ def orch_learner(name: str, setting: Setting, device: torch.device) -> Learner:
     if setting.steps is not None and "inner_steps" in LEARNERS[name].Hyperparameters.model_fields:
         knobs["inner_steps"] = setting.steps
     model = ModelSection.model_validate({"backbone": "conv4", "filters": FILTERS})
+    recompute = (setting.inner_checkpointing
+                 if LEARNERS[name].inner_checkpointing_refusal is None else None)
     learner = build_learner(model, name, knobs, kind="classification",
-                            input_shape=(1, SIZE, SIZE), output_size=setting.ways)
+                            input_shape=(1, SIZE, SIZE), output_size=setting.ways,
+                            inner_checkpointing=recompute)
     learner.backbone.to(device)
     learner.progress = PROGRESS
     return learner
@@ -120,7 +143,8 @@ def orch_learner(name: str, setting: Setting, device: torch.device) -> Learner:
 
 def orch_step(learner: Learner, device: torch.device) -> Step:
     params = {k: v.to(device) for k, v in learner.init_params(0).items()}
-    vectorize = should_vectorize("auto", "conv4", device)
+    vectorize = should_vectorize("auto", "conv4", device,
+                                 recompute=learner.inner_checkpointing is not None)
 
     def step(batch: TaskBatch) -> None:
         learner.batch_gradient(params, batch, vectorize=vectorize, progress=PROGRESS)
@@ -128,7 +152,7 @@ def orch_step(learner: Learner, device: torch.device) -> Step:
 
 
 def orch_path(learner: Learner, device: torch.device) -> str:
-    if should_vectorize("auto", "conv4", device):
+    if should_vectorize("auto", "conv4", device, recompute=learner.inner_checkpointing is not None):
         return "vmap"
     return "autograd loop" if learner.uses_autograd_loop() else "torch.func loop"
 
@@ -350,20 +374,27 @@ def implementation_step(implementation: str, name: str, setting: Setting,
 
 # -- measuring ---------------------------------------------------------------------------------
 
+# What ``timed`` reads: wall time, or (``--clock cpu``, one thread on CPU) this process's CPU
+# time, which other jobs on a shared machine disturb far less.
+CLOCK: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
+
 def timed(step: Step, batch: TaskBatch, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    started = clock()
     step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return clock() - started
 
 
-def rates(name: str, setting: Setting, device: torch.device, rounds: int) -> dict[str, float]:
+def rates(name: str, setting: Setting, device: torch.device, rounds: int,
+          implementations: tuple[str, ...] = IMPLEMENTATIONS) -> dict[str, float]:
     """Tasks per second of each implementation that has this learner, rounds alternating."""
     batch = episodes(setting, device)
-    steps = {impl: implementation_step(impl, name, setting, device) for impl in IMPLEMENTATIONS}
+    steps = {impl: implementation_step(impl, name, setting, device) for impl in implementations}
     steps = {impl: step for impl, step in steps.items() if step is not None}
     for step in steps.values():
         step(batch)  # warm-up: allocator, oneDNN primitives, CUDA kernels
@@ -457,22 +488,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
-def learner_table(names: list[str], setting: Setting, devices: list[str], rounds: int,
-                  threads: int, memory: bool) -> None:
-    print(f"{'learner':<11}{'device':<7}{'orch path':<16}{'orch':>9}{'l2l':>9}{'orch/l2l':>9}"
-          f"{'loop':>9}{'orch/loop':>10}" + (f"{'orch MiB':>12}{'l2l MiB':>12}{'loop MiB':>12}"
-                                             if memory else ""))
+def learner_table(names: list[str], settings: list[Setting], devices: list[str], rounds: int,
+                  threads: int, memory: bool,
+                  implementations: tuple[str, ...] = IMPLEMENTATIONS) -> None:
+    print(f"{'learner':<11}{'steps':>6} {'device':<7}{'orch path':<16}{'orch':>9}{'l2l':>9}"
+          f"{'orch/l2l':>9}{'loop':>9}{'orch/loop':>10}"
+          + (f"{'orch MiB':>12}{'l2l MiB':>12}{'loop MiB':>12}" if memory else ""))
     for device_name in devices:
         device = torch.device(device_name)
-        for name in names:
-            found = rates(name, setting, device, rounds)
+        for name, setting in itertools.product(names, settings):
+            found = rates(name, setting, device, rounds, implementations)
             orch, l2l, loop = (found.get(impl) for impl in IMPLEMENTATIONS)
-            line = (f"{name:<11}{device_name:<7}"
+            steps = orch_learner(name, setting, device).hparams
+            steps = getattr(steps, "inner_steps", None)
+            line = (f"{name:<11}{'-' if steps is None else steps:>6} {device_name:<7}"
                     f"{orch_path(orch_learner(name, setting, device), device):<16}"
                     f"{cell(orch)}{cell(l2l)}{cell(ratio(orch, l2l), '.2f')}{cell(loop)}"
                     f"{cell(ratio(orch, loop), '.2f', 10)}")
             if memory:
-                line += "".join(mib(peak_memory(impl, name, setting, device, threads))
+                line += "".join(mib(peak_memory(impl, name, setting, device, threads)
+                                    if impl in implementations else None)
                                 for impl in IMPLEMENTATIONS)
             print(line, flush=True)
 
@@ -544,6 +579,67 @@ def draw_growth(results: dict[str, list[tuple[Setting, dict]]], path: str, memor
     print(f"plot written to {path}")
 
 
+def recompute_table(devices: list[str], rounds: int, threads: int, plot: str | None) -> None:
+    """MAML's time per task and allocator peak at ``RECOMPUTE_STEPS`` inner steps, plain and
+    with ``training.inner_checkpointing: 1``, rounds alternating the two."""
+    print(f"MAML, second order, {replace(BASE, meta_batch=RECOMPUTE_META_BATCH).label()} and "
+          "more steps; plain against inner checkpointing 1 (every step recomputed in the "
+          "outer backward); time x: recomputed over plain; peak: allocator MiB one meta-step adds")
+    print(f"{'steps':>6} {'device':<7}{'plain ms/task':>14}{'recomputed':>12}{'time x':>8}"
+          f"{'plain MiB':>11}{'recomputed':>11}{'mem x':>7}")
+    results: dict[str, list[tuple[int, dict]]] = {}
+    for device_name in devices:
+        device = torch.device(device_name)
+        for steps in RECOMPUTE_STEPS:
+            plain = Setting(meta_batch=RECOMPUTE_META_BATCH, steps=steps)
+            recomputed = replace(plain, inner_checkpointing=1)
+            batch = episodes(plain, device)
+            variants = {"plain": orch_step(orch_learner("maml", plain, device), device),
+                        "recomputed": orch_step(orch_learner("maml", recomputed, device), device)}
+            for step in variants.values():
+                step(batch)
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(rounds):
+                for name, step in variants.items():
+                    times[name].append(timed(step, batch, device))
+            row = {name: 1000 * statistics.median(found) / len(batch)
+                   for name, found in times.items()}
+            row["plain MiB"] = peak_memory("orch", "maml", plain, device, threads)[0]
+            row["recomputed MiB"] = peak_memory("orch", "maml", recomputed, device, threads)[0]
+            results.setdefault(device_name, []).append((steps, row))
+            print(f"{steps:>6} {device_name:<7}{row['plain']:>14.1f}{row['recomputed']:>12.1f}"
+                  f"{row['recomputed'] / row['plain']:>8.2f}{row['plain MiB']:>11.0f}"
+                  f"{row['recomputed MiB']:>11.0f}"
+                  f"{row['recomputed MiB'] / row['plain MiB']:>7.2f}", flush=True)
+    if plot:
+        draw_recompute(results, plot)
+
+
+def draw_recompute(results: dict[str, list[tuple[int, dict]]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for device_name, found in results.items():
+        steps = [s for s, _ in found]
+        suffix = "" if len(results) == 1 else f" ({device_name})"
+        for key, label in (("plain", "plain"), ("recomputed", "inner checkpointing")):
+            axes[0].plot(steps, [r[key] for _, r in found], marker="o", label=label + suffix)
+            axes[1].plot(steps, [r[key + " MiB"] for _, r in found], marker="o",
+                         label=label + suffix)
+    for axis, label in zip(axes, ("ms per task", "peak MiB (allocator)")):
+        axis.set_xlabel("inner steps")
+        axis.set_ylabel(label)
+        axis.set_ylim(bottom=0)
+    axes[1].legend()
+    figure.suptitle("MAML meta-step with and without training.inner_checkpointing: 1",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child-memory":
         print(json.dumps({"mib": child_peak_memory(json.loads(sys.argv[2]))}))
@@ -562,10 +658,28 @@ def main() -> None:
     parser.add_argument("--growth", action="store_true",
                         help="MAML as inner steps, shots, ways and meta-batch grow, instead of "
                              "the table of learners")
-    parser.add_argument("--plot", metavar="PNG", help="with --growth: draw it into this file")
+    parser.add_argument("--steps", type=int, action="append",
+                        help="inner steps of the learners that take them (repeat for a row "
+                             "each; default: each learner's own)")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="time meta-steps by wall time (default) or by this process's CPU "
+                             "time (one thread, CPU only: steadier on a shared machine)")
+    parser.add_argument("--no-loop", action="store_true",
+                        help="leave the hand-written loop out (it stands in where learn2learn "
+                             "is missing)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="MAML's time and allocator peak at 1 to 100 inner steps with and "
+                             "without training.inner_checkpointing, instead of the table of "
+                             "learners")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="with --growth or --recompute: draw it into this file")
     args = parser.parse_args()
-    if args.plot and not args.growth:
-        parser.error("--plot draws the --growth table; add --growth")
+    if args.plot and not (args.growth or args.recompute):
+        parser.error("--plot draws the --growth or --recompute table; add one")
+    if args.clock == "cpu" and (args.threads != 1 or args.device not in (None, ["cpu"])):
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1 --device cpu")
+    global clock
+    clock = CLOCK[args.clock]
     meta_batch = args.meta_batch or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -578,19 +692,26 @@ def main() -> None:
           + f"; load average {load} at the start")
     print(f"# learn2learn {l2l.__version__}" if l2l else f"# learn2learn not importable ({why}): "
           "its column stays empty")
-    print(f"# tasks/s: median of {rounds} round(s) alternating the implementations; "
+    print(f"# tasks/s: median of {rounds} round(s) alternating the implementations, "
+          f"{'CPU' if args.clock == 'cpu' else 'wall'} time; "
           f"{QUERIES} queries per class, Conv-4-{FILTERS}, {SIZE}x{SIZE}"
           + ("; MiB: peak memory one meta-step adds, fresh child process each" if args.memory
              else ""))
     if args.growth:
         growth_table(devices, rounds, args.threads, args.memory, args.plot)
+    elif args.recompute:
+        recompute_table(devices, rounds, args.threads, args.plot)
     else:
-        setting = Setting(meta_batch=meta_batch)
-        print(f"# {setting.label()}, each learner's default knobs")
+        settings = [Setting(meta_batch=meta_batch, steps=steps) for steps in args.steps or [None]]
+        print(f"# {Setting(meta_batch=meta_batch).label()}, each learner's default knobs"
+              + ("" if args.steps is None else
+                 f" but inner steps {', '.join(map(str, args.steps))}"))
         # Pretraining learners take no meta-step: they train on labelled minibatches.
         names = args.only or [n for n, cls in LEARNERS.items()
                               if "classification" in cls.task_kinds and cls.family != "pretrained"]
-        learner_table(names, setting, devices, rounds, args.threads, args.memory)
+        implementations = tuple(i for i in IMPLEMENTATIONS if i != "loop" or not args.no_loop)
+        learner_table(names, settings, devices, rounds, args.threads, args.memory,
+                      implementations)
     print(f"# load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
 
 
