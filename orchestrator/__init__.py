@@ -1,7 +1,7 @@
 """orch's orchestrator: everything between a sweep file and the learners, in sub-packages by role.
 
-- ``config`` (the sweep file, one typed model), ``errors`` (the two kinds of failure) and
-  ``plots`` (figures): shared by all;
+- ``config`` (the sweep file, one typed model; ``config_reference`` prints its keys),
+  ``errors`` (the two kinds of failure) and ``plots`` (figures): shared by all;
 - ``training``: meta-training and the trained model, plain PyTorch;
 - ``services``: the adapters to Ray, MLflow and Optuna, and to the stores behind them;
 - ``models``: using trained models (predict, evaluate, compare, start a sweep from one);

@@ -25,7 +25,8 @@ OWNERS = {"mlflow": "orchestrator/services/tracking.py", "optuna": "orchestrator
 # The orchestrator's sub-packages by role, each importing (of orch) only the shared modules and
 # the sub-packages before it here: what their docstrings say.
 LAYERS = ("training", "services", "models", "sweep", "cli")
-SHARED = {"orchestrator", "orchestrator.config", "orchestrator.errors", "orchestrator.plots"}
+SHARED = {"orchestrator", "orchestrator.config", "orchestrator.config_reference",
+          "orchestrator.errors", "orchestrator.plots"}
 
 
 def sources(*, benchmarks: bool = False) -> list[Path]:

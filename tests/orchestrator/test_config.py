@@ -202,3 +202,54 @@ def test_inner_checkpointing_reaches_the_learner():
     found, _, _ = recomputing.gradient(params, "train", 0, range(3))
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+# -- one source for every key ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_sweep_key_says_what_it_means_and_the_docs_page_is_generated():
+    """Each key's meaning lives in its field (``Field(description=...)``); ``orch config``
+    reads it from there, and docs/sweep-file.md is its output, so the two cannot drift."""
+    from click.testing import CliRunner
+
+    from orchestrator import config_reference
+    from orchestrator.cli.main import cli
+
+    keys = config_reference.reference()  # raises for a key without a description
+    paths = {key.path for key in keys}
+    assert {"name", "training.inner_checkpointing", "search.pruner.reduction_factor",
+            "services.outage_s", "data.path", "algorithms"} <= paths
+    written = CliRunner().invoke(cli, ["config", "--markdown"])
+    assert written.exit_code == 0, written.output
+    assert (REPO / "docs" / "sweep-file.md").read_text() == written.output, \
+        "docs/sweep-file.md is stale: .venv/bin/orch config --markdown > docs/sweep-file.md"
+    annotated = CliRunner().invoke(cli, ["config", "--yaml"])
+    assert annotated.exit_code == 0 and annotated.output == config_reference.annotated_yaml()
+
+
+def test_the_readmes_annotated_example_is_orch_configs_word_for_word():
+    """Every commented key of the README's example sweep file exists and its comment is that
+    key's meaning as the model states it (what ``orch config --yaml`` prints), and the example
+    is a valid sweep file."""
+    from orchestrator import config_reference
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("\n## The sweep file\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    meanings = {key.path: key.meaning for key in config_reference.reference()
+                if not key.variant or key.variant.endswith((": sinusoid", ": median"))}
+    stack: list[str] = []
+    checked = 0
+    for line in block.splitlines():
+        indent = (len(line) - len(line.lstrip())) // 2
+        key = line.strip().split(":", 1)[0]
+        stack[indent:] = [key]
+        if "  # " in line:
+            path = ".".join(stack)
+            assert path in meanings, f"README's example names {path}, which is no sweep key"
+            assert line.split("  # ", 1)[1].strip() == meanings[path], (
+                f"README's comment on {path} differs from its meaning in orch config")
+            checked += 1
+    assert checked >= 20
+    sweep_from_dict(yaml.safe_load(block), source="README")
