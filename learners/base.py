@@ -380,7 +380,7 @@ class Learner(abc.ABC):
                                ways: int | None = None) -> tuple[Tensor, Tensor, Params]:
         """``task_gradient`` for the autograd loop: accumulate this task's gradient into the
         leaves' ``.grad`` with ``backward()``; return the detached query loss and outputs, and
-        any contribution that is not a gradient (MAML++'s running statistics), to be added."""
+        any contribution that is not a loss gradient (iMAML's meta-gradient), to be added."""
         loss, outputs = self.query_loss(leaves, task, ways=ways)
         loss.backward()
         return loss.detach(), outputs.detach(), {}

@@ -2,29 +2,24 @@
 
 MAML with the paper's fixes: a multi-step loss (the query loss after every inner step, weighted,
 the weights annealed toward the last step's), a learned inner rate per layer and per step
-(``lr.<weight>``, one entry per step), BatchNorm weights, biases and running statistics per step
-(see ``learners.nets.mamlpp``), first-order meta-gradients for the first part of training and
+(``lr.<weight>``, one entry per step), BatchNorm weights and biases per step (see
+``learners.nets.mamlpp``), first-order meta-gradients for the first part of training and
 second-order after, and a cosine-annealed outer rate. The meta-parameters are the backbone's
-initial weights with per-step BatchNorm rows, the per-step rates and the running statistics;
-``adapt`` returns the fast weights after ``inner_steps`` steps, with the BatchNorm row for that
-many steps. BatchNorm weights are learned by the outer loop only (the authors' setting).
+initial weights with per-step BatchNorm rows and the per-step rates; ``adapt`` returns the fast
+weights after ``inner_steps`` steps, with the BatchNorm row for that many steps. BatchNorm weights
+are learned by the outer loop only (the authors' setting).
 
-Running statistics: the authors' code gathers per-step running statistics but calls batch_norm
-in training mode, so it always normalises with the batch's own statistics. Here meta-training
-also normalises with batch statistics, and each task's ``task_gradient`` returns, for each
-statistic, the running value minus the mean of that row's batch moments on the task (support and
-query passes that used the row); the trainer moves the statistics by ``statistics_momentum`` (0.1,
-PyTorch's) times the meta-batch mean of that, outside the optimiser: an exponential moving average
-that is deterministic and the same on any number of workers. Evaluation and serving normalise
-with each batch's own statistics too, like the authors' code, so no prediction reads the running
-statistics: on a short Omniglot run (Conv-4, 8 filters, 60 iterations) evaluating with them
-scored 0.23 (chance 0.2) against over 0.4 with batch statistics, since the weights were
-meta-trained with per-task normalisation.
+Running statistics: the paper also keeps BatchNorm running statistics per step, but its authors'
+code calls batch_norm in training mode, so it always normalises with the batch's own statistics
+and never reads them. orch normalises with batch statistics too -- in meta-training, evaluation
+and serving alike -- and keeps none: an earlier version gathered them as a moving average, and
+evaluating with them scored 0.23 (chance 0.2) against over 0.4 with batch statistics on a short
+Omniglot run (Conv-4, 8 filters, 60 iterations), since the weights are meta-trained with per-task
+normalisation.
 """
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor
 from torch.func import grad
@@ -33,7 +28,7 @@ from learners.base import Adapted, Objective, Params
 from learners.functional import (HEAD_BIAS, HEAD_WEIGHT, SHARED_HEAD, entries,
                                  gradient_trajectory, without)
 from learners.maml import MAML, HeadKnob
-from learners.nets.mamlpp import MEAN, VAR, forward, norm_layers, per_step, row_view
+from learners.nets.mamlpp import forward, norm_layers, per_step, row_view
 from pipelines.base import Task
 
 RATE = "lr."
@@ -68,16 +63,12 @@ class MAMLPlusPlus(MAML):
     def __init__(self, backbone, objective: Objective, hparams: MAMLPlusPlusHyperparameters):
         super().__init__(backbone, objective, hparams)
         self.layers = norm_layers(backbone)
-        self.statistics = {layer + key for layer in self.layers for key in (MEAN, VAR)}
-
-    def is_statistic(self, name: str) -> bool:
-        return name in self.statistics
 
     def init_params(self, seed: int) -> Params:
         steps, rate = self.hparams.inner_steps, self.hparams.inner_lr
         weights = per_step(super().init_params(seed), self.layers, steps + 1)
         norms = {layer + key for layer in self.layers for key in ("weight", "bias")}
-        adapted = [k for k in weights if k not in norms | self.statistics and k != SHARED_HEAD]
+        adapted = [k for k in weights if k not in norms and k != SHARED_HEAD]
         if self.hparams.head != "fixed":
             adapted += [HEAD_WEIGHT, HEAD_BIAS]  # made per task; their rates are meta-parameters
         first = next(iter(weights.values()))
@@ -96,19 +87,13 @@ class MAMLPlusPlus(MAML):
         return [early] * (steps - 1) + [last]
 
     def trajectory(self, params: Params, support_x: Tensor, support_y: Tensor, *,
-                   ways: int | None, steps: int, first_order: bool,
-                   seen: dict[int, list[dict]] | None = None) -> list[Params]:
-        """The fast weights before and after each inner step (per-step rows still whole);
-        ``seen``, when given, collects each support pass's BatchNorm moments by row."""
+                   ways: int | None, steps: int, first_order: bool) -> list[Params]:
+        """The fast weights before and after each inner step (per-step rows still whole)."""
         start = self.task_params(without(params, RATE), ways)
         rates = entries(params, RATE)
 
         def support_loss(p: Params, x: Tensor, y: Tensor, step: int) -> Tensor:
-            moments = None if seen is None else {}
-            outputs = self.outputs(p, x, row=step, moments=moments)
-            if seen is not None:
-                seen.setdefault(step, []).append(moments)
-            return self.objective.loss(outputs, y)
+            return self.objective.loss(self.outputs(p, x, row=step), y)
 
         return gradient_trajectory(
             support_loss, start, support_x, support_y, steps=steps, first_order=first_order,
@@ -116,9 +101,8 @@ class MAMLPlusPlus(MAML):
             lr=lambda step: {k: r[min(step, len(r) - 1)] for k, r in rates.items()},
             adapt_keys=frozenset(rates), with_step=True)
 
-    def outputs(self, params: Params, x: Tensor, *, row: int,
-                moments: dict | None = None) -> Tensor:
-        return forward(self.backbone, row_view(params, self.layers, row), x, moments=moments)
+    def outputs(self, params: Params, x: Tensor, *, row: int) -> Tensor:
+        return forward(self.backbone, row_view(params, self.layers, row), x)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:
@@ -132,71 +116,30 @@ class MAMLPlusPlus(MAML):
 
     def task_gradient(self, params: Params, task: Task, *,
                       ways: int | None = None) -> tuple[Params, Tensor, Tensor]:
-        statistics = {k: params[k] for k in self.statistics}
-        learned = {k: v for k, v in params.items() if k not in self.statistics}
-        gradient, (loss, outputs, path) = grad(
-            lambda p: self.multi_step_loss({**p, **statistics}, task, ways=ways),
-            has_aux=True)(learned)
-        weights = self.loss_weights(self.progress)
-        return {**gradient, **self.statistics_update(path, task, weights)}, loss, outputs
+        gradient, (loss, outputs) = grad(lambda p: self.multi_step_loss(p, task, ways=ways),
+                                         has_aux=True)(params)
+        return gradient, loss, outputs
 
     def autograd_task_gradient(self, leaves: Params, task: Task, *,
                                ways: int | None = None) -> tuple[Tensor, Tensor, Params]:
-        # Outside torch.func the passes can hand out their BatchNorm moments as they run, so the
-        # statistics need no second forward pass (``statistics_update`` makes one).
-        seen: dict[int, list[dict]] = {}
-        total, (loss, outputs, path) = self.multi_step_loss(leaves, task, ways=ways, seen=seen)
-        total.backward()  # the running statistics are not used by it: their gradient stays None
-        return loss, outputs, self.statistics_from(seen, path[0])
+        total, (loss, outputs) = self.multi_step_loss(leaves, task, ways=ways)
+        total.backward()
+        return loss, outputs, {}
 
-    def multi_step_loss(self, params: Params, task: Task, *, ways: int | None = None,
-                        seen: dict[int, list[dict]] | None = None
-                        ) -> tuple[Tensor, tuple[Tensor, Tensor, list[Params]]]:
+    def multi_step_loss(self, params: Params, task: Task, *, ways: int | None = None
+                        ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The weighted sum of the query losses after each inner step (``loss_weights``), first
         order early in training (``first_order_fraction``); with the last step's query loss and
-        outputs and the detached fast weights of every step (for ``statistics_update``).
-        ``seen``, when given, collects every pass's BatchNorm moments by row."""
+        outputs."""
         steps, ways = self.hparams.inner_steps, self.ways_of(task.support_y, ways)
         weights = self.loss_weights(self.progress)
         first_order = self.progress < self.hparams.first_order_fraction
         path = self.trajectory(params, task.support_x, task.support_y, ways=ways, steps=steps,
-                               first_order=first_order, seen=seen)
+                               first_order=first_order)
         total = 0.0
         for step, weight in enumerate(weights):
             if weight > 0:
-                moments = None if seen is None else {}
-                outputs = self.outputs(path[step + 1], task.query_x, row=step + 1,
-                                       moments=moments)
-                if seen is not None:
-                    seen.setdefault(step + 1, []).append(moments)
+                outputs = self.outputs(path[step + 1], task.query_x, row=step + 1)
                 loss = self.objective.loss(outputs, task.query_y)
                 total = total + weight * loss
-        detached = [{k: v.detach() for k, v in fast.items()} for fast in path]
-        return total, (loss.detach(), outputs.detach(), detached)
-
-    def statistics_update(self, path: list[Params], task: Task,
-                          weights: list[float]) -> Params:
-        """Per running statistic: its value minus the mean batch moment of the passes that used
-        its row on this task (the inner steps' support passes, the weighted query passes)."""
-        seen: dict[int, list[dict]] = {}
-        for step in range(len(weights)):
-            passes = [(path[step], task.support_x, step)]
-            if weights[step] > 0:
-                passes.append((path[step + 1], task.query_x, step + 1))
-            for fast, x, row in passes:
-                moments: dict = {}
-                self.outputs(fast, x, row=row, moments=moments)
-                seen.setdefault(row, []).append(moments)
-        return self.statistics_from(seen, path[0])
-
-    def statistics_from(self, seen: dict[int, list[dict]], start: Params) -> Params:
-        """``statistics_update`` from the moments ``seen`` by row, ``start`` holding the running
-        statistics."""
-        update = {}
-        for layer in self.layers:
-            for index, key in enumerate((MEAN, VAR)):
-                running = start[layer + key]
-                batch = [torch.stack([m[layer][index] for m in seen[row]]).mean(dim=0)
-                         if row in seen else running[row] for row in range(len(running))]
-                update[layer + key] = running - torch.stack(batch)
-        return update
+        return total, (loss.detach(), outputs.detach())

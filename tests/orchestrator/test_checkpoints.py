@@ -86,15 +86,14 @@ def test_resumed_loop_ends_bitwise_where_the_uninterrupted_one_does(tmp_path, al
     assert final == reference.final
 
 
-def test_mamlpp_resumes_its_schedule_and_running_statistics_bitwise(tmp_path, omniglot_dir):
-    """MAML++ carries the most: a cosine outer rate, annealed loss weights, the first- to
-    second-order switch and BatchNorm running statistics moved by the trainer."""
+def test_mamlpp_resumes_its_schedule_bitwise(tmp_path, omniglot_dir):
+    """MAML++ carries the most: a cosine outer rate, annealed loss weights and the first- to
+    second-order switch."""
     raw = image_sweep(tmp_path, omniglot_dir)
     knobs = {"inner_lr": 0.4, "first_order_fraction": 0.5}
     reference = trainer_for(raw, "mamlpp", knobs).train()
     params, final, state = interrupted_then_resumed(raw, "mamlpp", knobs, tmp_path / "store", 5)
     assert state.iteration == 3
-    assert any("running_mean" in name for name in state.params)
     for name, value in reference.params.items():
         assert torch.equal(params[name], value), name
     assert final == reference.final
