@@ -75,20 +75,19 @@ class MaxPool2d(nn.MaxPool2d):
         if (not in_plain_autograd() or not torch.is_grad_enabled() or self.return_indices
                 or not isinstance(window, int) or self.stride not in (window, (window, window))
                 or self.padding not in (0, (0, 0)) or self.dilation not in (1, (1, 1))
-                or self.ceil_mode or x.dim() != 4 or not _plain_tensor(x)):
+                or self.ceil_mode or x.dim() != 4 or not _outside_transforms()):
             return super().forward(x)
         return _PoolKeepingIndices.apply(x, window)
 
 
-def _plain_tensor(x: Tensor) -> bool:
-    """Whether ``x`` is an ordinary tensor rather than one a torch.func transform wraps (some
-    learners take torch.func gradients inside the autograd loop: the LSTM meta-learner,
-    MetaNet). Wrapped tensors have no storage of their own."""
-    try:
-        x.untyped_storage()
-    except (NotImplementedError, RuntimeError):
-        return False
-    return True
+def _outside_transforms() -> bool:
+    """Whether no torch.func transform (grad, vmap, ...) is running: some learners take
+    torch.func gradients inside the autograd loop (the LSTM meta-learner, MetaNet), and an
+    ``autograd.Function`` without ``setup_context`` cannot run under one. The transform may wrap
+    only the parameters (``grad`` of a ``functional_call``) while the input is plain data, so
+    this asks torch itself -- the very test ``autograd.Function.apply`` makes -- rather than
+    looking at the input."""
+    return not torch._C._are_functorch_transforms_active()
 
 
 class _Conv(torch.autograd.Function):
@@ -174,7 +173,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if (not in_plain_autograd() or not torch.is_grad_enabled() or self.bias is not None
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or x.dim() != 4 or not _plain_tensor(x)):
+                or x.dim() != 4 or not _outside_transforms()):
             return super().forward(x)
         return _Conv.apply(x, self.weight, (self.stride, self.padding, self.dilation,
                                             self.groups))
@@ -269,7 +268,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if (not in_plain_autograd() or not torch.is_grad_enabled() or self.track_running_stats
                 or not self.training or self.weight is None or x.dim() != 4
-                or not _plain_tensor(x)):
+                or not _outside_transforms()):
             return super().forward(x)
         return _BatchNorm.apply(x, self.weight, self.bias, self.eps)
 
