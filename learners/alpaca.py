@@ -49,15 +49,16 @@ class ALPaCA(Learner):
     task_kinds = ("regression",)
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.01, "log": True}}
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
         if self.output_size is None:
             raise ValueError("alpaca needs the width of the targets: set learner.output_size "
                              "(build_learner does)")
         features = self.backbone.feature_size
-        generator = torch.Generator().manual_seed(seed)
         # A Glorot-scaled prior mean as in the authors' code; the prior precision starts at I.
-        params[PRIOR_MEAN] = torch.randn(features, self.output_size, generator=generator) * \
+        # Drawn from a stream of its own, started from the same seed (as it always has been).
+        prior = torch.Generator().manual_seed(generator.initial_seed())
+        params[PRIOR_MEAN] = torch.randn(features, self.output_size, generator=prior) * \
             math.sqrt(2.0 / (features + self.output_size))
         params[PRIOR_FACTOR] = torch.eye(features)
         params[LOG_NOISE] = torch.zeros(self.output_size)

@@ -197,9 +197,16 @@ class Learner(abc.ABC):
     # -- the four verbs ----------------------------------------------------------------------
 
     def init_params(self, seed: int) -> Params:
-        """Fresh meta-parameters, the same for the same seed on any machine."""
-        torch.manual_seed(seed)
-        return fresh_params(self.backbone)
+        """Fresh meta-parameters, the same for the same seed on any machine. Drawn from a
+        generator of their own: torch's global random state is neither read nor changed, so
+        building a learner does not move the caller's random numbers."""
+        return self.initial_params(torch.Generator().manual_seed(seed))
+
+    def initial_params(self, generator: torch.Generator) -> Params:
+        """What ``init_params`` returns, drawn from ``generator`` (the backbone first, then
+        whatever a learner adds, in a fixed order). Learners with meta-parameters beyond the
+        backbone's extend this, not ``init_params``."""
+        return fresh_params(self.backbone, generator)
 
     @abc.abstractmethod
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,

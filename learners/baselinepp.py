@@ -43,8 +43,8 @@ class BaselinePlusPlus(FitsHead):
             return self.hparams.scale
         return 10.0 if classes > 200 else 2.0
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
         if self.hparams.learn_scale:
             params[CLASSIFIER + SCALE] = torch.tensor(self.fixed_scale(self.classes))
         return params

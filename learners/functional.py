@@ -288,11 +288,18 @@ def without(params: Params, *prefixes: str) -> Params:
     return {k: v for k, v in params.items() if not k.startswith(prefixes)}
 
 
-def fresh_params(module: nn.Module, prefix: str = "") -> Params:
-    """``module``'s freshly initialised weights (every submodule's ``reset_parameters``; the caller
-    seeds), detached copies under keys ``prefix + name``."""
-    for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+def fresh_params(module: nn.Module, generator: torch.Generator, prefix: str = "") -> Params:
+    """``module``'s freshly initialised weights (every submodule's ``reset_parameters``), drawn
+    from ``generator`` and advancing it, as detached copies under keys ``prefix + name``.
+
+    ``reset_parameters`` draws from torch's global generator and takes no other; it runs here
+    inside ``fork_rng`` with ``generator``'s state, so the caller's global state is restored
+    afterwards, untouched (the values are those the same seed gave the global generator)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        generator.set_state(torch.get_rng_state())
     return {prefix + name: p.detach().clone() for name, p in module.named_parameters()}
 

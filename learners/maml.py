@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
+import torch
 from torch import Tensor
 
 from learners.backbones import call
@@ -49,8 +50,8 @@ class MAML(Learner):
             raise ValueError(f"head: {hparams.head} is for classification; regression keeps "
                              "the fixed output layer")
 
-    def init_params(self, seed: int) -> Params:
-        return meta_head(super().init_params(seed), self.hparams.head)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        return meta_head(super().initial_params(generator), self.hparams.head)
 
     def task_params(self, params: Params, ways: int | None) -> Params:
         """The weights a task's inner loop starts from (the meta-parameters, with its head)."""

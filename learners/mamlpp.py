@@ -21,6 +21,7 @@ normalisation.
 from __future__ import annotations
 
 from pydantic import Field
+import torch
 from torch import Tensor
 from torch.func import grad
 
@@ -64,9 +65,9 @@ class MAMLPlusPlus(MAML):
         super().__init__(backbone, objective, hparams)
         self.layers = norm_layers(backbone)
 
-    def init_params(self, seed: int) -> Params:
+    def initial_params(self, generator: torch.Generator) -> Params:
         steps, rate = self.hparams.inner_steps, self.hparams.inner_lr
-        weights = per_step(super().init_params(seed), self.layers, steps + 1)
+        weights = per_step(super().initial_params(generator), self.layers, steps + 1)
         norms = {layer + key for layer in self.layers for key in ("weight", "bias")}
         adapted = [k for k in weights if k not in norms and k != SHARED_HEAD]
         if self.hparams.head != "fixed":

@@ -44,9 +44,9 @@ class Matching(Learner):
         super().__init__(backbone, objective, hparams)
         self.fce = FullContextEmbedding(backbone.feature_size) if hparams.fce else None
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
-        return {**params, **fresh_params(self.fce, FCE)} if self.fce is not None else params
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
+        return {**params, **fresh_params(self.fce, generator, FCE)} if self.fce is not None else params
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, without(params, FCE), x).flatten(start_dim=1)

@@ -53,9 +53,9 @@ class MetaLSTM(MAML):
         super().__init__(backbone, objective, hparams)
         self.meta_learner = MetaLearnerLSTM(hparams.hidden_size, initial_lr=hparams.initial_lr)
 
-    def init_params(self, seed: int) -> Params:
-        learner = super().init_params(seed)  # seeds, then draws the backbone first
-        return {**learner, **fresh_params(self.meta_learner, PREFIX)}
+    def initial_params(self, generator: torch.Generator) -> Params:
+        learner = super().initial_params(generator)  # draws the backbone first
+        return {**learner, **fresh_params(self.meta_learner, generator, PREFIX)}
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, *,
               ways: int | None = None, steps: int | None = None) -> Adapted:

@@ -72,10 +72,10 @@ class MetaNet(Learner):
         self.base_fast = fast_names(backbone)
         self.embed_fast = fast_names(self.embedding)
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
         for prefix, net in zip(NETS, (self.embedding, self.d, self.m)):
-            params.update(fresh_params(net, prefix))
+            params.update(fresh_params(net, generator, prefix))
         return params
 
     def check_ways(self, params: Params, ways: int) -> None:

@@ -64,8 +64,8 @@ class MetaOptNet(Learner):
     search_space = {"outer_lr": {"low": 0.0003, "high": 0.003, "log": True},
                     "svm_c": {"low": 0.01, "high": 1.0, "log": True}}
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
         weight = next(iter(params.values()))
         return {**params, SCALE: torch.ones((), dtype=weight.dtype, device=weight.device)}
 

@@ -38,8 +38,8 @@ class MetaSGD(MAML):
                     "outer_lr": {"low": 0.0003, "high": 0.003, "log": True}}
     inner_checkpointing_refusal = None
 
-    def init_params(self, seed: int) -> Params:
-        weights = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        weights = super().initial_params(generator)
         rates = {RATE + k: torch.full_like(v, self.hparams.inner_lr)
                  for k, v in weights.items() if k != SHARED_HEAD}
         if self.hparams.head != "fixed":

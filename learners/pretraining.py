@@ -94,14 +94,14 @@ class Pretrained(Learner):
 
     # -- the interface -------------------------------------------------------------------------
 
-    def init_params(self, seed: int) -> Params:
+    def initial_params(self, generator: torch.Generator) -> Params:
         if self.classes is None:
             raise ValueError(f"{self.name} pretrains a classifier over the training split's "
                              "classes; build it with their number (build_learner's classes)")
-        torch.manual_seed(seed)
-        body = fresh_params(self.backbone)
-        generator = np.random.default_rng(seed)
-        head = self.new_head(self.classes, self.backbone.feature_size, generator)
+        body = fresh_params(self.backbone, generator)
+        # The head from a NumPy stream started from the same seed, as ``new_head`` draws heads.
+        head = self.new_head(self.classes, self.backbone.feature_size,
+                             np.random.default_rng(generator.initial_seed()))
         return {**body, **{CLASSIFIER + k: v for k, v in head.items()}}
 
     def body(self, params: Params) -> Params:
@@ -256,8 +256,8 @@ class LinearHead:
     """A linear classifier, for the learners that pretrain one (Baseline, SimpleShot): initialised
     as ``nn.Linear``, the pretraining classifier's bias zeroed as in the authors' BaselineTrain."""
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)  # type: ignore[misc]
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)  # type: ignore[misc]
         params[CLASSIFIER + "bias"].zero_()
         return params
 

@@ -51,8 +51,8 @@ class Relation(Learner):
         self.feature_shape = tuple(backbone.feature_shape)
         self.relation = relation_module(self.feature_shape, hparams.relation_hidden)
 
-    def init_params(self, seed: int) -> Params:
-        return {**super().init_params(seed), **fresh_params(self.relation, RELATION)}
+    def initial_params(self, generator: torch.Generator) -> Params:
+        return {**super().initial_params(generator), **fresh_params(self.relation, generator, RELATION)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         features = call(self.backbone, without(params, RELATION), x)

@@ -64,9 +64,9 @@ class SCA(MAML):
         super().__init__(backbone, objective, hparams)
         self.critic = Critic(backbone.feature_size, hparams.critic_width)
 
-    def init_params(self, seed: int) -> Params:
-        learner = super().init_params(seed)  # seeds, then draws the backbone first
-        return {**learner, **fresh_params(self.critic, PREFIX)}
+    def initial_params(self, generator: torch.Generator) -> Params:
+        learner = super().initial_params(generator)  # draws the backbone first
+        return {**learner, **fresh_params(self.critic, generator, PREFIX)}
 
     def embed(self, weights: Params, x: Tensor) -> Tensor:
         body = entries(weights, "body.")

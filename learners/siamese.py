@@ -37,8 +37,8 @@ class Siamese(Learner):
         # sum_j alpha_j |h1_j - h2_j| + bias: one linear unit on the L1 distance.
         self.verify = nn.Linear(backbone.feature_size, 1)
 
-    def init_params(self, seed: int) -> Params:
-        return {**super().init_params(seed), **fresh_params(self.verify, VERIFY)}
+    def initial_params(self, generator: torch.Generator) -> Params:
+        return {**super().initial_params(generator), **fresh_params(self.verify, generator, VERIFY)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, without(params, VERIFY), x).flatten(start_dim=1)

@@ -28,8 +28,8 @@ class SimpleShot(LinearHead, Pretrained):
     name = "simpleshot"
     extra_entries = (FEATURE_MEAN,)
 
-    def init_params(self, seed: int) -> Params:
-        params = super().init_params(seed)
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = super().initial_params(generator)
         return {**params, FEATURE_MEAN: torch.zeros(self.backbone.feature_size)}
 
     def is_statistic(self, name: str) -> bool:

@@ -81,8 +81,8 @@ class SNAIL(Learner):
                                       key_size=hparams.key_size, value_size=hparams.value_size,
                                       query_sees_itself=hparams.query_sees_itself)
 
-    def init_params(self, seed: int) -> Params:
-        params = {**super().init_params(seed), **fresh_params(self.sequence, PREFIX)}
+    def initial_params(self, generator: torch.Generator) -> Params:
+        params = {**super().initial_params(generator), **fresh_params(self.sequence, generator, PREFIX)}
         if self.hparams.tied_init:
             for name, module in self.sequence.named_modules():
                 if isinstance(module, AttentionBlock):

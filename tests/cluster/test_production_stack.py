@@ -169,7 +169,7 @@ def test_a_sweep_survives_each_store_a_node_and_its_driver_failing(deployment, t
     stores, cluster = deployment
     space = {"inner_lr": {"low": 0.002, "high": 0.05, "log": True}, "outer_lr": 0.003}
     path = sweep("faults", tmp_path, deployment, algorithms={"maml": space, "fomaml": space},
-                 trials=3, parallel=3, iterations=600)
+                 trials=3, parallel=3, iterations=300)
     config = sweep_from_dict(yaml.safe_load(path.read_text()))
     launch = orch("launch", str(path), "--quiet", cwd=tmp_path)
     wait_for(lambda: checkpointed_on(stores, cluster.node_ids["127.0.0.3"], "faults", "maml"),
@@ -212,7 +212,7 @@ def test_an_outage_past_the_bound_stops_the_sweep_resumably(deployment, tmp_path
     services.outage_s: one line naming the store, a non-zero exit, no trial marked failed; back
     and `--resume`d, the sweep finishes with nothing lost."""
     stores, _ = deployment
-    path = sweep("outage", tmp_path, deployment, trials=1, parallel=1, iterations=1200,
+    path = sweep("outage", tmp_path, deployment, trials=1, parallel=1, iterations=800,
                  outage_s=6, algorithms={"fomaml": {"inner_lr": 0.01, "outer_lr": 0.003}})
     config = sweep_from_dict(yaml.safe_load(path.read_text()))
     launch = orch("launch", str(path), "--quiet", cwd=tmp_path)

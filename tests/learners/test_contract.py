@@ -130,9 +130,12 @@ def test_predict_shapes(learner_and_family):
     assert torch.isfinite(outputs).all()
 
 
-def test_init_params_is_seeded(learner_and_family):
+def test_init_params_is_seeded_and_leaves_the_global_generator_alone(learner_and_family):
     learner, _ = learner_and_family
+    torch.manual_seed(123)
+    caller = torch.get_rng_state()
     a, b, c = learner.init_params(7), learner.init_params(7), learner.init_params(8)
+    assert torch.equal(torch.get_rng_state(), caller)  # library code draws from its own
     assert a.keys() == b.keys() and a
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -25,16 +25,24 @@ def sweep(algorithm: str, count: int, data: dict | None = None):
 # Of the pretraining learners, which share one minibatch gradient (learners/pretraining.py) and
 # differ in their heads, SimpleShot stands for all three: it also carries a running statistic.
 FARMED = sorted(name for name in LEARNERS if name not in ("baseline", "baselinepp"))
+# Over real Ray actors, one learner of each family (each its own kind of shard: inner-loop tasks,
+# episodes of a metric, closed-form heads on regression, a sequence model, labelled minibatches
+# with a running statistic); every learner's shards are checked to add up in-process below.
+# Each farm starts two actor processes (a few seconds each here), so not one per learner.
+RAY_FARMED = ["alpaca", "maml", "protonet", "simpleshot", "snail"]
 
 
-@pytest.mark.parametrize("algorithm", FARMED)
+def data_for(algorithm: str, omniglot_dir) -> dict | None:
+    if "regression" in LEARNERS[algorithm].task_kinds:
+        return None
+    return {"path": str(omniglot_dir), "ways": 5, "shots": 1, "queries": 2}
+
+
+@pytest.mark.parametrize("algorithm", RAY_FARMED)
 def test_two_workers_equal_in_process(ray_local, omniglot_dir, algorithm):
-    """Every registered learner's outer update (or pretraining step: minibatch shards) is the
-    same with 0 and 2 Ray workers."""
-    data = None
-    if "regression" not in LEARNERS[algorithm].task_kinds:
-        data = {"path": str(omniglot_dir), "ways": 5, "shots": 1, "queries": 2}
-    config = sweep(algorithm, 2, data)
+    """The outer update (or pretraining step: minibatch shards) is the same with 0 and 2 Ray
+    workers."""
+    config = sweep(algorithm, 2, data_for(algorithm, omniglot_dir))
     local = MetaTrainer(config, algorithm, KNOBS,
                         LocalFarm(ShardWorker(config.model_dump(), algorithm, KNOBS)))
     farm = RayFarm(config.model_dump(), algorithm, KNOBS, config.workers)
@@ -55,6 +63,30 @@ def test_two_workers_equal_in_process(ray_local, omniglot_dir, algorithm):
             local.validate(params, tasks=9)["val_loss"], rel=1e-5)
     finally:
         farm.shutdown()
+
+
+@pytest.mark.parametrize("algorithm", FARMED)
+def test_every_learners_shards_add_up_to_its_meta_batch(omniglot_dir, algorithm):
+    """What farming relies on, for every learner: a meta-batch's summed gradient and statistics
+    are the sums of its shards' (4 + 3 tasks, as two workers split 7), and so are validation's."""
+    config = sweep(algorithm, 0, data_for(algorithm, omniglot_dir))
+    worker = ShardWorker(config.model_dump(), algorithm, KNOBS)
+    trainer = MetaTrainer(config, algorithm, KNOBS, LocalFarm(worker))
+    params, split, seed = trainer.initial_params(), trainer.train_split, trainer.seed
+    whole, whole_stats, count = worker.gradient(params, split, seed, range(21, 28), progress=0.5)
+    first, first_stats, n1 = worker.gradient(params, split, seed, range(21, 25), progress=0.5)
+    second, second_stats, n2 = worker.gradient(params, split, seed, range(25, 28), progress=0.5)
+    assert (n1, n2, count) == (4, 3, 7) and whole.keys() == params.keys() == first.keys()
+    for name in whole:
+        torch.testing.assert_close(first[name] + second[name], whole[name], rtol=1e-5, atol=1e-5)
+    for key, value in whole_stats.items():
+        assert first_stats[key] + second_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+    scores, n = worker.evaluate(params, trainer.val_split, seed, range(9))
+    parts = [worker.evaluate(params, trainer.val_split, seed, part)
+             for part in (range(5), range(5, 9))]
+    assert n == parts[0][1] + parts[1][1]
+    for key, value in scores.items():
+        assert parts[0][0][key] + parts[1][0][key] == pytest.approx(value, rel=1e-5, abs=1e-5)
 
 
 def test_in_process_training_learns():
