@@ -241,7 +241,7 @@ def test_sixteen_trials_at_once_on_the_stack(deployment, tmp_path):
     """Load: 16 trials in parallel (a tenth of a CPU each, oversubscribing the 3 CPUs): no lock
     error, no trial, run, metric step or registered version lost or doubled."""
     stores, _ = deployment
-    path = sweep("load", tmp_path, deployment, trials=16, parallel=16, iterations=40,
+    path = sweep("load", tmp_path, deployment, trials=16, parallel=16, iterations=20,
                  driver_cpus=0.1,
                  algorithms={"fomaml": {"inner_lr": {"low": 0.002, "high": 0.05, "log": True},
                                         "outer_lr": 0.003}})

@@ -39,8 +39,12 @@ def write(path: Path, sweep: dict) -> Path:
     return path
 
 
-def orch(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
+                      "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "2"}
+
+
+def orch(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([*ORCH, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
@@ -215,7 +219,9 @@ def test_a_lost_in_process_ray_stops_the_sweep_at_once_and_resume_finishes(tmp_p
     run_dir = tmp_path / "runs"
     path = write(tmp_path / "raylet.yaml", small_sweep("raylet", run_dir, trials=2,
                                                          iterations=40))
-    driver = orch("launch", str(path), "--quiet", cwd=tmp_path)
+    # Ray's health checks tightened (as tests/cluster/stack.py does), so that Ray notices the
+    # dead raylet in about a second instead of 15: how soon Ray tells is not what is tested.
+    driver = orch("launch", str(path), "--quiet", cwd=tmp_path, env={**os.environ, **FAST_HEALTH_CHECKS})
     deadline = time.monotonic() + 240
     while checkpointed_iteration(run_dir, "raylet", 0) < 10:
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
