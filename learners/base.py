@@ -5,7 +5,7 @@ A learner turns *meta-parameters* (a flat ``dict[str, Tensor]``) and a task's su
 orchestrator does -- meta-training, farming task shards to Ray workers, validation, serving a
 registered model -- goes through the four verbs below, so a new algorithm is one file.
 
-    init_params(seed)                         -> meta-parameters
+    init_params(seed)                         -> meta-parameters (a learner extends initial_params)
     adapt(params, support_x, support_y, ways=...)  -> adapted state (an opaque dict of tensors)
     predict(params, adapted, query_x)         -> outputs (regression values or class logits)
     predict_distribution(params, adapted, query_x) -> (mean, std), or None without uncertainty

@@ -16,8 +16,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from orchestrator.services import tracking
+from orchestrator.cli.main import cli
 from orchestrator.config import sweep_from_dict
 from orchestrator.sweep.launch import launch
 
@@ -110,16 +112,16 @@ def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(ray_lo
     from its checkpoint in the same Optuna trial and MLflow run (one value per metric step),
     and ends with the uninterrupted sweep's trials and champion."""
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    sweep = small_sweep("kill", reference_dir, trials=2, iterations=100)
+    sweep = small_sweep("kill", reference_dir, trials=2, iterations=80)
     sweep["training"].update(eval_every=20, meta_batch=10)
     resumed = write(tmp_path / "resumed.yaml", {**sweep, "run_dir": str(resumed_dir)})
     launch(sweep_from_dict(sweep))  # the uninterrupted reference, in this process's Ray
 
     driver = orch("launch", str(resumed), "--quiet", cwd=tmp_path)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill once trial 1 runs and has saved its 40th iteration
+    while time.monotonic() < deadline:  # kill once trial 1 runs and has saved its 20th iteration
         states = trial_states(resumed_dir / "optuna.db")
-        if states[:2] == ["COMPLETE", "RUNNING"] and checkpointed_iteration(resumed_dir, "kill", 1) >= 40:
+        if states[:2] == ["COMPLETE", "RUNNING"] and checkpointed_iteration(resumed_dir, "kill", 1) >= 20:
             break
         assert driver.poll() is None, driver.communicate()[0]
         time.sleep(0.02)
@@ -137,7 +139,7 @@ def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(ray_lo
     marker = "maml trial 1 continues from its checkpoint at iteration "
     assert marker in output, output
     saved = int(output.split(marker)[1].split()[0])
-    assert 40 <= saved <= 100
+    assert 20 <= saved <= 80
 
     storage = f"sqlite:///{resumed_dir}/optuna.db"
     assert complete_params(storage, "kill/maml") == complete_params(
@@ -153,7 +155,7 @@ def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(ray_lo
     assert continued.data.tags[tracking.TAG_RESTARTS] == "1"
     for key in ("train_loss", "val_loss"):
         steps = [m.step for m in client.get_metric_history(continued.info.run_id, key)]
-        assert len(steps) == len(set(steps)) and max(steps) == 100, key
+        assert len(steps) == len(set(steps)) and max(steps) == 80, key
     assert registry_state(f"sqlite:///{resumed_dir}/mlflow.db") == registry_state(
         f"sqlite:///{reference_dir}/mlflow.db")
     assert not any((resumed_dir / "checkpoints").rglob("*.pt"))  # finished trials keep none
@@ -161,7 +163,7 @@ def test_killed_driver_resumes_mid_trial_without_rerunning_or_duplicating(ray_lo
 
 def test_two_sweeps_and_two_promotions_at_once(tmp_path):
     run_dir = tmp_path / "shared-runs"
-    files = [write(tmp_path / f"{name}.yaml", small_sweep(name, run_dir, trials=2, iterations=10))
+    files = [write(tmp_path / f"{name}.yaml", small_sweep(name, run_dir, trials=1, iterations=10))
              for name in ("alpha", "beta")]
     processes = [orch("launch", str(path), "--quiet", cwd=tmp_path) for path in files]
     for process in processes:
@@ -171,9 +173,9 @@ def test_two_sweeps_and_two_promotions_at_once(tmp_path):
     for name in ("alpha", "beta"):
         experiment = client.get_experiment_by_name(name)
         runs = tracking.trial_runs(client, experiment.experiment_id)
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         study = optuna.load_study(study_name=f"{name}/maml", storage=f"sqlite:///{run_dir}/optuna.db")
-        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+        assert [t.state.name for t in study.trials] == ["COMPLETE"]
     versions = sorted(str(v.version) for v in client.search_model_versions("name = 'orch-maml'"))
     assert versions == ["1", "2"]
 
@@ -218,7 +220,7 @@ def test_a_lost_in_process_ray_stops_the_sweep_at_once_and_resume_finishes(tmp_p
     no restarts; `--resume` then finishes every trial."""
     run_dir = tmp_path / "runs"
     path = write(tmp_path / "raylet.yaml", small_sweep("raylet", run_dir, trials=2,
-                                                         iterations=40))
+                                                         iterations=20))
     # Ray's health checks tightened (as tests/cluster/stack.py does), so that Ray notices the
     # dead raylet in about a second instead of 15: how soon Ray tells is not what is tested.
     driver = orch("launch", str(path), "--quiet", cwd=tmp_path, env={**os.environ, **FAST_HEALTH_CHECKS})
@@ -236,9 +238,10 @@ def test_a_lost_in_process_ray_stops_the_sweep_at_once_and_resume_finishes(tmp_p
     assert "nothing marked failed" in error and "--resume" in error
     assert "restart 1 of" not in output
     assert "FAIL" not in trial_states(run_dir / "optuna.db")
-    listing = orch("runs", "raylet", "--storage", f"sqlite:///{run_dir}/optuna.db", "--json",
-                   cwd=tmp_path)
-    rows = json.loads(listing.communicate(timeout=60)[0])
+    listing = CliRunner().invoke(cli, ["runs", "raylet", "--storage",
+                                       f"sqlite:///{run_dir}/optuna.db", "--json"])
+    assert listing.exit_code == 0, listing.output
+    rows = json.loads(listing.output)
     states = [row["state"] for row in rows]  # the trial it ran is no longer "running"
     assert states[-1] == "interrupted" and set(states) <= {"complete", "interrupted"}, states
 
