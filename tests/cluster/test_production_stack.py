@@ -169,7 +169,7 @@ def test_a_sweep_survives_each_store_a_node_and_its_driver_failing(deployment, t
     stores, cluster = deployment
     space = {"inner_lr": {"low": 0.002, "high": 0.05, "log": True}, "outer_lr": 0.003}
     path = sweep("faults", tmp_path, deployment, algorithms={"maml": space, "fomaml": space},
-                 trials=3, parallel=3, iterations=300)
+                 trials=3, parallel=3, iterations=200)
     config = sweep_from_dict(yaml.safe_load(path.read_text()))
     launch = orch("launch", str(path), "--quiet", cwd=tmp_path)
     wait_for(lambda: checkpointed_on(stores, cluster.node_ids["127.0.0.3"], "faults", "maml"),
