@@ -46,7 +46,9 @@ class Matching(Learner):
 
     def initial_params(self, generator: torch.Generator) -> Params:
         params = super().initial_params(generator)
-        return {**params, **fresh_params(self.fce, generator, FCE)} if self.fce is not None else params
+        if self.fce is None:
+            return params
+        return {**params, **fresh_params(self.fce, generator, FCE)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         return call(self.backbone, without(params, FCE), x).flatten(start_dim=1)

@@ -52,7 +52,8 @@ class Relation(Learner):
         self.relation = relation_module(self.feature_shape, hparams.relation_hidden)
 
     def initial_params(self, generator: torch.Generator) -> Params:
-        return {**super().initial_params(generator), **fresh_params(self.relation, generator, RELATION)}
+        return {**super().initial_params(generator),
+                **fresh_params(self.relation, generator, RELATION)}
 
     def embed(self, params: Params, x: Tensor) -> Tensor:
         features = call(self.backbone, without(params, RELATION), x)

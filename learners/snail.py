@@ -82,7 +82,8 @@ class SNAIL(Learner):
                                       query_sees_itself=hparams.query_sees_itself)
 
     def initial_params(self, generator: torch.Generator) -> Params:
-        params = {**super().initial_params(generator), **fresh_params(self.sequence, generator, PREFIX)}
+        params = {**super().initial_params(generator),
+                  **fresh_params(self.sequence, generator, PREFIX)}
         if self.hparams.tied_init:
             for name, module in self.sequence.named_modules():
                 if isinstance(module, AttentionBlock):

@@ -41,12 +41,14 @@ def write(path: Path, sweep: dict) -> Path:
     return path
 
 
-FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
-                      "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "2"}
+FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "0",
+                      "RAY_health_check_period_ms": "500",
+                      "RAY_health_check_timeout_ms": "500",
+                      "RAY_health_check_failure_threshold": "2"}
 
 
-def orch(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+def orch(*args: str, cwd: Path, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([*ORCH, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
@@ -223,7 +225,7 @@ def test_a_lost_in_process_ray_stops_the_sweep_at_once_resumably(tmp_path):
                                                          iterations=20))
     # Ray's health checks tightened (as tests/cluster/stack.py does), so that Ray notices the
     # dead raylet in about a second instead of 15: how soon Ray tells is not what is tested.
-    driver = orch("launch", str(path), "--quiet", cwd=tmp_path, env={**os.environ, **FAST_HEALTH_CHECKS})
+    driver = orch("launch", str(path), "--quiet", cwd=tmp_path, extra_env=FAST_HEALTH_CHECKS)
     deadline = time.monotonic() + 240
     while checkpointed_iteration(run_dir, "raylet", 0) < 10:
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
